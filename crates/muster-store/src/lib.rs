@@ -1,1 +1,195 @@
+//! muster-store: the store of record behind one trait, [`Store`], with several engines chosen by
+//! URL (SPEC §3): `memory://` and `sqlite://PATH` here, `redis://` later.
+//!
+//! Invariants every engine keeps (checked by [`conformance`], which every engine runs):
+//! - [`Store::apply`] applies a batch in one atomic step: all of it survives a crash or none.
+//!   Each job write is a compare-and-set on the job's state, so a stale writer cannot move a job
+//!   that someone else already moved.
+//! - Creating a tree with an idempotency key is atomic with the key: a second create with the
+//!   same key returns the first tree and writes nothing.
+//! - Listing answers newest first, from an index, without scanning every tree.
+//! - Events are hints for live views; the store itself is the truth. An engine delivers the events
+//!   published through it to every subscriber of every process sharing the store (in-process for
+//!   memory and SQLite, pub/sub for Redis).
+//!
+//! No SQL outside `sqlite.rs`.
 
+use muster_core::{Job, JobState, Tree, TreeState, Ts, Uuid};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub mod conformance;
+mod memory;
+mod sqlite;
+
+pub use memory::MemoryStore;
+pub use sqlite::SqliteStore;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backing service cannot be reached (the API answers 503 `store unavailable`).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A URL or argument the engine cannot use.
+    #[error("invalid store request: {0}")]
+    Invalid(String),
+    /// Anything else the engine reports.
+    #[error("store error: {0}")]
+    Other(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// One write of a batch given to [`Store::apply`].
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// Overwrite a job, if its stored state is `expect` (compare-and-set).
+    Job { job: Job, expect: JobState },
+    /// Overwrite a tree's record (state, finish time, nodes, abort flag).
+    Tree(Tree),
+    /// Record where the log of an attempt lives in the blob store.
+    Log { job: Uuid, attempt: u32, blob: String },
+}
+
+/// What [`Store::create_tree`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Created {
+    /// The tree was stored.
+    New,
+    /// The idempotency key was used before, for this tree, and nothing was written.
+    Existing(Uuid),
+}
+
+/// Filters of a tree listing; all given ones must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TreeFilter {
+    /// Only these workspaces (`None`: every workspace, for cluster admins).
+    pub workspaces: Option<Vec<String>>,
+    pub workspace: Option<String>,
+    pub application: Option<String>,
+    pub version: Option<String>,
+    pub instance: Option<String>,
+    /// Trees with any job placed on this node.
+    pub node: Option<String>,
+    pub state: Option<TreeState>,
+}
+
+/// A user account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub name: String,
+    /// A PHC string.
+    pub password_hash: String,
+    /// A cluster admin sees and may do everything.
+    pub admin: bool,
+    pub created_at: Ts,
+}
+
+/// An API or session token. Only the SHA-256 of the secret is kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    pub id: String,
+    /// Hex SHA-256 of the whole token text.
+    pub hash: String,
+    /// The visible start of the token, to recognise it in a listing.
+    pub prefix: String,
+    pub user: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub created_at: Ts,
+    pub expires_at: Option<Ts>,
+}
+
+/// A node as the registry knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: String,
+    pub name: String,
+    /// `ready`, `draining`, `down` or `lost`.
+    pub state: String,
+    pub labels: BTreeMap<String, String>,
+    pub slots: u32,
+    pub last_seen: Ts,
+    pub version: String,
+}
+
+/// A live change, fanned out to every server (job, tree and node states).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    Job { id: Uuid, tree: Uuid, key: String, state: JobState, attempt: u32, node: Option<String>, at: Ts },
+    Tree { id: Uuid, state: TreeState, at: Ts },
+    Node { id: String, name: String, state: String, at: Ts },
+}
+
+/// Log blobs of the jobs a purge removed, no longer referenced by any remaining job.
+pub type PurgedBlobs = Vec<String>;
+
+/// The store of record. Calls block (SQLite does I/O); async callers use `spawn_blocking` or a
+/// dedicated thread.
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new tree and its jobs atomically. With `idempotency_key`, a key seen before returns
+    /// [`Created::Existing`] with that tree's id and writes nothing.
+    fn create_tree(&self, tree: &Tree, jobs: &[Job], idempotency_key: Option<&str>) -> Result<Created>;
+    /// Applies a batch atomically; returns, per change, whether it applied (a job whose stored
+    /// state differs from `expect`, or that does not exist, is skipped and reported `false`).
+    fn apply(&self, changes: &[Change]) -> Result<Vec<bool>>;
+    fn job(&self, id: Uuid) -> Result<Option<Job>>;
+    fn tree(&self, id: Uuid) -> Result<Option<Tree>>;
+    /// The jobs of a tree, in creation order (the root first).
+    fn tree_jobs(&self, tree: Uuid) -> Result<Vec<Job>>;
+    /// Trees matching `filter`, newest first, strictly older than `cursor` when given.
+    fn list_trees(&self, filter: &TreeFilter, cursor: Option<Uuid>, limit: usize) -> Result<Vec<Tree>>;
+    /// Every tree whose state is `running` (to resume after a restart).
+    fn running_trees(&self) -> Result<Vec<Tree>>;
+    /// Where the log of an attempt was uploaded.
+    fn log_blob(&self, job: Uuid, attempt: u32) -> Result<Option<String>>;
+    /// Deletes up to `limit` finished trees that finished before `before`, with their jobs, log
+    /// records and idempotency keys. Returns the deleted trees' ids and the log blobs no remaining
+    /// job refers to.
+    fn purge_finished(&self, before: Ts, limit: usize) -> Result<(Vec<Uuid>, PurgedBlobs)>;
+
+    /// Creates the first user if and only if `code_hash` is the stored setup-code hash and no
+    /// user exists; consumes the code. `false` when the code is wrong, used, or a user exists.
+    fn consume_setup_code(&self, code_hash: &str, admin: &User) -> Result<bool>;
+    fn put_user(&self, user: &User) -> Result<()>;
+    fn user(&self, name: &str) -> Result<Option<User>>;
+    fn users(&self) -> Result<Vec<User>>;
+    fn delete_user(&self, name: &str) -> Result<bool>;
+    fn put_token(&self, token: &Token) -> Result<()>;
+    fn token_by_hash(&self, hash: &str) -> Result<Option<Token>>;
+    fn tokens(&self, user: Option<&str>) -> Result<Vec<Token>>;
+    fn delete_token(&self, id: &str) -> Result<bool>;
+    /// Small named values (the setup-code hash, the cluster name).
+    fn meta(&self, key: &str) -> Result<Option<String>>;
+    fn set_meta(&self, key: &str, value: Option<&str>) -> Result<()>;
+
+    fn put_node(&self, node: &Node) -> Result<()>;
+    fn nodes(&self) -> Result<Vec<Node>>;
+    fn delete_node(&self, id: &str) -> Result<bool>;
+
+    /// Fans an event out to every subscriber (in every process sharing the store).
+    fn publish(&self, events: &[Event]);
+    /// A live feed of events. A lagging subscriber misses events, never blocks a publisher.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event>;
+    /// Whether the backing service answers (for `/readyz`).
+    fn ping(&self) -> Result<()>;
+}
+
+/// Opens the engine a URL names: `memory://`, `sqlite://PATH` (relative paths allowed).
+pub fn open(url: &str) -> Result<Arc<dyn Store>> {
+    if url == "memory://" || url == "memory:" {
+        Ok(Arc::new(MemoryStore::new()))
+    } else if let Some(path) = url.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            return Err(StoreError::Invalid("sqlite:// needs a path, e.g. sqlite://muster-data/muster.db".into()));
+        }
+        Ok(Arc::new(SqliteStore::open(std::path::Path::new(path))?))
+    } else {
+        Err(StoreError::Invalid(format!(
+            "unknown store URL {url:?}: use memory:// or sqlite://PATH"
+        )))
+    }
+}
