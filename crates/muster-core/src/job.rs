@@ -164,6 +164,9 @@ pub struct Job {
     pub attempt: u32,
     /// When a job waiting to retry may start again.
     pub retry_at: Option<Ts>,
+    /// The JSON the job printed as its last stdout line, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
 }
 
 impl Job {

@@ -36,6 +36,8 @@ pub enum Effect {
 pub struct Outcome {
     pub exit_code: Option<i32>,
     pub error: Option<String>,
+    /// The JSON result the job printed last, if any.
+    pub result: Option<serde_json::Value>,
 }
 
 impl Outcome {
@@ -43,11 +45,12 @@ impl Outcome {
         Outcome {
             exit_code: Some(0),
             error: None,
+            result: None,
         }
     }
 
     pub fn failure(exit_code: Option<i32>, error: Option<String>) -> Outcome {
-        Outcome { exit_code, error }
+        Outcome { exit_code, error, result: None }
     }
 
     fn succeeded(&self) -> bool {
@@ -210,18 +213,20 @@ impl TreeRun {
         j.state = JobState::Running;
         j.started_at = Some(now);
         let mut fx = Vec::new();
-        self.finish_into(
-            i,
-            Outcome::success(),
-            now,
-            Backoff {
-                base_ms: 0,
-                max_ms: 0,
-            },
-            0.0,
-            &mut fx,
-        );
+        self.finish_into(i, Outcome::success(), now, None, &mut fx);
         Ok(fx)
+    }
+
+    /// A waiting job can never run (e.g. no node can ever match it): it fails at once, without
+    /// retries, and the tree follows its `on_failure`.
+    pub fn reject(&mut self, i: u32, error: String, now: Ts) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if self.jobs[i as usize].state != JobState::Waiting {
+            return fx;
+        }
+        self.jobs[i as usize].state = JobState::Running;
+        self.finish_into(i, Outcome::failure(None, Some(error)), now, None, &mut fx);
+        fx
     }
 
     /// A retry's time came: the job is ready if nothing changed meanwhile.
@@ -249,28 +254,29 @@ impl TreeRun {
             return Vec::new();
         }
         let mut fx = Vec::new();
-        self.finish_into(i, outcome, now, backoff, jitter, &mut fx);
+        self.finish_into(i, outcome, now, Some((backoff, jitter)), &mut fx);
         fx
     }
 
+    /// `retry`: the backoff and jitter when a failure may be retried, `None` when it may not.
     fn finish_into(
         &mut self,
         i: u32,
         outcome: Outcome,
         now: Ts,
-        backoff: Backoff,
-        jitter: f64,
+        retry: Option<(Backoff, f64)>,
         fx: &mut Vec<Effect>,
     ) {
         let ok = outcome.succeeded();
         let killed = self.kill_requested[i as usize];
-        let retry = !ok
+        let may_retry = !ok
             && !killed
             && !self.halted
             && self.jobs[i as usize].attempt <= self.jobs[i as usize].retries;
         let j = &mut self.jobs[i as usize];
         j.exit_code = outcome.exit_code;
         j.error = outcome.error;
+        j.result = outcome.result;
         fx.push(Effect::Changed(i));
         if ok {
             j.state = JobState::Succeeded;
@@ -283,7 +289,7 @@ impl TreeRun {
                     fx.push(Effect::Ready(d));
                 }
             }
-        } else if retry {
+        } else if let Some((backoff, jitter)) = retry.filter(|_| may_retry) {
             j.attempt += 1;
             j.state = JobState::Waiting;
             let at = now.plus_ms(backoff.delay_ms(j.attempt, jitter) as i64);

@@ -213,6 +213,7 @@ pub fn build_tree(
             error: None,
             attempt: 1,
             retry_at: None,
+            result: None,
         });
     }
     for (i, (_, parent)) in flat.iter().enumerate() {

@@ -397,3 +397,13 @@ fn backoff_grows_and_caps() {
     assert_eq!(b.delay_ms(3, 0.0), 1000);
     assert_eq!(b.delay_ms(30, 1.0), 60_000);
 }
+
+#[test]
+fn a_rejected_job_fails_without_retry_and_halts() {
+    let mut run = tree_of(r#"{"name":"r","children":[{"name":"a","noop":true,"retries":3},{"name":"b","noop":true}]}"#);
+    run.start(2, "n", Ts(1)).unwrap();
+    let fx = run.reject(1, "no node matches".into(), Ts(2));
+    assert!(fx.contains(&Effect::Kill(2)));
+    assert_eq!(run.job(1).state, JobState::Failed);
+    assert_eq!(run.job(1).error.as_deref(), Some("no node matches"));
+}
