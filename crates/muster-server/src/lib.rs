@@ -1,1 +1,108 @@
+//! muster-server: the control plane and the node agent.
+//!
+//! - [`config`]: the one configuration struct and how file, env and flags combine.
+//! - [`manager`]: the job manager thread, sole writer of job state, with group commit.
+//! - [`protocol`]: the agent protocol messages; [`session`]: the server's side of a connection.
+//! - [`agent`]: the node agent and the per-attempt [`agent::supervisor`].
+//! - [`api`]: the HTTP API (thin routes over the pieces above).
+//! - [`auth`], [`blobs`]: passwords and tokens; the content-addressed blob store.
+//!
+//! [`run`] serves an [`App`] on a listener the caller bound until `shutdown` resolves.
 
+pub mod agent;
+pub mod api;
+pub mod auth;
+pub mod blobs;
+pub mod config;
+pub mod manager;
+pub mod protocol;
+pub mod session;
+
+use crate::agent::Link;
+use crate::blobs::Blobs;
+use crate::config::Config;
+use crate::manager::{Manager, ManagerConfig};
+use crate::protocol::ToAgent;
+use muster_core::sched::Backoff;
+use muster_store::Store;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Everything the server shares between requests.
+pub struct App {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub manager: Manager,
+    pub blobs: Blobs,
+    /// Connected agents by node name.
+    pub agents: Mutex<HashMap<String, UnboundedSender<ToAgent>>>,
+    /// Open log streams: id → where the agent's chunks go.
+    pub streams: Mutex<HashMap<u64, UnboundedSender<(String, bool)>>>,
+    pub next_id: AtomicU64,
+    /// The URL jobs and join commands are given.
+    pub url: String,
+}
+
+impl App {
+    /// Opens the store, starts the job manager (which resumes running trees).
+    pub fn start(config: Config, url: String) -> Result<(Arc<App>, std::thread::JoinHandle<()>), String> {
+        let store = muster_store::open(&config.store_url()).map_err(|e| e.to_string())?;
+        Self::with_store(config, url, store)
+    }
+
+    pub fn with_store(config: Config, url: String, store: Arc<dyn Store>) -> Result<(Arc<App>, std::thread::JoinHandle<()>), String> {
+        let blobs = Blobs::new(&config.data_dir.join("blobs")).map_err(|e| format!("blob store: {e}"))?;
+        let mc = ManagerConfig {
+            backoff: Backoff {
+                base_ms: config.jobs.backoff_base.as_millis() as u64,
+                max_ms: config.jobs.backoff_max.as_millis() as u64,
+            },
+            kill_grace_ms: config.jobs.kill_grace.as_millis() as u64,
+            log_max: config.jobs.log_max,
+            url: url.clone(),
+        };
+        let (manager, handle) = Manager::start(store.clone(), mc).map_err(|e| format!("job manager: {e}"))?;
+        let app = Arc::new(App {
+            config,
+            store,
+            manager,
+            blobs,
+            agents: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            url,
+        });
+        Ok((app, handle))
+    }
+
+    /// A [`Link`] for an agent in this process: the same protocol messages over channels.
+    pub fn local_link(self: &Arc<App>) -> Link {
+        let app = self.clone();
+        Arc::new(move || {
+            let app = app.clone();
+            Box::pin(async move {
+                let (to_server, from_agent) = tokio::sync::mpsc::unbounded_channel();
+                let (to_agent, from_server) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(session::serve(app, from_agent, to_agent));
+                Ok((to_server, from_server))
+            })
+        })
+    }
+
+    /// Stops the job manager after its current batch (it commits first).
+    pub fn stop(&self) {
+        self.manager.send(manager::Cmd::Shutdown);
+    }
+}
+
+/// Serves the HTTP API of `app` on `listener` until `shutdown` resolves.
+pub async fn run(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    let router = api::router(app);
+    axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -50,7 +50,11 @@ pub enum Change {
     /// Overwrite a tree's record (state, finish time, nodes, abort flag).
     Tree(Tree),
     /// Record where the log of an attempt lives in the blob store.
-    Log { job: Uuid, attempt: u32, blob: String },
+    Log {
+        job: Uuid,
+        attempt: u32,
+        blob: String,
+    },
 }
 
 /// What [`Store::create_tree`] did.
@@ -119,10 +123,31 @@ pub struct Node {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
-    Job { id: Uuid, tree: Uuid, key: String, state: JobState, attempt: u32, node: Option<String>, at: Ts },
-    Tree { id: Uuid, state: TreeState, at: Ts },
-    Node { id: String, name: String, state: String, at: Ts },
+    Job {
+        id: Uuid,
+        tree: Uuid,
+        key: String,
+        state: JobState,
+        attempt: u32,
+        node: Option<String>,
+        at: Ts,
+    },
+    Tree {
+        id: Uuid,
+        state: TreeState,
+        at: Ts,
+    },
+    Node {
+        id: String,
+        name: String,
+        state: String,
+        at: Ts,
+    },
 }
+
+/// The [`Store::meta`] key holding the hash of the one-time setup code that
+/// [`Store::consume_setup_code`] checks and consumes.
+pub const SETUP_CODE_KEY: &str = "setup_code_hash";
 
 /// Log blobs of the jobs a purge removed, no longer referenced by any remaining job.
 pub type PurgedBlobs = Vec<String>;
@@ -132,7 +157,12 @@ pub type PurgedBlobs = Vec<String>;
 pub trait Store: Send + Sync + 'static {
     /// Stores a new tree and its jobs atomically. With `idempotency_key`, a key seen before returns
     /// [`Created::Existing`] with that tree's id and writes nothing.
-    fn create_tree(&self, tree: &Tree, jobs: &[Job], idempotency_key: Option<&str>) -> Result<Created>;
+    fn create_tree(
+        &self,
+        tree: &Tree,
+        jobs: &[Job],
+        idempotency_key: Option<&str>,
+    ) -> Result<Created>;
     /// Applies a batch atomically; returns, per change, whether it applied (a job whose stored
     /// state differs from `expect`, or that does not exist, is skipped and reported `false`).
     fn apply(&self, changes: &[Change]) -> Result<Vec<bool>>;
@@ -141,7 +171,12 @@ pub trait Store: Send + Sync + 'static {
     /// The jobs of a tree, in creation order (the root first).
     fn tree_jobs(&self, tree: Uuid) -> Result<Vec<Job>>;
     /// Trees matching `filter`, newest first, strictly older than `cursor` when given.
-    fn list_trees(&self, filter: &TreeFilter, cursor: Option<Uuid>, limit: usize) -> Result<Vec<Tree>>;
+    fn list_trees(
+        &self,
+        filter: &TreeFilter,
+        cursor: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<Tree>>;
     /// Every tree whose state is `running` (to resume after a restart).
     fn running_trees(&self) -> Result<Vec<Tree>>;
     /// Where the log of an attempt was uploaded.
@@ -184,7 +219,9 @@ pub fn open(url: &str) -> Result<Arc<dyn Store>> {
         Ok(Arc::new(MemoryStore::new()))
     } else if let Some(path) = url.strip_prefix("sqlite://") {
         if path.is_empty() {
-            return Err(StoreError::Invalid("sqlite:// needs a path, e.g. sqlite://muster-data/muster.db".into()));
+            return Err(StoreError::Invalid(
+                "sqlite:// needs a path, e.g. sqlite://muster-data/muster.db".into(),
+            ));
         }
         Ok(Arc::new(SqliteStore::open(std::path::Path::new(path))?))
     } else {

@@ -1,1 +1,206 @@
-fn main() {}
+//! The `muster` binary: wiring only. `up` (server + embedded agent + SQLite), `server`,
+//! `supervise` (the per-attempt supervisor, started by agents), `config show`, and the client
+//! commands of [`cli`].
+
+mod cli;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use muster_server::agent::{self, AgentOptions};
+use muster_server::config::{self, Config};
+use muster_server::{auth, App};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// muster: deploy and run services, ML models and scripts on a fleet of machines.
+#[derive(Parser)]
+#[command(name = "muster", version, about)]
+struct Opts {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start everything on this machine: server, embedded agent, SQLite store.
+    Up(ServeArgs),
+    /// Start the control plane alone.
+    Server(ServeArgs),
+    /// Show the effective configuration.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Run one job attempt (started by agents, not by hand).
+    #[command(hide = true)]
+    Supervise { dir: PathBuf },
+    #[command(flatten)]
+    Client(cli::ClientCmd),
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print the configuration in force (file + env + flags) as TOML.
+    Show(ServeArgs),
+}
+
+/// Flags shared by the server commands; they override the file and the environment.
+#[derive(Args, Clone, Default)]
+struct ServeArgs {
+    /// The config file (default: <data-dir>/muster.toml when it exists).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where muster keeps its state (env MUSTER_DATA_DIR).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The address to listen on, e.g. 127.0.0.1:7070 (port 0: any free port).
+    #[arg(long)]
+    listen: Option<String>,
+    /// The store URL: memory://, sqlite://PATH (env MUSTER_STORE).
+    #[arg(long)]
+    store: Option<String>,
+}
+
+fn load_config(a: &ServeArgs) -> Result<Config> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    // The data dir decides where the default config file is, so it is read first.
+    let data_dir = a
+        .data_dir
+        .clone()
+        .or_else(|| std::env::var_os("MUSTER_DATA_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("muster-data"));
+    let (file, required) = match &a.config {
+        Some(f) => (f.clone(), true),
+        None => (data_dir.join("muster.toml"), false),
+    };
+    let mut c = config::load(Some(&file), required, &env).map_err(anyhow::Error::msg)?;
+    if let Some(d) = &a.data_dir {
+        c.data_dir = d.clone();
+    }
+    if let Some(l) = &a.listen {
+        c.server.listen = l.clone();
+    }
+    if let Some(s) = &a.store {
+        c.store.url = s.clone();
+    }
+    c.validate().map_err(anyhow::Error::msg)?;
+    Ok(c)
+}
+
+fn main() {
+    let opts = Opts::parse();
+    let res = match opts.cmd {
+        Cmd::Supervise { dir } => std::process::exit(agent::supervisor::main(dir)),
+        Cmd::Up(a) => serve(a, true),
+        Cmd::Server(a) => serve(a, false),
+        Cmd::Config { cmd: ConfigCmd::Show(a) } => load_config(&a).map(|c| print!("{}", c.to_toml())),
+        Cmd::Client(c) => cli::run(c),
+    };
+    if let Err(e) = res {
+        eprintln!("muster: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn serve(a: ServeArgs, embedded_agent: bool) -> Result<()> {
+    let t0 = Instant::now();
+    let config = load_config(&a)?;
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("cannot make the data dir {}", config.data_dir.display()))?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if config.server.workers > 0 {
+        rt.worker_threads(config.server.workers);
+    }
+    let rt = rt.enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&config.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (set --listen or server.listen)", config.server.listen))?;
+        let addr = listener.local_addr()?;
+        let url = if config.server.advertise_url.is_empty() { format!("http://{addr}") } else { config.server.advertise_url.clone() };
+        let data_dir = config.data_dir.clone();
+        let agent_slots = config.agent.slots;
+        let agent_labels = config.agent.labels.clone();
+        let agent_name = if config.agent.name.is_empty() { hostname() } else { config.agent.name.clone() };
+        let (app, manager) = App::start(config, url.clone()).map_err(anyhow::Error::msg)?;
+        let setup = setup_code(&app)?;
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let server = {
+            let mut rx = stop_rx.clone();
+            tokio::spawn(muster_server::run(app.clone(), listener, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }))
+        };
+        let agent_task = if embedded_agent {
+            let opts = AgentOptions {
+                dir: data_dir.join("agent"),
+                name: agent_name,
+                slots: agent_slots,
+                labels: agent_labels,
+                exe: std::env::current_exe().context("cannot find the muster binary")?,
+                heartbeat: Duration::from_secs(2),
+            };
+            let mut rx = stop_rx.clone();
+            let link = app.local_link();
+            Some(tokio::spawn(agent::run(opts, link, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })))
+        } else {
+            None
+        };
+        println!("muster is up at {url}/ (started in {} ms)", t0.elapsed().as_millis());
+        if let Some(path) = setup {
+            println!("first start: open {url}/ and create the admin with the one-time code in {}", path.display());
+            println!("  or: muster setup --server {url} --code-file {} --username admin", path.display());
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        shutdown_signal().await;
+        eprintln!("muster: stopping; running jobs stay with their supervisors");
+        let _ = stop_tx.send(true);
+        if let Some(a) = agent_task {
+            let _ = a.await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        app.stop();
+        let _ = tokio::task::spawn_blocking(move || manager.join()).await;
+        Ok(())
+    })
+}
+
+/// While no user exists, writes a fresh one-time setup code (mode 0600) and stores its hash.
+fn setup_code(app: &Arc<App>) -> Result<Option<PathBuf>> {
+    if !app.store.users()?.is_empty() {
+        return Ok(None);
+    }
+    let code = auth::random_hex(12);
+    app.store.set_meta("setup_code_hash", Some(&auth::sha256_hex(&code)))?;
+    let path = app.config.data_dir.join("setup-code");
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+    writeln!(f, "{code}")?;
+    Ok(Some(path))
+}
+
+fn hostname() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = raw.trim().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' }).collect();
+    if muster_core::names::check_name("node", &name).is_ok() {
+        name
+    } else {
+        "local".into()
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+

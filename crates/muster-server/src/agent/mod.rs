@@ -1,0 +1,459 @@
+//! The node agent: runs the jobs a server assigns, each under a [`supervisor`] process, keeps
+//! their logs in its data dir, streams them on request and reports every state change.
+//!
+//! The agent talks to a server only through the messages of [`crate::protocol`], over a
+//! [`Link`]: in-process channels for the embedded agent of `muster up`, a websocket for remote
+//! agents. Its own truth is on disk, one directory per attempt (`jobs/<job>.<attempt>/`), so it
+//! can restart at any time: on start it re-adopts attempts whose supervisor still runs, reports
+//! those that ended meanwhile, and never starts an attempt twice.
+
+pub mod supervisor;
+
+use crate::protocol::{Assignment, ExitReport, FromAgent, Known, Report, ToAgent};
+use muster_core::{Run, Uuid};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::task::JoinHandle;
+
+/// A way to reach a server: each call makes one connection.
+pub type Link = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = std::io::Result<(UnboundedSender<FromAgent>, UnboundedReceiver<ToAgent>)>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// What an agent needs to know about itself.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// The agent's data dir (job directories, its node id).
+    pub dir: PathBuf,
+    pub name: String,
+    pub slots: u32,
+    pub labels: BTreeMap<String, String>,
+    /// The muster binary, started as `muster supervise DIR` for every attempt.
+    pub exe: PathBuf,
+    pub heartbeat: Duration,
+}
+
+enum Internal {
+    /// An attempt ended (its `exit.json` is written).
+    Ended { job: Uuid, attempt: u32, outcome: ExitReport },
+}
+
+struct Agent {
+    opts: AgentOptions,
+    node_id: Option<String>,
+    /// Attempts whose supervisor runs: their supervisor's pid when known.
+    running: HashMap<(Uuid, u32), Option<u32>>,
+    /// Ended attempts not yet acknowledged by a server.
+    ended: HashMap<(Uuid, u32), ExitReport>,
+    /// Report seq → the exec attempts it ended, marked `acked` once acknowledged.
+    in_flight: BTreeMap<u64, Vec<(Uuid, u32)>>,
+    next_seq: u64,
+    internal_tx: UnboundedSender<Internal>,
+    streams: HashMap<u64, JoinHandle<()>>,
+}
+
+fn attempt_dir(dir: &Path, job: Uuid, attempt: u32) -> PathBuf {
+    dir.join("jobs").join(format!("{job}.{attempt}"))
+}
+
+/// Runs the agent until `shutdown` resolves. Running jobs are left to their supervisors.
+pub async fn run(opts: AgentOptions, link: Link, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    std::fs::create_dir_all(opts.dir.join("jobs"))?;
+    let (internal_tx, mut internal_rx) = unbounded_channel();
+    let node_id = std::fs::read_to_string(opts.dir.join("node-id")).ok().map(|s| s.trim().to_string());
+    let mut agent = Agent {
+        opts,
+        node_id,
+        running: HashMap::new(),
+        ended: HashMap::new(),
+        in_flight: BTreeMap::new(),
+        next_seq: 1,
+        internal_tx,
+        streams: HashMap::new(),
+    };
+    agent.adopt().await?;
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let conn = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            c = (link)() => c,
+        };
+        let (tx, mut rx) = match conn {
+            Ok(c) => {
+                backoff = Duration::from_millis(100);
+                c
+            }
+            Err(e) => {
+                eprintln!("muster agent: cannot reach the server: {e}; again in {backoff:?}");
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        agent.hello(&tx);
+        let mut beat = tokio::time::interval(agent.opts.heartbeat);
+        let mut pending: Vec<Report> = Vec::new();
+        let mut pending_exec: Vec<(Uuid, u32)> = Vec::new();
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => {
+                    for (_, h) in agent.streams.drain() { h.abort(); }
+                    return Ok(());
+                }
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    agent.on_message(msg, &tx, &mut pending);
+                    while let Ok(msg) = rx.try_recv() {
+                        agent.on_message(msg, &tx, &mut pending);
+                    }
+                }
+                ev = internal_rx.recv() => {
+                    let Some(Internal::Ended { job, attempt, outcome }) = ev else { continue };
+                    agent.on_ended(job, attempt, outcome, &tx, &mut pending, &mut pending_exec);
+                    while let Ok(Internal::Ended { job, attempt, outcome }) = internal_rx.try_recv() {
+                        agent.on_ended(job, attempt, outcome, &tx, &mut pending, &mut pending_exec);
+                    }
+                }
+                _ = beat.tick() => {
+                    let _ = tx.send(FromAgent::Heartbeat);
+                }
+            }
+            if !pending.is_empty() {
+                let seq = agent.next_seq;
+                agent.next_seq += 1;
+                agent.in_flight.insert(seq, std::mem::take(&mut pending_exec));
+                let _ = tx.send(FromAgent::Report { seq, reports: std::mem::take(&mut pending) });
+            }
+        }
+        for (_, h) in agent.streams.drain() {
+            h.abort();
+        }
+        eprintln!("muster agent: lost the server; reconnecting");
+    }
+}
+
+impl Agent {
+    /// Looks at every attempt directory not yet acknowledged: re-adopts live supervisors, picks up
+    /// ended attempts, settles dead supervisors, starts attempts that never started.
+    async fn adopt(&mut self) -> std::io::Result<()> {
+        let jobs = self.opts.dir.join("jobs");
+        let mut entries = Vec::new();
+        for e in std::fs::read_dir(&jobs)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((job, attempt)) = name.split_once('.') else { continue };
+            let (Ok(job), Ok(attempt)) = (job.parse::<Uuid>(), attempt.parse::<u32>()) else { continue };
+            if e.path().join("acked").exists() {
+                continue;
+            }
+            entries.push((job, attempt, e.path()));
+        }
+        for (job, attempt, dir) in entries {
+            if let Some(outcome) = read_exit(&dir) {
+                self.ended.insert((job, attempt), outcome);
+                continue;
+            }
+            match supervisor::lock(&dir, false)? {
+                None => {
+                    // The supervisor lives: wait for it to end.
+                    self.running.insert((job, attempt), None);
+                    self.watch_adopted(job, attempt, dir);
+                }
+                Some(lock) => {
+                    if dir.join("started.json").exists() {
+                        drop(lock);
+                        let outcome = settle_lost_supervisor(&dir);
+                        self.ended.insert((job, attempt), outcome);
+                    } else {
+                        // Never started: the command did not run, so starting it now is its
+                        // first and only run.
+                        drop(lock);
+                        self.spawn_supervisor(job, attempt, dir);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn hello(&mut self, tx: &UnboundedSender<FromAgent>) {
+        let mut known: Vec<Known> = self.running.keys().map(|&(job, attempt)| Known::Running { job, attempt }).collect();
+        let mut exec = Vec::new();
+        for (&(job, attempt), outcome) in &self.ended {
+            known.push(Known::Exited { job, attempt, outcome: outcome.clone() });
+            exec.push((job, attempt));
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.in_flight.clear();
+        self.in_flight.insert(seq, exec);
+        let _ = tx.send(FromAgent::Hello {
+            name: self.opts.name.clone(),
+            node_id: self.node_id.clone(),
+            slots: self.opts.slots,
+            labels: self.opts.labels.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            known,
+            seq,
+        });
+        // Logs of attempts that ended while no server listened.
+        for &(job, attempt) in self.ended.keys() {
+            let dir = attempt_dir(&self.opts.dir, job, attempt);
+            if let Ok(data) = std::fs::read(dir.join("log")) {
+                let _ = tx.send(FromAgent::LogUpload { job, attempt, data: String::from_utf8_lossy(&data).into_owned() });
+            }
+        }
+    }
+
+    fn on_message(&mut self, msg: ToAgent, tx: &UnboundedSender<FromAgent>, pending: &mut Vec<Report>) {
+        match msg {
+            ToAgent::Welcome { node_id, .. } => {
+                if self.node_id.as_deref() != Some(node_id.as_str()) {
+                    let _ = std::fs::write(self.opts.dir.join("node-id"), &node_id);
+                    self.node_id = Some(node_id);
+                }
+            }
+            ToAgent::Assign { jobs, .. } => {
+                for a in jobs {
+                    self.assign(a, pending);
+                }
+            }
+            ToAgent::Kill { job, attempt } => {
+                if self.running.contains_key(&(job, attempt)) {
+                    // The supervisor leads its session: its pid is in started.json.
+                    let dir = attempt_dir(&self.opts.dir, job, attempt);
+                    if let Some(sid) = read_started(&dir) {
+                        // SAFETY: SIGTERM to the supervisor, which forwards it to the job's group.
+                        unsafe { libc::kill(sid, libc::SIGTERM) };
+                    }
+                }
+            }
+            ToAgent::Ack { seq } => {
+                let done: Vec<u64> = self.in_flight.range(..=seq).map(|(k, _)| *k).collect();
+                for k in done {
+                    for (job, attempt) in self.in_flight.remove(&k).unwrap_or_default() {
+                        self.ended.remove(&(job, attempt));
+                        let _ = std::fs::write(attempt_dir(&self.opts.dir, job, attempt).join("acked"), b"");
+                    }
+                }
+            }
+            ToAgent::FollowLog { stream, job, attempt, from, follow } => {
+                let dir = attempt_dir(&self.opts.dir, job, attempt);
+                let tx = tx.clone();
+                let h = tokio::spawn(stream_log(dir, stream, from, follow, tx));
+                self.streams.retain(|_, h| !h.is_finished());
+                self.streams.insert(stream, h);
+            }
+            ToAgent::StopLog { stream } => {
+                if let Some(h) = self.streams.remove(&stream) {
+                    h.abort();
+                }
+            }
+        }
+    }
+
+    fn assign(&mut self, a: Assignment, pending: &mut Vec<Report>) {
+        let key = (a.job, a.attempt);
+        if self.running.contains_key(&key) {
+            return;
+        }
+        if let Some(outcome) = self.ended.get(&key) {
+            pending.push(Report::Exited { job: a.job, attempt: a.attempt, outcome: outcome.clone() });
+            return;
+        }
+        match a.run {
+            Run::Noop | Run::Group => {
+                // Nothing runs, so nothing can run twice: report success at once.
+                pending.push(Report::Exited {
+                    job: a.job,
+                    attempt: a.attempt,
+                    outcome: ExitReport { exit_code: Some(0), error: None, result: None, at: crate::manager::now() },
+                });
+            }
+            Run::Exec(_) | Run::Shell(_) => {
+                let dir = attempt_dir(&self.opts.dir, a.job, a.attempt);
+                // mkdir is the once-only gate: an attempt whose directory exists is never
+                // started from here again.
+                match std::fs::create_dir(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return,
+                    Err(e) => {
+                        pending.push(Report::Exited {
+                            job: a.job,
+                            attempt: a.attempt,
+                            outcome: ExitReport { exit_code: None, error: Some(format!("agent cannot make the job directory: {e}")), result: None, at: crate::manager::now() },
+                        });
+                        return;
+                    }
+                }
+                let spec = serde_json::to_vec(&a).expect("an assignment serializes");
+                if let Err(e) = std::fs::write(dir.join("spec.json"), spec) {
+                    let outcome = ExitReport { exit_code: None, error: Some(format!("agent cannot write the job spec: {e}")), result: None, at: crate::manager::now() };
+                    let _ = supervisor::write_durable(&dir.join("exit.json"), &serde_json::to_vec(&outcome).unwrap_or_default());
+                    pending.push(Report::Exited { job: a.job, attempt: a.attempt, outcome });
+                    return;
+                }
+                self.spawn_supervisor(a.job, a.attempt, dir);
+            }
+        }
+    }
+
+    fn spawn_supervisor(&mut self, job: Uuid, attempt: u32, dir: PathBuf) {
+        let mut cmd = tokio::process::Command::new(&self.opts.exe);
+        cmd.arg("supervise").arg(&dir);
+        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::inherit());
+        cmd.kill_on_drop(false);
+        // SAFETY: setsid is async-signal-safe: the supervisor leads a new session, so it outlives
+        // the agent and every process of the job shares its session id.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let tx = self.internal_tx.clone();
+        match cmd.spawn() {
+            Ok(mut child) => {
+                self.running.insert((job, attempt), child.id());
+                tokio::spawn(async move {
+                    let _ = child.wait().await;
+                    let outcome = match read_exit(&dir) {
+                        Some(o) => o,
+                        None => settle_lost_supervisor(&dir),
+                    };
+                    let _ = tx.send(Internal::Ended { job, attempt, outcome });
+                });
+            }
+            Err(e) => {
+                let outcome = ExitReport { exit_code: None, error: Some(format!("cannot start the supervisor: {e}")), result: None, at: crate::manager::now() };
+                let _ = supervisor::write_durable(&dir.join("exit.json"), &serde_json::to_vec(&outcome).unwrap_or_default());
+                self.running.insert((job, attempt), None);
+                let _ = tx.send(Internal::Ended { job, attempt, outcome });
+            }
+        }
+    }
+
+    /// Waits for a supervisor this agent did not start (found alive at start-up).
+    fn watch_adopted(&self, job: Uuid, attempt: u32, dir: PathBuf) {
+        let tx = self.internal_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let outcome = match supervisor::lock(&dir, true) {
+                Ok(_lock) => read_exit(&dir).unwrap_or_else(|| settle_lost_supervisor(&dir)),
+                Err(e) => ExitReport { exit_code: None, error: Some(format!("cannot watch the supervisor: {e}")), result: None, at: crate::manager::now() },
+            };
+            let _ = tx.send(Internal::Ended { job, attempt, outcome });
+        });
+    }
+
+    fn on_ended(
+        &mut self,
+        job: Uuid,
+        attempt: u32,
+        outcome: ExitReport,
+        tx: &UnboundedSender<FromAgent>,
+        pending: &mut Vec<Report>,
+        pending_exec: &mut Vec<(Uuid, u32)>,
+    ) {
+        self.running.remove(&(job, attempt));
+        let dir = attempt_dir(&self.opts.dir, job, attempt);
+        let data = std::fs::read(dir.join("log")).unwrap_or_default();
+        let _ = tx.send(FromAgent::LogUpload { job, attempt, data: String::from_utf8_lossy(&data).into_owned() });
+        self.ended.insert((job, attempt), outcome.clone());
+        pending.push(Report::Exited { job, attempt, outcome });
+        pending_exec.push((job, attempt));
+    }
+}
+
+fn read_exit(dir: &Path) -> Option<ExitReport> {
+    serde_json::from_slice(&std::fs::read(dir.join("exit.json")).ok()?).ok()
+}
+
+fn read_started(dir: &Path) -> Option<i32> {
+    let s: supervisor::Started = serde_json::from_slice(&std::fs::read(dir.join("started.json")).ok()?).ok()?;
+    Some(s.sid)
+}
+
+/// A supervisor died without writing `exit.json`: kill every process left in its session and
+/// record the attempt as ended, durably, so the verdict never changes.
+fn settle_lost_supervisor(dir: &Path) -> ExitReport {
+    if let Some(sid) = read_started(dir) {
+        kill_session(sid);
+    }
+    let outcome = ExitReport { exit_code: None, error: Some("supervisor lost".into()), result: None, at: crate::manager::now() };
+    let _ = supervisor::write_durable(&dir.join("exit.json"), &serde_json::to_vec(&outcome).unwrap_or_default());
+    outcome
+}
+
+/// SIGKILLs every process whose session id is `sid` (read from /proc).
+pub fn kill_session(sid: i32) {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // Fields after the command name (which may hold spaces) start after the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // state ppid pgrp session ...
+        if fields.get(3).and_then(|s| s.parse::<i32>().ok()) == Some(sid) {
+            // SAFETY: SIGKILL to a process of the dead supervisor's session.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Streams an attempt's log file from byte `from`: whole lines while it grows, the rest once the
+/// attempt has ended (or at once without `follow`).
+async fn stream_log(dir: PathBuf, stream: u64, from: u64, follow: bool, tx: UnboundedSender<FromAgent>) {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let path = dir.join("log");
+    let mut pos = from;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut carry: Vec<u8> = Vec::new();
+    loop {
+        let ended = dir.join("exit.json").exists() || !dir.exists();
+        let mut progressed = false;
+        if let Ok(mut f) = tokio::fs::File::open(&path).await {
+            if f.seek(std::io::SeekFrom::Start(pos)).await.is_ok() {
+                loop {
+                    let n = match f.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    pos += n as u64;
+                    carry.extend_from_slice(&buf[..n]);
+                    progressed = true;
+                    // Send whole lines only, so a chunk never splits a character.
+                    if let Some(cut) = carry.iter().rposition(|&b| b == b'\n') {
+                        let rest = carry.split_off(cut + 1);
+                        let data = String::from_utf8_lossy(&carry).into_owned();
+                        carry = rest;
+                        if tx.send(FromAgent::LogChunk { stream, data, eof: false }).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        if (ended || !follow) && !progressed {
+            let data = String::from_utf8_lossy(&carry).into_owned();
+            let _ = tx.send(FromAgent::LogChunk { stream, data, eof: true });
+            return;
+        }
+        if !progressed {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}

@@ -1,0 +1,627 @@
+//! The job manager: one thread that owns every running tree and is the only writer of job and
+//! tree state.
+//!
+//! It works in *batches*: it blocks for the first command, drains whatever else is queued (agent
+//! reports, new trees, aborts), runs the [`TreeRun`] rules, places ready jobs on nodes, and then
+//! commits every change of the batch in **one** store transaction (group commit). Only after the
+//! commit does it send assignments and kills to agents, acknowledge agent reports, answer API
+//! callers and publish events, so nothing anyone has been told can be lost by a crash.
+//!
+//! Why a thread and not a task: the store calls block (SQLite), and one owner of the state needs
+//! no locks at all.
+
+use crate::protocol::{Assignment, ExitReport, Known, Report, ToAgent};
+use muster_core::sched::{Backoff, Effect, Outcome, TreeRun};
+use muster_core::spec::NewTree;
+use muster_core::{JobState, Run, TreeState, Ts, Uuid};
+use muster_store::{Change, Created, Event, Node, Store};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc::UnboundedSender, oneshot};
+
+/// The current time as a [`Ts`].
+pub fn now() -> Ts {
+    Ts(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0))
+}
+
+/// Settings of the manager, from `[jobs]`.
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    pub backoff: Backoff,
+    pub kill_grace_ms: u64,
+    pub log_max: u64,
+    /// `MUSTER_URL` given to jobs.
+    pub url: String,
+}
+
+/// Why an abort was refused.
+#[derive(Debug, PartialEq)]
+pub enum AbortError {
+    NotFound,
+    Finished(TreeState),
+}
+
+/// A request to the manager.
+pub enum Cmd {
+    Create { new: NewTree, idempotency_key: Option<String>, reply: oneshot::Sender<Result<Created, String>> },
+    Abort { tree: Uuid, reply: oneshot::Sender<Result<(), AbortError>> },
+    /// An agent connected (its `Hello`).
+    Connect { session: u64, node: Node, tx: UnboundedSender<ToAgent>, known: Vec<Known>, seq: u64 },
+    Disconnect { session: u64 },
+    Reports { session: u64, seq: u64, reports: Vec<Report> },
+    Shutdown,
+}
+
+/// The handle the API and the agent sessions use.
+#[derive(Clone)]
+pub struct Manager {
+    tx: Sender<Cmd>,
+    alive: Arc<AtomicBool>,
+}
+
+impl Manager {
+    /// Starts the manager thread. It first resumes every running tree of the store.
+    pub fn start(store: Arc<dyn Store>, config: ManagerConfig) -> std::io::Result<(Manager, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let alive = Arc::new(AtomicBool::new(true));
+        let flag = alive.clone();
+        let handle = std::thread::Builder::new().name("job-manager".into()).spawn(move || {
+            let mut m = State::new(store, config);
+            m.run(rx);
+            flag.store(false, Ordering::SeqCst);
+        })?;
+        Ok((Manager { tx, alive }, handle))
+    }
+
+    pub fn send(&self, cmd: Cmd) -> bool {
+        self.tx.send(cmd).is_ok()
+    }
+
+    /// Whether the manager thread still runs (for `/readyz`).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    pub async fn create(&self, new: NewTree, idempotency_key: Option<String>) -> Result<Created, String> {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Cmd::Create { new, idempotency_key, reply }) {
+            return Err("the job manager has stopped".into());
+        }
+        rx.await.map_err(|_| "the job manager has stopped".to_string())?
+    }
+
+    pub async fn abort(&self, tree: Uuid) -> Result<(), AbortError> {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Cmd::Abort { tree, reply }) {
+            return Err(AbortError::NotFound);
+        }
+        rx.await.unwrap_or(Err(AbortError::NotFound))
+    }
+}
+
+struct Entry {
+    run: TreeRun,
+    /// Each job's state as last committed (the compare-and-set expectation).
+    persisted: Vec<JobState>,
+}
+
+struct Conn {
+    session: u64,
+    node: Node,
+    tx: UnboundedSender<ToAgent>,
+    /// Jobs that take a slot (exec, shell) running there now.
+    used: u32,
+}
+
+enum Placement {
+    Node(String),
+    Wait,
+    Never(String),
+}
+
+struct State {
+    store: Arc<dyn Store>,
+    config: ManagerConfig,
+    epoch: u64,
+    trees: HashMap<Uuid, Entry>,
+    /// Running jobs → their tree, to route agent reports.
+    job_tree: HashMap<Uuid, Uuid>,
+    ready_noop: VecDeque<(Uuid, u32)>,
+    ready_work: VecDeque<(Uuid, u32)>,
+    timers: BinaryHeap<Reverse<(Ts, Uuid, u32)>>,
+    /// Connected agents by node id.
+    conns: HashMap<String, Conn>,
+    /// Every node ever registered, by id.
+    known_nodes: HashMap<String, Node>,
+    // The batch being built.
+    dirty_jobs: Vec<(Uuid, u32)>,
+    dirty_set: HashSet<(Uuid, u32)>,
+    dirty_trees: HashSet<Uuid>,
+    outbox: HashMap<String, Vec<Assignment>>,
+    messages: Vec<(UnboundedSender<ToAgent>, ToAgent)>,
+    after_commit: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl State {
+    fn new(store: Arc<dyn Store>, config: ManagerConfig) -> State {
+        State {
+            store,
+            config,
+            epoch: now().0 as u64,
+            trees: HashMap::new(),
+            job_tree: HashMap::new(),
+            ready_noop: VecDeque::new(),
+            ready_work: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            conns: HashMap::new(),
+            known_nodes: HashMap::new(),
+            dirty_jobs: Vec::new(),
+            dirty_set: HashSet::new(),
+            dirty_trees: HashSet::new(),
+            outbox: HashMap::new(),
+            messages: Vec::new(),
+            after_commit: Vec::new(),
+        }
+    }
+
+    fn run(&mut self, rx: Receiver<Cmd>) {
+        self.recover();
+        self.commit();
+        loop {
+            let wait = match self.timers.peek() {
+                Some(Reverse((at, _, _))) => Duration::from_millis((at.0 - now().0).clamp(0, 60_000) as u64),
+                None => Duration::from_secs(60),
+            };
+            let mut stop = false;
+            match rx.recv_timeout(wait) {
+                Ok(cmd) => stop |= self.handle(cmd),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => stop = true,
+            }
+            let mut n = 0;
+            while !stop && n < 20_000 {
+                match rx.try_recv() {
+                    Ok(cmd) => stop |= self.handle(cmd),
+                    Err(_) => break,
+                }
+                n += 1;
+            }
+            self.fire_timers();
+            self.schedule();
+            self.commit();
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// Resumes every running tree of the store (after a restart or a crash).
+    fn recover(&mut self) {
+        let t = now();
+        let nodes = retry_store(|| self.store.nodes());
+        for n in nodes {
+            self.known_nodes.insert(n.id.clone(), n);
+        }
+        let trees = retry_store(|| self.store.running_trees());
+        for tree in trees {
+            let jobs = retry_store(|| self.store.tree_jobs(tree.id));
+            if jobs.is_empty() {
+                continue;
+            }
+            let id = tree.id;
+            for j in &jobs {
+                if j.state == JobState::Running {
+                    self.job_tree.insert(j.id, id);
+                }
+            }
+            let persisted = jobs.iter().map(|j| j.state).collect();
+            let (run, fx) = TreeRun::new(tree, jobs, t);
+            self.trees.insert(id, Entry { run, persisted });
+            self.absorb(id, fx);
+        }
+    }
+
+    /// Handles one command; `true` means stop.
+    fn handle(&mut self, cmd: Cmd) -> bool {
+        match cmd {
+            Cmd::Create { new, idempotency_key, reply } => {
+                let res = self.store.create_tree(&new.tree, &new.jobs, idempotency_key.as_deref());
+                match res {
+                    Ok(Created::New) => {
+                        let id = new.tree.id;
+                        let persisted = new.jobs.iter().map(|j| j.state).collect();
+                        let (run, fx) = TreeRun::new(new.tree, new.jobs, now());
+                        self.trees.insert(id, Entry { run, persisted });
+                        self.absorb(id, fx);
+                        self.after_commit.push(Box::new(move || {
+                            let _ = reply.send(Ok(Created::New));
+                        }));
+                    }
+                    Ok(existing) => {
+                        let _ = reply.send(Ok(existing));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                }
+            }
+            Cmd::Abort { tree, reply } => {
+                let res = match self.trees.get_mut(&tree) {
+                    Some(entry) => match entry.run.abort(now()) {
+                        Ok(fx) => {
+                            self.absorb(tree, fx);
+                            Ok(())
+                        }
+                        Err(state) => Err(AbortError::Finished(state)),
+                    },
+                    None => match self.store.tree(tree) {
+                        Ok(Some(t)) => Err(AbortError::Finished(t.state)),
+                        _ => Err(AbortError::NotFound),
+                    },
+                };
+                self.after_commit.push(Box::new(move || {
+                    let _ = reply.send(res);
+                }));
+            }
+            Cmd::Connect { session, node, tx, known, seq } => self.connect(session, node, tx, known, seq),
+            Cmd::Disconnect { session } => {
+                let gone: Vec<String> = self.conns.iter().filter(|(_, c)| c.session == session).map(|(k, _)| k.clone()).collect();
+                for id in gone {
+                    if let Some(c) = self.conns.remove(&id) {
+                        let _ = self.store.put_node(&Node { state: "down".into(), last_seen: now(), ..c.node.clone() });
+                        self.store.publish(&[Event::Node { id: c.node.id.clone(), name: c.node.name, state: "down".into(), at: now() }]);
+                    }
+                }
+            }
+            Cmd::Reports { session, seq, reports } => {
+                for r in reports {
+                    self.report(r);
+                }
+                self.ack(session, seq);
+            }
+            Cmd::Shutdown => return true,
+        }
+        false
+    }
+
+    fn ack(&mut self, session: u64, seq: u64) {
+        if let Some(c) = self.conns.values().find(|c| c.session == session) {
+            self.messages.push((c.tx.clone(), ToAgent::Ack { seq }));
+        }
+    }
+
+    fn connect(&mut self, session: u64, node: Node, tx: UnboundedSender<ToAgent>, known: Vec<Known>, seq: u64) {
+        let id = node.id.clone();
+        let _ = tx.send(ToAgent::Welcome { node_id: id.clone(), epoch: self.epoch });
+        retry_store(|| self.store.put_node(&node));
+        self.store.publish(&[Event::Node { id: id.clone(), name: node.name.clone(), state: node.state.clone(), at: now() }]);
+        self.known_nodes.insert(id.clone(), node.clone());
+        self.conns.insert(id.clone(), Conn { session, node, tx: tx.clone(), used: 0 });
+        let mut known_running: HashSet<(Uuid, u32)> = HashSet::new();
+        for k in known {
+            match k {
+                Known::Running { job, attempt } => {
+                    known_running.insert((job, attempt));
+                }
+                Known::Exited { job, attempt, outcome } => {
+                    // Counted as running until the report is applied below.
+                    known_running.insert((job, attempt));
+                    self.report(Report::Exited { job, attempt, outcome });
+                }
+            }
+        }
+        // Jobs this node should be running that it does not know were never delivered: send
+        // them again (same attempt; the agent runs an attempt at most once). Kills asked for
+        // while it was away are sent now.
+        let mut resend = Vec::new();
+        let mut kills = Vec::new();
+        let mut used = 0;
+        for (tid, entry) in &self.trees {
+            for (i, j) in entry.run.jobs.iter().enumerate() {
+                if j.state != JobState::Running || !node_is(j.node.as_deref(), &self.conns[&id].node) {
+                    continue;
+                }
+                if entry.run.kill_requested(i as u32) {
+                    kills.push(ToAgent::Kill { job: j.id, attempt: j.attempt });
+                }
+                if !known_running.contains(&(j.id, j.attempt)) {
+                    resend.push((*tid, i as u32));
+                }
+                if takes_slot(&j.run) {
+                    used += 1;
+                }
+            }
+        }
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.used = used;
+        }
+        for (tid, i) in resend {
+            let a = self.assignment(tid, i);
+            self.outbox.entry(id.clone()).or_default().push(a);
+        }
+        for k in kills {
+            self.messages.push((tx.clone(), k));
+        }
+        self.ack(session, seq);
+    }
+
+    fn report(&mut self, r: Report) {
+        let Report::Exited { job, attempt, outcome } = r else { return };
+        let Some(&tid) = self.job_tree.get(&job) else { return };
+        let Some(entry) = self.trees.get_mut(&tid) else { return };
+        let Some(i) = entry.run.index_of(&job) else { return };
+        let j = entry.run.job(i);
+        if j.state != JobState::Running || j.attempt != attempt {
+            return;
+        }
+        if takes_slot(&j.run) {
+            if let Some(c) = self.conns.values_mut().find(|c| node_is(j.node.as_deref(), &c.node)) {
+                c.used = c.used.saturating_sub(1);
+            }
+        }
+        self.job_tree.remove(&job);
+        let ExitReport { exit_code, error, result, .. } = outcome;
+        let fx = entry.run.finish(
+            i,
+            attempt,
+            Outcome { exit_code, error, result },
+            now(),
+            self.config.backoff,
+            rand::random::<f64>(),
+        );
+        self.absorb(tid, fx);
+    }
+
+    /// Carries out the effects of a transition (except the starts, which [`Self::schedule`] does).
+    fn absorb(&mut self, tid: Uuid, fx: Vec<Effect>) {
+        for e in fx {
+            match e {
+                Effect::Changed(i) => {
+                    if self.dirty_set.insert((tid, i)) {
+                        self.dirty_jobs.push((tid, i));
+                    }
+                }
+                Effect::Ready(i) => {
+                    let Some(entry) = self.trees.get(&tid) else { continue };
+                    match entry.run.job(i).run {
+                        Run::Noop | Run::Group => self.ready_noop.push_back((tid, i)),
+                        _ => self.ready_work.push_back((tid, i)),
+                    }
+                }
+                Effect::Kill(i) => {
+                    let Some(entry) = self.trees.get(&tid) else { continue };
+                    let j = entry.run.job(i);
+                    if let Some(c) = self.conns.values().find(|c| node_is(j.node.as_deref(), &c.node)) {
+                        self.messages.push((c.tx.clone(), ToAgent::Kill { job: j.id, attempt: j.attempt }));
+                    }
+                }
+                Effect::Retry(i, at) => self.timers.push(Reverse((at, tid, i))),
+                Effect::TreeDone => {
+                    self.dirty_trees.insert(tid);
+                }
+            }
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let t = now();
+        while let Some(Reverse((at, tid, i))) = self.timers.peek().cloned() {
+            if at > t {
+                break;
+            }
+            self.timers.pop();
+            if let Some(entry) = self.trees.get_mut(&tid) {
+                let fx = entry.run.retry_due(i, t);
+                self.absorb(tid, fx);
+            }
+        }
+    }
+
+    /// Starts ready jobs where they can run: grouping jobs resolve here, noop jobs take no slot,
+    /// exec and shell jobs wait for a free slot on a matching node.
+    fn schedule(&mut self) {
+        let t = now();
+        loop {
+            let mut progressed = false;
+            while let Some((tid, i)) = self.ready_noop.pop_front() {
+                progressed = true;
+                self.try_start(tid, i, t);
+            }
+            let n = self.ready_work.len();
+            for _ in 0..n {
+                if !self.conns.values().any(|c| c.used < c.node.slots) {
+                    break;
+                }
+                let Some((tid, i)) = self.ready_work.pop_front() else { break };
+                if !self.try_start(tid, i, t) {
+                    self.ready_work.push_back((tid, i));
+                } else {
+                    progressed = true;
+                }
+            }
+            // Resolving grouping jobs can make more jobs ready at once.
+            if !progressed || self.ready_noop.is_empty() {
+                break;
+            }
+        }
+    }
+
+    /// `false`: the job must wait for a slot.
+    fn try_start(&mut self, tid: Uuid, i: u32, t: Ts) -> bool {
+        let Some(entry) = self.trees.get(&tid) else { return true };
+        if entry.run.startable(i, t).is_err() {
+            return true;
+        }
+        let job = entry.run.job(i);
+        if matches!(job.run, Run::Group) {
+            let entry = self.trees.get_mut(&tid).expect("present");
+            if let Ok(fx) = entry.run.resolve_group(i, t) {
+                self.absorb(tid, fx);
+            }
+            return true;
+        }
+        match self.place(tid, i) {
+            Placement::Wait => false,
+            Placement::Never(why) => {
+                let entry = self.trees.get_mut(&tid).expect("present");
+                let fx = entry.run.reject(i, why, t);
+                self.absorb(tid, fx);
+                true
+            }
+            Placement::Node(node_id) => {
+                let conn = self.conns.get_mut(&node_id).expect("placed on a connected node");
+                let entry = self.trees.get_mut(&tid).expect("present");
+                let nodes_before = entry.run.tree.nodes.len();
+                let Ok(fx) = entry.run.start(i, &conn.node.name, t) else { return true };
+                if entry.run.tree.nodes.len() != nodes_before {
+                    self.dirty_trees.insert(tid);
+                }
+                let job = entry.run.job(i);
+                if takes_slot(&job.run) {
+                    conn.used += 1;
+                }
+                self.job_tree.insert(job.id, tid);
+                self.absorb(tid, fx);
+                let a = self.assignment(tid, i);
+                self.outbox.entry(node_id).or_default().push(a);
+                true
+            }
+        }
+    }
+
+    fn place(&self, tid: Uuid, i: u32) -> Placement {
+        let job = self.trees[&tid].run.job(i);
+        let fits = |n: &Node| {
+            job.want_node.as_ref().is_none_or(|w| *w == n.name || *w == n.id)
+                && job.node_selector.iter().all(|(k, v)| n.labels.get(k) == Some(v))
+        };
+        if !self.known_nodes.values().any(fits) {
+            let want = match (&job.want_node, job.node_selector.is_empty()) {
+                (Some(n), _) => format!("no node named {n:?}"),
+                (None, false) => format!("no node matches the selector {:?}", job.node_selector),
+                (None, true) => "no node has joined the cluster".to_string(),
+            };
+            return Placement::Never(want);
+        }
+        let slot = takes_slot(&job.run);
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.node.state == "ready" && fits(&c.node) && (!slot || c.used < c.node.slots))
+            .max_by_key(|(_, c)| c.node.slots.saturating_sub(c.used))
+            .map(|(id, _)| Placement::Node(id.clone()))
+            .unwrap_or(Placement::Wait)
+    }
+
+    fn assignment(&self, tid: Uuid, i: u32) -> Assignment {
+        let job = self.trees[&tid].run.job(i);
+        let mut env = BTreeMap::new();
+        env.insert("MUSTER_URL".to_string(), self.config.url.clone());
+        Assignment {
+            job: job.id,
+            tree: tid,
+            attempt: job.attempt,
+            run: job.run.clone(),
+            timeout_s: job.timeout_s,
+            kill_grace_ms: self.config.kill_grace_ms,
+            log_max: self.config.log_max,
+            env,
+        }
+    }
+
+    /// Group commit: one store transaction for the batch, then every message that depends on it.
+    fn commit(&mut self) {
+        let mut changes = Vec::with_capacity(self.dirty_jobs.len() + self.dirty_trees.len());
+        let mut events = Vec::with_capacity(changes.capacity());
+        let t = now();
+        for (tid, i) in self.dirty_jobs.drain(..) {
+            let Some(entry) = self.trees.get_mut(&tid) else { continue };
+            let job = entry.run.job(i).clone();
+            let expect = entry.persisted[i as usize];
+            entry.persisted[i as usize] = job.state;
+            events.push(Event::Job {
+                id: job.id,
+                tree: tid,
+                key: job.key.clone(),
+                state: job.state,
+                attempt: job.attempt,
+                node: job.node.clone(),
+                at: t,
+            });
+            changes.push(Change::Job { job, expect });
+        }
+        self.dirty_set.clear();
+        let mut finished = Vec::new();
+        for tid in self.dirty_trees.drain() {
+            let Some(entry) = self.trees.get(&tid) else { continue };
+            changes.push(Change::Tree(entry.run.tree.clone()));
+            if entry.run.tree.state != TreeState::Running {
+                events.push(Event::Tree { id: tid, state: entry.run.tree.state, at: t });
+                finished.push(tid);
+            }
+        }
+        if !changes.is_empty() {
+            let applied = retry_store(|| self.store.apply(&changes));
+            if let Some(k) = applied.iter().position(|ok| !ok) {
+                eprintln!("muster: job manager: a stored state moved under us ({:?}); the store wins at the next start", changes[k].summary());
+            }
+        }
+        for tid in finished {
+            self.trees.remove(&tid);
+        }
+        for (node, jobs) in self.outbox.drain() {
+            if let Some(c) = self.conns.get(&node) {
+                let _ = c.tx.send(ToAgent::Assign { epoch: self.epoch, jobs });
+            }
+        }
+        for (tx, msg) in self.messages.drain(..) {
+            let _ = tx.send(msg);
+        }
+        for f in self.after_commit.drain(..) {
+            f();
+        }
+        if !events.is_empty() {
+            self.store.publish(&events);
+        }
+    }
+}
+
+trait Summary {
+    fn summary(&self) -> String;
+}
+
+impl Summary for Change {
+    fn summary(&self) -> String {
+        match self {
+            Change::Job { job, expect } => format!("job {} expected {}", job.id, expect.as_str()),
+            Change::Tree(t) => format!("tree {}", t.id),
+            Change::Log { job, attempt, .. } => format!("log of {job} attempt {attempt}"),
+        }
+    }
+}
+
+fn takes_slot(run: &Run) -> bool {
+    matches!(run, Run::Exec(_) | Run::Shell(_))
+}
+
+fn node_is(name: Option<&str>, node: &Node) -> bool {
+    name == Some(node.name.as_str())
+}
+
+/// The manager never drops a write: while the store is unavailable it waits and tries again.
+fn retry_store<T>(mut f: impl FnMut() -> muster_store::Result<T>) -> T {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) => {
+                eprintln!("muster: job manager: {e}; retrying in {delay:?}");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Runs the conformance suite against the memory and SQLite engines, plus SQLite-only checks:
+//! data survives reopening the file, and a 100,000-job tree is stored and read back.
+
+use muster_store::conformance::{self, fixture, tags};
+use muster_store::{open, Change, Created, Store, TreeFilter};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!(
+            "muster-store-{what}-{}-{nanos}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn url(&self, file: &str) -> String {
+        format!("sqlite://{}", self.0.join(file).display())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn memory_conforms() {
+    conformance::run_all(&|| open("memory://").unwrap());
+}
+
+#[test]
+fn sqlite_conforms() {
+    let dir = TempDir::new("conformance");
+    let n = AtomicUsize::new(0);
+    conformance::run_all(&|| {
+        let i = n.fetch_add(1, Ordering::Relaxed);
+        // A subdirectory that does not exist yet: open creates it.
+        open(&dir.url(&format!("db{i}/muster.db"))).unwrap()
+    });
+}
+
+#[test]
+fn unknown_urls_are_refused() {
+    assert!(open("postgres://x").is_err());
+    assert!(open("sqlite://").is_err());
+}
+
+#[test]
+fn sqlite_survives_reopening() {
+    let dir = TempDir::new("reopen");
+    let url = dir.url("data/muster.db");
+    let (tree, jobs) = fixture(tags("ws"), 5);
+    {
+        let s = open(&url).unwrap();
+        assert_eq!(
+            s.create_tree(&tree, &jobs, Some("key")).unwrap(),
+            Created::New
+        );
+        let mut running = jobs[1].clone();
+        running.state = muster_core::JobState::Running;
+        let got = s
+            .apply(&[
+                Change::Job {
+                    job: running,
+                    expect: muster_core::JobState::Waiting,
+                },
+                Change::Log {
+                    job: jobs[1].id,
+                    attempt: 1,
+                    blob: "logs/1".into(),
+                },
+            ])
+            .unwrap();
+        assert_eq!(got, vec![true, true]);
+        s.set_meta("cluster", Some("c1")).unwrap();
+    }
+    let s = open(&url).unwrap();
+    assert_eq!(s.tree(tree.id).unwrap(), Some(tree.clone()));
+    let stored = s.tree_jobs(tree.id).unwrap();
+    assert_eq!(stored.len(), 5);
+    assert_eq!(stored[1].state, muster_core::JobState::Running);
+    assert_eq!(
+        s.log_blob(jobs[1].id, 1).unwrap().as_deref(),
+        Some("logs/1")
+    );
+    assert_eq!(s.meta("cluster").unwrap().as_deref(), Some("c1"));
+    let (other, other_jobs) = fixture(tags("ws"), 1);
+    assert_eq!(
+        s.create_tree(&other, &other_jobs, Some("key")).unwrap(),
+        Created::Existing(tree.id)
+    );
+    assert_eq!(
+        s.list_trees(&TreeFilter::default(), None, 10)
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn sqlite_stores_a_100k_job_tree() {
+    let dir = TempDir::new("big");
+    let s: Arc<dyn Store> = open(&dir.url("muster.db")).unwrap();
+    let (tree, jobs) = fixture(tags("ws"), 100_000);
+    let started = Instant::now();
+    assert_eq!(s.create_tree(&tree, &jobs, None).unwrap(), Created::New);
+    let created = started.elapsed();
+    let started = Instant::now();
+    let back = s.tree_jobs(tree.id).unwrap();
+    let read = started.elapsed();
+    assert_eq!(back.len(), 100_000);
+    assert_eq!(back[0], jobs[0]);
+    assert_eq!(back[99_999], jobs[99_999]);
+    // Move them all in batches of 5,000, as the job manager would.
+    let started = Instant::now();
+    for chunk in jobs.chunks(5_000) {
+        let changes: Vec<Change> = chunk
+            .iter()
+            .map(|j| {
+                let mut moved = j.clone();
+                moved.state = muster_core::JobState::Running;
+                Change::Job {
+                    job: moved,
+                    expect: muster_core::JobState::Waiting,
+                }
+            })
+            .collect();
+        assert!(s.apply(&changes).unwrap().iter().all(|a| *a));
+    }
+    let applied = started.elapsed();
+    eprintln!(
+        "100k-job tree: create {created:?}, read {read:?}, apply 100k job changes {applied:?}"
+    );
+}
+
+/// A benchmark, run by hand (`cargo test --release -p muster-store -- --ignored`): the first page
+/// of a listing with 1M jobs stored (10,000 trees of 100 jobs).
+#[test]
+#[ignore]
+fn sqlite_listing_with_1m_jobs() {
+    let dir = TempDir::new("bench");
+    let s: Arc<dyn Store> = open(&dir.url("muster.db")).unwrap();
+    let started = Instant::now();
+    for i in 0..10_000 {
+        let mut t = tags(["a", "b", "c", "d"][i % 4]);
+        t.application = Some(format!("app{}", i % 50));
+        let (mut tree, jobs) = fixture(t, 100);
+        tree.nodes = vec![format!("n{}", i % 20)];
+        if i % 3 == 0 {
+            tree.state = muster_core::TreeState::Succeeded;
+        }
+        s.create_tree(&tree, &jobs, None).unwrap();
+    }
+    eprintln!("stored 1M jobs in {:?}", started.elapsed());
+    let filters = [
+        TreeFilter::default(),
+        TreeFilter {
+            workspace: Some("b".into()),
+            ..TreeFilter::default()
+        },
+        TreeFilter {
+            workspaces: Some(vec!["a".into(), "c".into()]),
+            ..TreeFilter::default()
+        },
+        TreeFilter {
+            application: Some("app7".into()),
+            ..TreeFilter::default()
+        },
+        TreeFilter {
+            node: Some("n3".into()),
+            ..TreeFilter::default()
+        },
+        TreeFilter {
+            state: Some(muster_core::TreeState::Running),
+            ..TreeFilter::default()
+        },
+    ];
+    for f in &filters {
+        let mut times: Vec<_> = (0..200)
+            .map(|_| {
+                let t = Instant::now();
+                assert_eq!(s.list_trees(f, None, 50).unwrap().len(), 50);
+                t.elapsed()
+            })
+            .collect();
+        times.sort();
+        eprintln!("{f:?}: p50 {:?}, p99 {:?}", times[100], times[198]);
+    }
+}
