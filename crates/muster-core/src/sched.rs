@@ -50,7 +50,11 @@ impl Outcome {
     }
 
     pub fn failure(exit_code: Option<i32>, error: Option<String>) -> Outcome {
-        Outcome { exit_code, error, result: None }
+        Outcome {
+            exit_code,
+            error,
+            result: None,
+        }
     }
 
     fn succeeded(&self) -> bool {

@@ -25,7 +25,9 @@ pub fn hex(bytes: &[u8]) -> String {
 impl Blobs {
     pub fn new(dir: &Path) -> std::io::Result<Blobs> {
         std::fs::create_dir_all(dir)?;
-        Ok(Blobs { dir: dir.to_path_buf() })
+        Ok(Blobs {
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn path(&self, name: &str) -> Option<PathBuf> {
@@ -52,7 +54,10 @@ impl Blobs {
     pub fn get(&self, name: &str) -> std::io::Result<Vec<u8>> {
         match self.path(name) {
             Some(p) => std::fs::read(p),
-            None => Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a blob name")),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a blob name",
+            )),
         }
     }
 

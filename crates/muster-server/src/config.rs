@@ -54,7 +54,7 @@ pub struct ServerConfig {
 }
 
 /// `[store]`
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// `memory://`, `sqlite://PATH` or `redis://HOST:PORT/DB`; empty: `sqlite://<data_dir>/muster.db`.
@@ -116,7 +116,7 @@ pub struct DiscoveryConfig {
 }
 
 /// `[agent]`
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// The node's name; empty: the host name.
@@ -200,37 +200,45 @@ impl Default for Config {
 
 impl Default for PulseConfig {
     fn default() -> Self {
-        PulseConfig { interval: Duration::from_secs(5) }
+        PulseConfig {
+            interval: Duration::from_secs(5),
+        }
     }
 }
 
 impl Default for ReaperConfig {
     fn default() -> Self {
-        ReaperConfig { interval: Duration::from_secs(600) }
+        ReaperConfig {
+            interval: Duration::from_secs(600),
+        }
     }
 }
 
 impl Default for NodesConfig {
     fn default() -> Self {
-        NodesConfig { lost_after: Duration::from_secs(30) }
+        NodesConfig {
+            lost_after: Duration::from_secs(30),
+        }
     }
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: "127.0.0.1:7070".into(), workers: 0, advertise_url: String::new(), trusted_proxies: Vec::new() }
-    }
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        StoreConfig { url: String::new() }
+        ServerConfig {
+            listen: "127.0.0.1:7070".into(),
+            workers: 0,
+            advertise_url: String::new(),
+            trusted_proxies: Vec::new(),
+        }
     }
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { password_hash: "argon2id".into(), session_ttl: Duration::from_secs(30 * 86_400) }
+        AuthConfig {
+            password_hash: "argon2id".into(),
+            session_ttl: Duration::from_secs(30 * 86_400),
+        }
     }
 }
 
@@ -243,12 +251,6 @@ impl Default for DiscoveryConfig {
             interval: Duration::from_secs(2),
             cluster_key_file: String::new(),
         }
-    }
-}
-
-impl Default for AgentConfig {
-    fn default() -> Self {
-        AgentConfig { name: String::new(), servers: Vec::new(), slots: 0, labels: BTreeMap::new(), run_as: String::new() }
     }
 }
 
@@ -285,7 +287,10 @@ impl Config {
             ));
         }
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(format!("server.listen = {:?} is not an address like 127.0.0.1:7070", self.server.listen));
+            return Err(format!(
+                "server.listen = {:?} is not an address like 127.0.0.1:7070",
+                self.server.listen
+            ));
         }
         if self.jobs.log_max < 1024 {
             return Err("jobs.log_max must be at least 1024 bytes".into());
@@ -302,19 +307,27 @@ impl Config {
 /// Reads `file` (when given and present), then applies environment overrides from `env`
 /// (`MUSTER_<SECTION>__<KEY>`, `MUSTER_DATA_DIR`, `MUSTER_STORE`). Flags are applied by the
 /// caller on the result. `file_required` makes a missing file an error (an explicit `--config`).
-pub fn load(file: Option<&Path>, file_required: bool, env: &[(String, String)]) -> Result<Config, String> {
+pub fn load(
+    file: Option<&Path>,
+    file_required: bool,
+    env: &[(String, String)],
+) -> Result<Config, String> {
     let mut root = toml::Table::new();
     if let Some(path) = file {
         match std::fs::read_to_string(path) {
             Ok(text) => {
-                root = text.parse::<toml::Table>().map_err(|e| format!("{}: {e}", path.display()))?;
+                root = text
+                    .parse::<toml::Table>()
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !file_required => {}
             Err(e) => return Err(format!("{}: {e}", path.display())),
         }
     }
     for (k, v) in env {
-        let Some(rest) = k.strip_prefix("MUSTER_") else { continue };
+        let Some(rest) = k.strip_prefix("MUSTER_") else {
+            continue;
+        };
         let value = parse_env_value(v);
         match rest {
             "DATA_DIR" => {
@@ -324,7 +337,9 @@ pub fn load(file: Option<&Path>, file_required: bool, env: &[(String, String)]) 
                 table(&mut root, "store")?.insert("url".into(), toml::Value::String(v.clone()));
             }
             _ => {
-                let Some((section, key)) = rest.split_once("__") else { continue };
+                let Some((section, key)) = rest.split_once("__") else {
+                    continue;
+                };
                 let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
                 if key.is_empty() || section.is_empty() {
                     continue;
@@ -355,7 +370,9 @@ fn table<'a>(root: &'a mut toml::Table, name: &str) -> Result<&'a mut toml::Tabl
 fn parse_env_value(v: &str) -> toml::Value {
     let doc = format!("v = {v}");
     match doc.parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(v.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(v.into())),
         Err(_) => toml::Value::String(v.into()),
     }
 }
@@ -367,29 +384,37 @@ pub mod dur {
 
     pub fn parse(s: &str) -> Result<Duration, String> {
         let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+        let split = s
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 10s, 500ms, 5m, 2h, 30d"))?;
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration like 10s, 500ms, 5m, 2h, 30d"))?;
         let secs = match unit.trim() {
             "ms" => n / 1000.0,
             "" | "s" => n,
             "m" => n * 60.0,
             "h" => n * 3600.0,
             "d" => n * 86_400.0,
-            _ => return Err(format!("{s:?} is not a duration like 10s, 500ms, 5m, 2h, 30d")),
+            _ => {
+                return Err(format!(
+                    "{s:?} is not a duration like 10s, 500ms, 5m, 2h, 30d"
+                ))
+            }
         };
         Ok(Duration::from_secs_f64(secs))
     }
 
     pub fn format(d: Duration) -> String {
         let ms = d.as_millis();
-        if ms % 86_400_000 == 0 && ms > 0 {
+        if ms.is_multiple_of(86_400_000) && ms > 0 {
             format!("{}d", ms / 86_400_000)
-        } else if ms % 3_600_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(3_600_000) && ms > 0 {
             format!("{}h", ms / 3_600_000)
-        } else if ms % 60_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(60_000) && ms > 0 {
             format!("{}m", ms / 60_000)
-        } else if ms % 1000 == 0 {
+        } else if ms.is_multiple_of(1000) {
             format!("{}s", ms / 1000)
         } else {
             format!("{ms}ms")
@@ -420,7 +445,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
@@ -428,8 +456,21 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("muster-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("muster.toml");
-        std::fs::write(&f, "[jobs]\nkill_grace = \"3s\"\n[server]\nlisten = \"127.0.0.1:9000\"\n").unwrap();
-        let c = load(Some(&f), true, &env(&[("MUSTER_SERVER__LISTEN", "127.0.0.1:9100"), ("MUSTER_DATA_DIR", "/tmp/x"), ("MUSTER_JOB_ID", "ignored")])).unwrap();
+        std::fs::write(
+            &f,
+            "[jobs]\nkill_grace = \"3s\"\n[server]\nlisten = \"127.0.0.1:9000\"\n",
+        )
+        .unwrap();
+        let c = load(
+            Some(&f),
+            true,
+            &env(&[
+                ("MUSTER_SERVER__LISTEN", "127.0.0.1:9100"),
+                ("MUSTER_DATA_DIR", "/tmp/x"),
+                ("MUSTER_JOB_ID", "ignored"),
+            ]),
+        )
+        .unwrap();
         assert_eq!(c.jobs.kill_grace, Duration::from_secs(3));
         assert_eq!(c.server.listen, "127.0.0.1:9100");
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));

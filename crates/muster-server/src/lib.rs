@@ -49,13 +49,21 @@ pub struct App {
 
 impl App {
     /// Opens the store, starts the job manager (which resumes running trees).
-    pub fn start(config: Config, url: String) -> Result<(Arc<App>, std::thread::JoinHandle<()>), String> {
+    pub fn start(
+        config: Config,
+        url: String,
+    ) -> Result<(Arc<App>, std::thread::JoinHandle<()>), String> {
         let store = muster_store::open(&config.store_url()).map_err(|e| e.to_string())?;
         Self::with_store(config, url, store)
     }
 
-    pub fn with_store(config: Config, url: String, store: Arc<dyn Store>) -> Result<(Arc<App>, std::thread::JoinHandle<()>), String> {
-        let blobs = Blobs::new(&config.data_dir.join("blobs")).map_err(|e| format!("blob store: {e}"))?;
+    pub fn with_store(
+        config: Config,
+        url: String,
+        store: Arc<dyn Store>,
+    ) -> Result<(Arc<App>, std::thread::JoinHandle<()>), String> {
+        let blobs =
+            Blobs::new(&config.data_dir.join("blobs")).map_err(|e| format!("blob store: {e}"))?;
         let mc = ManagerConfig {
             backoff: Backoff {
                 base_ms: config.jobs.backoff_base.as_millis() as u64,
@@ -65,7 +73,8 @@ impl App {
             log_max: config.jobs.log_max,
             url: url.clone(),
         };
-        let (manager, handle) = Manager::start(store.clone(), mc).map_err(|e| format!("job manager: {e}"))?;
+        let (manager, handle) =
+            Manager::start(store.clone(), mc).map_err(|e| format!("job manager: {e}"))?;
         let app = Arc::new(App {
             config,
             store,
@@ -100,9 +109,55 @@ impl App {
 }
 
 /// Serves the HTTP API of `app` on `listener` until `shutdown` resolves.
-pub async fn run(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn run(
+    app: Arc<App>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let reaper = tokio::spawn(reaper(app.clone()));
     let router = api::router(app);
-    axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    let res = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
+    reaper.abort();
+    res
+}
+
+/// Every `reaper.interval`: removes finished trees older than `jobs.retention`, their records and
+/// the log blobs no remaining job refers to.
+async fn reaper(app: Arc<App>) {
+    let mut tick = tokio::time::interval(app.config.reaper.interval);
+    loop {
+        tick.tick().await;
+        let app = app.clone();
+        let _ = tokio::task::spawn_blocking(move || reap_once(&app)).await;
+    }
+}
+
+/// One pass of the reaper; returns how many trees it removed.
+pub fn reap_once(app: &App) -> usize {
+    let before = manager::now().plus_ms(-(app.config.jobs.retention.as_millis() as i64));
+    let mut removed = 0;
+    loop {
+        match app.store.purge_finished(before, 1000) {
+            Ok((trees, blobs)) => {
+                for b in &blobs {
+                    if let Err(e) = app.blobs.delete(b) {
+                        eprintln!("muster: reaper: cannot delete blob {b}: {e}");
+                    }
+                }
+                removed += trees.len();
+                if trees.len() < 1000 {
+                    return removed;
+                }
+            }
+            Err(e) => {
+                eprintln!("muster: reaper: {e}");
+                return removed;
+            }
+        }
+    }
 }

@@ -25,7 +25,10 @@ use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
 /// The current time as a [`Ts`].
 pub fn now() -> Ts {
-    Ts(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0))
+    Ts(SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0))
 }
 
 /// Settings of the manager, from `[jobs]`.
@@ -47,12 +50,31 @@ pub enum AbortError {
 
 /// A request to the manager.
 pub enum Cmd {
-    Create { new: NewTree, idempotency_key: Option<String>, reply: oneshot::Sender<Result<Created, String>> },
-    Abort { tree: Uuid, reply: oneshot::Sender<Result<(), AbortError>> },
+    Create {
+        new: NewTree,
+        idempotency_key: Option<String>,
+        reply: oneshot::Sender<Result<Created, String>>,
+    },
+    Abort {
+        tree: Uuid,
+        reply: oneshot::Sender<Result<(), AbortError>>,
+    },
     /// An agent connected (its `Hello`).
-    Connect { session: u64, node: Node, tx: UnboundedSender<ToAgent>, known: Vec<Known>, seq: u64 },
-    Disconnect { session: u64 },
-    Reports { session: u64, seq: u64, reports: Vec<Report> },
+    Connect {
+        session: u64,
+        node: Node,
+        tx: UnboundedSender<ToAgent>,
+        known: Vec<Known>,
+        seq: u64,
+    },
+    Disconnect {
+        session: u64,
+    },
+    Reports {
+        session: u64,
+        seq: u64,
+        reports: Vec<Report>,
+    },
     Shutdown,
 }
 
@@ -65,15 +87,20 @@ pub struct Manager {
 
 impl Manager {
     /// Starts the manager thread. It first resumes every running tree of the store.
-    pub fn start(store: Arc<dyn Store>, config: ManagerConfig) -> std::io::Result<(Manager, std::thread::JoinHandle<()>)> {
+    pub fn start(
+        store: Arc<dyn Store>,
+        config: ManagerConfig,
+    ) -> std::io::Result<(Manager, std::thread::JoinHandle<()>)> {
         let (tx, rx) = std::sync::mpsc::channel();
         let alive = Arc::new(AtomicBool::new(true));
         let flag = alive.clone();
-        let handle = std::thread::Builder::new().name("job-manager".into()).spawn(move || {
-            let mut m = State::new(store, config);
-            m.run(rx);
-            flag.store(false, Ordering::SeqCst);
-        })?;
+        let handle = std::thread::Builder::new()
+            .name("job-manager".into())
+            .spawn(move || {
+                let mut m = State::new(store, config);
+                m.run(rx);
+                flag.store(false, Ordering::SeqCst);
+            })?;
         Ok((Manager { tx, alive }, handle))
     }
 
@@ -86,12 +113,21 @@ impl Manager {
         self.alive.load(Ordering::SeqCst)
     }
 
-    pub async fn create(&self, new: NewTree, idempotency_key: Option<String>) -> Result<Created, String> {
+    pub async fn create(
+        &self,
+        new: NewTree,
+        idempotency_key: Option<String>,
+    ) -> Result<Created, String> {
         let (reply, rx) = oneshot::channel();
-        if !self.send(Cmd::Create { new, idempotency_key, reply }) {
+        if !self.send(Cmd::Create {
+            new,
+            idempotency_key,
+            reply,
+        }) {
             return Err("the job manager has stopped".into());
         }
-        rx.await.map_err(|_| "the job manager has stopped".to_string())?
+        rx.await
+            .map_err(|_| "the job manager has stopped".to_string())?
     }
 
     pub async fn abort(&self, tree: Uuid) -> Result<(), AbortError> {
@@ -173,7 +209,9 @@ impl State {
         self.commit();
         loop {
             let wait = match self.timers.peek() {
-                Some(Reverse((at, _, _))) => Duration::from_millis((at.0 - now().0).clamp(0, 60_000) as u64),
+                Some(Reverse((at, _, _))) => {
+                    Duration::from_millis((at.0 - now().0).clamp(0, 60_000) as u64)
+                }
                 None => Duration::from_secs(60),
             };
             let mut stop = false;
@@ -228,8 +266,14 @@ impl State {
     /// Handles one command; `true` means stop.
     fn handle(&mut self, cmd: Cmd) -> bool {
         match cmd {
-            Cmd::Create { new, idempotency_key, reply } => {
-                let res = self.store.create_tree(&new.tree, &new.jobs, idempotency_key.as_deref());
+            Cmd::Create {
+                new,
+                idempotency_key,
+                reply,
+            } => {
+                let res = self
+                    .store
+                    .create_tree(&new.tree, &new.jobs, idempotency_key.as_deref());
                 match res {
                     Ok(Created::New) => {
                         let id = new.tree.id;
@@ -267,17 +311,41 @@ impl State {
                     let _ = reply.send(res);
                 }));
             }
-            Cmd::Connect { session, node, tx, known, seq } => self.connect(session, node, tx, known, seq),
+            Cmd::Connect {
+                session,
+                node,
+                tx,
+                known,
+                seq,
+            } => self.connect(session, node, tx, known, seq),
             Cmd::Disconnect { session } => {
-                let gone: Vec<String> = self.conns.iter().filter(|(_, c)| c.session == session).map(|(k, _)| k.clone()).collect();
+                let gone: Vec<String> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.session == session)
+                    .map(|(k, _)| k.clone())
+                    .collect();
                 for id in gone {
                     if let Some(c) = self.conns.remove(&id) {
-                        let _ = self.store.put_node(&Node { state: "down".into(), last_seen: now(), ..c.node.clone() });
-                        self.store.publish(&[Event::Node { id: c.node.id.clone(), name: c.node.name, state: "down".into(), at: now() }]);
+                        let _ = self.store.put_node(&Node {
+                            state: "down".into(),
+                            last_seen: now(),
+                            ..c.node.clone()
+                        });
+                        self.store.publish(&[Event::Node {
+                            id: c.node.id.clone(),
+                            name: c.node.name,
+                            state: "down".into(),
+                            at: now(),
+                        }]);
                     }
                 }
             }
-            Cmd::Reports { session, seq, reports } => {
+            Cmd::Reports {
+                session,
+                seq,
+                reports,
+            } => {
                 for r in reports {
                     self.report(r);
                 }
@@ -294,23 +362,54 @@ impl State {
         }
     }
 
-    fn connect(&mut self, session: u64, node: Node, tx: UnboundedSender<ToAgent>, known: Vec<Known>, seq: u64) {
+    fn connect(
+        &mut self,
+        session: u64,
+        node: Node,
+        tx: UnboundedSender<ToAgent>,
+        known: Vec<Known>,
+        seq: u64,
+    ) {
         let id = node.id.clone();
-        let _ = tx.send(ToAgent::Welcome { node_id: id.clone(), epoch: self.epoch });
+        let _ = tx.send(ToAgent::Welcome {
+            node_id: id.clone(),
+            epoch: self.epoch,
+        });
         retry_store(|| self.store.put_node(&node));
-        self.store.publish(&[Event::Node { id: id.clone(), name: node.name.clone(), state: node.state.clone(), at: now() }]);
+        self.store.publish(&[Event::Node {
+            id: id.clone(),
+            name: node.name.clone(),
+            state: node.state.clone(),
+            at: now(),
+        }]);
         self.known_nodes.insert(id.clone(), node.clone());
-        self.conns.insert(id.clone(), Conn { session, node, tx: tx.clone(), used: 0 });
+        self.conns.insert(
+            id.clone(),
+            Conn {
+                session,
+                node,
+                tx: tx.clone(),
+                used: 0,
+            },
+        );
         let mut known_running: HashSet<(Uuid, u32)> = HashSet::new();
         for k in known {
             match k {
                 Known::Running { job, attempt } => {
                     known_running.insert((job, attempt));
                 }
-                Known::Exited { job, attempt, outcome } => {
+                Known::Exited {
+                    job,
+                    attempt,
+                    outcome,
+                } => {
                     // Counted as running until the report is applied below.
                     known_running.insert((job, attempt));
-                    self.report(Report::Exited { job, attempt, outcome });
+                    self.report(Report::Exited {
+                        job,
+                        attempt,
+                        outcome,
+                    });
                 }
             }
         }
@@ -322,11 +421,16 @@ impl State {
         let mut used = 0;
         for (tid, entry) in &self.trees {
             for (i, j) in entry.run.jobs.iter().enumerate() {
-                if j.state != JobState::Running || !node_is(j.node.as_deref(), &self.conns[&id].node) {
+                if j.state != JobState::Running
+                    || !node_is(j.node.as_deref(), &self.conns[&id].node)
+                {
                     continue;
                 }
                 if entry.run.kill_requested(i as u32) {
-                    kills.push(ToAgent::Kill { job: j.id, attempt: j.attempt });
+                    kills.push(ToAgent::Kill {
+                        job: j.id,
+                        attempt: j.attempt,
+                    });
                 }
                 if !known_running.contains(&(j.id, j.attempt)) {
                     resend.push((*tid, i as u32));
@@ -350,25 +454,51 @@ impl State {
     }
 
     fn report(&mut self, r: Report) {
-        let Report::Exited { job, attempt, outcome } = r else { return };
-        let Some(&tid) = self.job_tree.get(&job) else { return };
-        let Some(entry) = self.trees.get_mut(&tid) else { return };
-        let Some(i) = entry.run.index_of(&job) else { return };
+        let Report::Exited {
+            job,
+            attempt,
+            outcome,
+        } = r
+        else {
+            return;
+        };
+        let Some(&tid) = self.job_tree.get(&job) else {
+            return;
+        };
+        let Some(entry) = self.trees.get_mut(&tid) else {
+            return;
+        };
+        let Some(i) = entry.run.index_of(&job) else {
+            return;
+        };
         let j = entry.run.job(i);
         if j.state != JobState::Running || j.attempt != attempt {
             return;
         }
         if takes_slot(&j.run) {
-            if let Some(c) = self.conns.values_mut().find(|c| node_is(j.node.as_deref(), &c.node)) {
+            if let Some(c) = self
+                .conns
+                .values_mut()
+                .find(|c| node_is(j.node.as_deref(), &c.node))
+            {
                 c.used = c.used.saturating_sub(1);
             }
         }
         self.job_tree.remove(&job);
-        let ExitReport { exit_code, error, result, .. } = outcome;
+        let ExitReport {
+            exit_code,
+            error,
+            result,
+            ..
+        } = outcome;
         let fx = entry.run.finish(
             i,
             attempt,
-            Outcome { exit_code, error, result },
+            Outcome {
+                exit_code,
+                error,
+                result,
+            },
             now(),
             self.config.backoff,
             rand::random::<f64>(),
@@ -386,17 +516,31 @@ impl State {
                     }
                 }
                 Effect::Ready(i) => {
-                    let Some(entry) = self.trees.get(&tid) else { continue };
+                    let Some(entry) = self.trees.get(&tid) else {
+                        continue;
+                    };
                     match entry.run.job(i).run {
                         Run::Noop | Run::Group => self.ready_noop.push_back((tid, i)),
                         _ => self.ready_work.push_back((tid, i)),
                     }
                 }
                 Effect::Kill(i) => {
-                    let Some(entry) = self.trees.get(&tid) else { continue };
+                    let Some(entry) = self.trees.get(&tid) else {
+                        continue;
+                    };
                     let j = entry.run.job(i);
-                    if let Some(c) = self.conns.values().find(|c| node_is(j.node.as_deref(), &c.node)) {
-                        self.messages.push((c.tx.clone(), ToAgent::Kill { job: j.id, attempt: j.attempt }));
+                    if let Some(c) = self
+                        .conns
+                        .values()
+                        .find(|c| node_is(j.node.as_deref(), &c.node))
+                    {
+                        self.messages.push((
+                            c.tx.clone(),
+                            ToAgent::Kill {
+                                job: j.id,
+                                attempt: j.attempt,
+                            },
+                        ));
                     }
                 }
                 Effect::Retry(i, at) => self.timers.push(Reverse((at, tid, i))),
@@ -436,7 +580,9 @@ impl State {
                 if !self.conns.values().any(|c| c.used < c.node.slots) {
                     break;
                 }
-                let Some((tid, i)) = self.ready_work.pop_front() else { break };
+                let Some((tid, i)) = self.ready_work.pop_front() else {
+                    break;
+                };
                 if !self.try_start(tid, i, t) {
                     self.ready_work.push_back((tid, i));
                 } else {
@@ -452,7 +598,9 @@ impl State {
 
     /// `false`: the job must wait for a slot.
     fn try_start(&mut self, tid: Uuid, i: u32, t: Ts) -> bool {
-        let Some(entry) = self.trees.get(&tid) else { return true };
+        let Some(entry) = self.trees.get(&tid) else {
+            return true;
+        };
         if entry.run.startable(i, t).is_err() {
             return true;
         }
@@ -473,10 +621,15 @@ impl State {
                 true
             }
             Placement::Node(node_id) => {
-                let conn = self.conns.get_mut(&node_id).expect("placed on a connected node");
+                let conn = self
+                    .conns
+                    .get_mut(&node_id)
+                    .expect("placed on a connected node");
                 let entry = self.trees.get_mut(&tid).expect("present");
                 let nodes_before = entry.run.tree.nodes.len();
-                let Ok(fx) = entry.run.start(i, &conn.node.name, t) else { return true };
+                let Ok(fx) = entry.run.start(i, &conn.node.name, t) else {
+                    return true;
+                };
                 if entry.run.tree.nodes.len() != nodes_before {
                     self.dirty_trees.insert(tid);
                 }
@@ -496,8 +649,13 @@ impl State {
     fn place(&self, tid: Uuid, i: u32) -> Placement {
         let job = self.trees[&tid].run.job(i);
         let fits = |n: &Node| {
-            job.want_node.as_ref().is_none_or(|w| *w == n.name || *w == n.id)
-                && job.node_selector.iter().all(|(k, v)| n.labels.get(k) == Some(v))
+            job.want_node
+                .as_ref()
+                .is_none_or(|w| *w == n.name || *w == n.id)
+                && job
+                    .node_selector
+                    .iter()
+                    .all(|(k, v)| n.labels.get(k) == Some(v))
         };
         if !self.known_nodes.values().any(fits) {
             let want = match (&job.want_node, job.node_selector.is_empty()) {
@@ -510,7 +668,9 @@ impl State {
         let slot = takes_slot(&job.run);
         self.conns
             .iter()
-            .filter(|(_, c)| c.node.state == "ready" && fits(&c.node) && (!slot || c.used < c.node.slots))
+            .filter(|(_, c)| {
+                c.node.state == "ready" && fits(&c.node) && (!slot || c.used < c.node.slots)
+            })
             .max_by_key(|(_, c)| c.node.slots.saturating_sub(c.used))
             .map(|(id, _)| Placement::Node(id.clone()))
             .unwrap_or(Placement::Wait)
@@ -538,7 +698,9 @@ impl State {
         let mut events = Vec::with_capacity(changes.capacity());
         let t = now();
         for (tid, i) in self.dirty_jobs.drain(..) {
-            let Some(entry) = self.trees.get_mut(&tid) else { continue };
+            let Some(entry) = self.trees.get_mut(&tid) else {
+                continue;
+            };
             let job = entry.run.job(i).clone();
             let expect = entry.persisted[i as usize];
             entry.persisted[i as usize] = job.state;
@@ -556,10 +718,16 @@ impl State {
         self.dirty_set.clear();
         let mut finished = Vec::new();
         for tid in self.dirty_trees.drain() {
-            let Some(entry) = self.trees.get(&tid) else { continue };
+            let Some(entry) = self.trees.get(&tid) else {
+                continue;
+            };
             changes.push(Change::Tree(entry.run.tree.clone()));
             if entry.run.tree.state != TreeState::Running {
-                events.push(Event::Tree { id: tid, state: entry.run.tree.state, at: t });
+                events.push(Event::Tree {
+                    id: tid,
+                    state: entry.run.tree.state,
+                    at: t,
+                });
                 finished.push(tid);
             }
         }
@@ -574,7 +742,10 @@ impl State {
         }
         for (node, jobs) in self.outbox.drain() {
             if let Some(c) = self.conns.get(&node) {
-                let _ = c.tx.send(ToAgent::Assign { epoch: self.epoch, jobs });
+                let _ = c.tx.send(ToAgent::Assign {
+                    epoch: self.epoch,
+                    jobs,
+                });
             }
         }
         for (tx, msg) in self.messages.drain(..) {

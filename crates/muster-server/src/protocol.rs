@@ -30,7 +30,13 @@ pub enum ToAgent {
     /// Reports up to and including `seq` are stored.
     Ack { seq: u64 },
     /// Stream the log of an attempt from byte `from`; with `follow`, until the attempt ends.
-    FollowLog { stream: u64, job: Uuid, attempt: u32, from: u64, follow: bool },
+    FollowLog {
+        stream: u64,
+        job: Uuid,
+        attempt: u32,
+        from: u64,
+        follow: bool,
+    },
     /// Stop a log stream.
     StopLog { stream: u64 },
 }
@@ -53,8 +59,15 @@ pub struct Assignment {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Known {
-    Running { job: Uuid, attempt: u32 },
-    Exited { job: Uuid, attempt: u32, outcome: ExitReport },
+    Running {
+        job: Uuid,
+        attempt: u32,
+    },
+    Exited {
+        job: Uuid,
+        attempt: u32,
+        outcome: ExitReport,
+    },
 }
 
 /// How an attempt ended.
@@ -74,15 +87,31 @@ pub struct ExitReport {
 pub enum FromAgent {
     /// The first message on a connection; acknowledged by `Ack { seq }` once what `known`
     /// reports is stored.
-    Hello { name: String, node_id: Option<String>, slots: u32, labels: BTreeMap<String, String>, version: String, known: Vec<Known>, seq: u64 },
+    Hello {
+        name: String,
+        node_id: Option<String>,
+        slots: u32,
+        labels: BTreeMap<String, String>,
+        version: String,
+        known: Vec<Known>,
+        seq: u64,
+    },
     /// Numbered state reports.
     Report { seq: u64, reports: Vec<Report> },
     /// Liveness, every few seconds.
     Heartbeat,
     /// A piece of a requested log stream; `eof` ends the stream.
-    LogChunk { stream: u64, data: String, eof: bool },
+    LogChunk {
+        stream: u64,
+        data: String,
+        eof: bool,
+    },
     /// The whole log of an ended attempt, sent once before its `Exited` report.
-    LogUpload { job: Uuid, attempt: u32, data: String },
+    LogUpload {
+        job: Uuid,
+        attempt: u32,
+        data: String,
+    },
 }
 
 /// One state report.
@@ -92,5 +121,9 @@ pub enum Report {
     /// The supervisor recorded the start durably.
     Started { job: Uuid, attempt: u32, at: Ts },
     /// The attempt ended.
-    Exited { job: Uuid, attempt: u32, outcome: ExitReport },
+    Exited {
+        job: Uuid,
+        attempt: u32,
+        outcome: ExitReport,
+    },
 }

@@ -10,12 +10,31 @@ use std::sync::Arc;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 /// Serves one connection until the agent goes away.
-pub async fn serve(app: Arc<App>, mut rx: UnboundedReceiver<FromAgent>, tx: UnboundedSender<ToAgent>) {
+pub async fn serve(
+    app: Arc<App>,
+    mut rx: UnboundedReceiver<FromAgent>,
+    tx: UnboundedSender<ToAgent>,
+) {
     let session = app.next_id.fetch_add(1, Ordering::Relaxed);
-    let Some(FromAgent::Hello { name, node_id, slots, labels, version, known, seq }) = rx.recv().await else {
+    let Some(FromAgent::Hello {
+        name,
+        node_id,
+        slots,
+        labels,
+        version,
+        known,
+        seq,
+    }) = rx.recv().await
+    else {
         return;
     };
-    let slots = if slots == 0 { 2 * std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(2) } else { slots };
+    let slots = if slots == 0 {
+        2 * std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(2)
+    } else {
+        slots
+    };
     let node = Node {
         id: node_id.unwrap_or_else(|| muster_core::Uuid::now_v7().to_string()),
         name: name.clone(),
@@ -25,13 +44,26 @@ pub async fn serve(app: Arc<App>, mut rx: UnboundedReceiver<FromAgent>, tx: Unbo
         last_seen: now(),
         version,
     };
-    app.agents.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), tx.clone());
-    app.manager.send(Cmd::Connect { session, node, tx: tx.clone(), known, seq });
+    app.agents
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.clone(), tx.clone());
+    app.manager.send(Cmd::Connect {
+        session,
+        node,
+        tx: tx.clone(),
+        known,
+        seq,
+    });
     while let Some(msg) = rx.recv().await {
         match msg {
             FromAgent::Hello { .. } => break, // Only once per connection.
             FromAgent::Report { seq, reports } => {
-                app.manager.send(Cmd::Reports { session, seq, reports });
+                app.manager.send(Cmd::Reports {
+                    session,
+                    seq,
+                    reports,
+                });
             }
             FromAgent::Heartbeat => {}
             FromAgent::LogChunk { stream, data, eof } => {
@@ -46,7 +78,9 @@ pub async fn serve(app: Arc<App>, mut rx: UnboundedReceiver<FromAgent>, tx: Unbo
                 let app2 = app.clone();
                 let res = tokio::task::spawn_blocking(move || -> Result<(), String> {
                     let blob = app2.blobs.put(data.as_bytes()).map_err(|e| e.to_string())?;
-                    app2.store.apply(&[Change::Log { job, attempt, blob }]).map_err(|e| e.to_string())?;
+                    app2.store
+                        .apply(&[Change::Log { job, attempt, blob }])
+                        .map_err(|e| e.to_string())?;
                     Ok(())
                 })
                 .await;

@@ -1,15 +1,1182 @@
-//! The client commands (filled in by the CLI work).
+//! The client commands: `setup`, `login` and `jobs …`, speaking the HTTP API of a server.
+//!
+//! The server comes from `--server`, then `MUSTER_URL`, then the saved credentials, then
+//! `http://127.0.0.1:7070`. The token comes from `MUSTER_TOKEN`, else from the credentials saved
+//! by `login`/`setup` (only when they were saved for the same server, so a token never goes to
+//! another one).
 
-use clap::Subcommand;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The server used when nothing else names one.
+const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
+/// How often `--follow` polls the state of a tree.
+const POLL: Duration = Duration::from_millis(200);
 
 #[derive(Subcommand)]
 pub enum ClientCmd {
+    /// Create the first admin with the one-time setup code, and keep its token.
+    Setup(SetupArgs),
     /// Log in to a server and keep the token.
-    Login,
+    Login(LoginArgs),
+    /// Run, list, inspect, follow and abort jobs.
+    Jobs {
+        #[command(subcommand)]
+        cmd: JobsCmd,
+    },
 }
 
-pub fn run(cmd: ClientCmd) -> anyhow::Result<()> {
+/// Where the server is.
+#[derive(Args, Clone, Default)]
+pub struct ServerOpt {
+    /// The server URL (env MUSTER_URL; default: the one of the saved login, else http://127.0.0.1:7070).
+    #[arg(long, env = "MUSTER_URL", value_name = "URL")]
+    server: Option<String>,
+}
+
+#[derive(Args)]
+pub struct SetupArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// The admin's user name.
+    #[arg(long)]
+    username: String,
+    /// The one-time setup code.
+    #[arg(long, conflicts_with = "code_file")]
+    code: Option<String>,
+    /// A file holding the one-time setup code (the server writes <data-dir>/setup-code).
+    #[arg(long, value_name = "PATH")]
+    code_file: Option<PathBuf>,
+    /// Read the password from the first line of stdin (else env MUSTER_PASSWORD, else a prompt).
+    #[arg(long)]
+    password_stdin: bool,
+    /// A name for the cluster.
+    #[arg(long)]
+    cluster_name: Option<String>,
+}
+
+#[derive(Args)]
+pub struct LoginArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// The user name.
+    #[arg(long)]
+    username: String,
+    /// Read the password from the first line of stdin (else env MUSTER_PASSWORD, else a prompt).
+    #[arg(long)]
+    password_stdin: bool,
+}
+
+#[derive(Subcommand)]
+pub enum JobsCmd {
+    /// Submit a job tree: from a JSON or TOML file, or one job from the command line after `--`.
+    Run(RunArgs),
+    /// List job trees, newest first.
+    Ls(LsArgs),
+    /// Show one job.
+    Show(ShowArgs),
+    /// Draw the tree of a job (with -f: live, until it ends).
+    Tree(TreeArgs),
+    /// Print the log of a job (with -f: follow it until the job ends).
+    Logs(LogsArgs),
+    /// Abort the tree a job belongs to.
+    Abort(AbortArgs),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// A job tree in JSON or TOML (by extension: .toml is TOML, anything else JSON).
+    #[arg(long, value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// The name of the job (with --file: replaces the root's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// The workspace tag.
+    #[arg(long)]
+    workspace: Option<String>,
+    /// The application tag.
+    #[arg(long)]
+    application: Option<String>,
+    /// The version tag.
+    #[arg(long)]
+    version: Option<String>,
+    /// The instance tag.
+    #[arg(long)]
+    instance: Option<String>,
+    /// Pin the job to a node (by name or id).
+    #[arg(long, conflicts_with = "file")]
+    node: Option<String>,
+    /// Kill the job after this many seconds.
+    #[arg(long, value_name = "SECONDS", conflicts_with = "file")]
+    timeout: Option<u64>,
+    /// How many times to retry a failed job.
+    #[arg(long, conflicts_with = "file")]
+    retries: Option<u32>,
+    /// Run the arguments, joined with spaces, as a shell script instead of a program.
+    #[arg(long, conflicts_with = "file")]
+    shell: bool,
+    /// Submit at most once per key: a second run with the same key gives back the first tree.
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
+    /// Follow the job (its log when the tree has one job, else the tree) until the tree ends;
+    /// exit 0 if it succeeded, 1 otherwise.
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// Print the server's whole answer as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The command to run (after `--`).
+    #[arg(last = true, value_name = "CMD", conflicts_with = "file")]
+    cmd: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    #[arg(long)]
+    workspace: Option<String>,
+    #[arg(long)]
+    application: Option<String>,
+    #[arg(long)]
+    version: Option<String>,
+    #[arg(long)]
+    instance: Option<String>,
+    /// Trees with a job placed on this node.
+    #[arg(long)]
+    node: Option<String>,
+    /// running, succeeded, failed or aborted.
+    #[arg(long)]
+    state: Option<String>,
+    /// At most this many trees (1-1000; the server's default is 50).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Continue after this cursor (printed by the previous page).
+    #[arg(long)]
+    cursor: Option<String>,
+    /// Print the server's answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// The job id.
+    id: String,
+    /// Print the job as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct TreeArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// A job id (the tree's id is its root's).
+    id: String,
+    /// Print the nested tree as JSON.
+    #[arg(long, conflicts_with = "follow")]
+    json: bool,
+    /// Redraw as it changes until the tree ends; exit 0 if it succeeded, 1 otherwise.
+    #[arg(short = 'f', long)]
+    follow: bool,
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// The job id.
+    id: String,
+    /// Stream the log until the job ends.
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// The attempt (default: the latest).
+    #[arg(long)]
+    attempt: Option<u32>,
+}
+
+#[derive(Args)]
+pub struct AbortArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// A job id; its whole tree is aborted.
+    id: String,
+}
+
+pub fn run(cmd: ClientCmd) -> Result<()> {
     match cmd {
-        ClientCmd::Login => anyhow::bail!("not yet"),
+        ClientCmd::Setup(a) => setup(a),
+        ClientCmd::Login(a) => login(a),
+        ClientCmd::Jobs { cmd } => match cmd {
+            JobsCmd::Run(a) => jobs_run(a),
+            JobsCmd::Ls(a) => jobs_ls(a),
+            JobsCmd::Show(a) => jobs_show(a),
+            JobsCmd::Tree(a) => jobs_tree(a),
+            JobsCmd::Logs(a) => jobs_logs(a),
+            JobsCmd::Abort(a) => jobs_abort(a),
+        },
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credentials
+
+/// What `login`/`setup` keep, in `$MUSTER_CONFIG_DIR/credentials.json`.
+#[derive(Serialize, Deserialize)]
+struct Credentials {
+    server: String,
+    token: String,
+    username: String,
+}
+
+fn config_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("MUSTER_CONFIG_DIR").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d));
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(h) => Ok(PathBuf::from(h).join(".config").join("muster")),
+        None => bail!("cannot tell where to keep the credentials: set MUSTER_CONFIG_DIR or HOME"),
+    }
+}
+
+fn credentials_path() -> Result<PathBuf> {
+    Ok(config_dir()?.join("credentials.json"))
+}
+
+/// The saved credentials, if any. A file that cannot be read is an error; a missing one is not.
+fn load_credentials() -> Result<Option<Credentials>> {
+    let path = credentials_path()?;
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let c = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is damaged: log in again with `muster login`",
+                    path.display()
+                )
+            })?;
+            Ok(Some(c))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Writes the credentials (mode 0600, in a 0700 directory), replacing the file atomically.
+fn save_credentials(c: &Credentials) -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let dir = config_dir()?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot make {}", dir.display()))?;
+    let path = dir.join("credentials.json");
+    let tmp = dir.join(format!(".credentials.json.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        f.write_all(
+            serde_json::to_string_pretty(c)
+                .map_err(std::io::Error::other)?
+                .as_bytes(),
+        )?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("cannot write {}: {e}", path.display());
+    }
+    Ok(path)
+}
+
+/// `http://h:p/` and `http://h:p` are the same server.
+fn normalize_url(url: &str) -> String {
+    let u = url.trim().trim_end_matches('/');
+    if u.contains("://") {
+        u.to_string()
+    } else {
+        format!("http://{u}")
+    }
+}
+
+fn resolve_server(opt: &ServerOpt, saved: Option<&Credentials>) -> String {
+    match (&opt.server, saved) {
+        (Some(s), _) if !s.trim().is_empty() => normalize_url(s),
+        (_, Some(c)) => normalize_url(&c.server),
+        _ => DEFAULT_SERVER.to_string(),
+    }
+}
+
+/// A client for the server of `opt`, with the token a command needs.
+fn authed_client(opt: &ServerOpt) -> Result<Client> {
+    let saved = load_credentials()?;
+    let base = resolve_server(opt, saved.as_ref());
+    let token = match std::env::var("MUSTER_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
+        Some(t) => t.trim().to_string(),
+        None => match &saved {
+            Some(c) if normalize_url(&c.server) == base => c.token.clone(),
+            Some(c) => bail!(
+                "not logged in to {base} (the saved login is for {}): run `muster login --server {base} --username NAME`, or set MUSTER_TOKEN",
+                normalize_url(&c.server)
+            ),
+            None => bail!("not logged in: run `muster login --server {base} --username NAME`, or set MUSTER_TOKEN"),
+        },
+    };
+    Ok(Client::new(base, Some(token)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+
+struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+type Resp = ureq::http::Response<ureq::Body>;
+
+/// Percent-encodes one path segment (job ids are UUIDs, but a typo must not change the route).
+fn seg(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Client {
+    fn new(base: String, token: Option<String>) -> Client {
+        let mut config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .user_agent(concat!("muster-cli/", env!("CARGO_PKG_VERSION")));
+        // A server on this machine is never reached through a proxy from the environment.
+        let host = base
+            .split("://")
+            .nth(1)
+            .unwrap_or("")
+            .split('/')
+            .next()
+            .unwrap_or("");
+        if host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]") {
+            config = config.proxy(None);
+        }
+        let agent: ureq::Agent = config.build().into();
+        Client { base, token, agent }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn transport_error(&self, e: ureq::Error) -> anyhow::Error {
+        let unreachable = match &e {
+            ureq::Error::Io(io) => matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::AddrNotAvailable
+            ),
+            ureq::Error::ConnectionFailed | ureq::Error::HostNotFound | ureq::Error::Timeout(_) => {
+                true
+            }
+            _ => false,
+        };
+        if unreachable {
+            anyhow!(
+                "cannot reach the muster server at {} ({e}): is it running? Start one with `muster up`, or name another with --server URL (or MUSTER_URL)",
+                self.base
+            )
+        } else {
+            anyhow!("request to {} failed: {e}", self.base)
+        }
+    }
+
+    fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Resp> {
+        let mut req = self.agent.get(self.url(path));
+        for (k, v) in query {
+            req = req.query(*k, v);
+        }
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        req.call().map_err(|e| self.transport_error(e))
+    }
+
+    fn post(&self, path: &str, body: &Value, headers: &[(&str, String)]) -> Result<Resp> {
+        let mut req = self
+            .agent
+            .post(self.url(path))
+            .header("Content-Type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        req.send(serde_json::to_string(body)?)
+            .map_err(|e| self.transport_error(e))
+    }
+
+    /// GET, expecting a 2xx JSON answer.
+    fn get_json(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
+        let resp = self.get(path, query)?;
+        json_body(resp)
+    }
+
+    /// POST, expecting a 2xx JSON answer; gives the status too.
+    fn post_json(
+        &self,
+        path: &str,
+        body: &Value,
+        headers: &[(&str, String)],
+    ) -> Result<(u16, Value)> {
+        let resp = self.post(path, body, headers)?;
+        let status = resp.status().as_u16();
+        Ok((status, json_body(resp)?))
+    }
+}
+
+fn read_text(resp: &mut Resp) -> Result<String> {
+    resp.body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .read_to_string()
+        .map_err(|e| anyhow!("cannot read the server's answer: {e}"))
+}
+
+/// The error of a non-2xx answer: the server's message and the status.
+fn http_error(mut resp: Resp) -> anyhow::Error {
+    let status = resp.status();
+    let text = read_text(&mut resp).unwrap_or_default();
+    let message = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| {
+            let t = text.trim();
+            if t.is_empty() {
+                status.canonical_reason().unwrap_or("error").to_string()
+            } else {
+                t.chars().take(500).collect()
+            }
+        });
+    anyhow!("{message} (HTTP {})", status.as_u16())
+}
+
+fn json_body(mut resp: Resp) -> Result<Value> {
+    if !resp.status().is_success() {
+        return Err(http_error(resp));
+    }
+    let text = read_text(&mut resp)?;
+    serde_json::from_str(&text).map_err(|e| {
+        anyhow!(
+            "the server's answer is not JSON ({e}): {}",
+            text.chars().take(200).collect::<String>()
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// setup, login
+
+/// The password: `--password-stdin`, else MUSTER_PASSWORD, else a prompt on a terminal.
+fn read_password(from_stdin: bool) -> Result<String> {
+    if from_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read the password from stdin")?;
+        let pw = line.trim_end_matches(['\n', '\r']).to_string();
+        if pw.is_empty() {
+            bail!("--password-stdin: stdin gave no password (pipe it in, e.g. `printf '%s\\n' \"$PW\" | muster login …`)");
+        }
+        return Ok(pw);
+    }
+    if let Ok(pw) = std::env::var("MUSTER_PASSWORD") {
+        if !pw.is_empty() {
+            return Ok(pw);
+        }
+    }
+    if std::io::stdin().is_terminal() {
+        eprint!("Password: ");
+        let _ = std::io::stderr().flush();
+        let pw = read_line_no_echo().context("cannot read the password")?;
+        eprintln!();
+        if pw.is_empty() {
+            bail!("no password given");
+        }
+        return Ok(pw);
+    }
+    bail!("no password: pass --password-stdin and pipe it in, or set MUSTER_PASSWORD")
+}
+
+/// Reads one line from the terminal on stdin with echo turned off (restored afterwards).
+fn read_line_no_echo() -> std::io::Result<String> {
+    // SAFETY: termios is plain data; tcgetattr fills it, and fd 0 is a terminal (checked).
+    let mut old: libc::termios = unsafe { std::mem::zeroed() };
+    let have = unsafe { libc::tcgetattr(0, &mut old) } == 0;
+    if have {
+        let mut quiet = old;
+        quiet.c_lflag &= !libc::ECHO;
+        quiet.c_lflag |= libc::ECHONL;
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &quiet) };
+    }
+    let mut line = String::new();
+    let res = std::io::stdin().lock().read_line(&mut line);
+    if have {
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &old) };
+    }
+    res?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
+}
+
+fn setup(a: SetupArgs) -> Result<()> {
+    let code = match (&a.code, &a.code_file) {
+        (Some(c), _) => c.trim().to_string(),
+        (None, Some(p)) => std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read the setup code from {}", p.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => bail!("give the one-time setup code: --code-file <data-dir>/setup-code (written by the server on first start), or --code CODE"),
+    };
+    if code.is_empty() {
+        bail!("the setup code is empty");
+    }
+    let password = read_password(a.password_stdin)?;
+    let saved = load_credentials().ok().flatten();
+    let base = resolve_server(&a.server, saved.as_ref());
+    let client = Client::new(base.clone(), None);
+    let mut body = json!({"setup_code": code, "username": a.username, "password": password});
+    if let Some(c) = &a.cluster_name {
+        body["cluster_name"] = json!(c);
+    }
+    let (_, v) = client.post_json("/api/v1/setup", &body, &[])?;
+    let token = v["token"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the server gave no token"))?
+        .to_string();
+    let path = save_credentials(&Credentials {
+        server: base.clone(),
+        token,
+        username: a.username.clone(),
+    })?;
+    println!(
+        "admin {:?} created on {base}; logged in (credentials in {})",
+        a.username,
+        path.display()
+    );
+    Ok(())
+}
+
+fn login(a: LoginArgs) -> Result<()> {
+    let password = read_password(a.password_stdin)?;
+    let saved = load_credentials().ok().flatten();
+    let base = resolve_server(&a.server, saved.as_ref());
+    let client = Client::new(base.clone(), None);
+    let (_, v) = client.post_json(
+        "/api/v1/login",
+        &json!({"username": a.username, "password": password}),
+        &[],
+    )?;
+    let token = v["token"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the server gave no token"))?
+        .to_string();
+    let path = save_credentials(&Credentials {
+        server: base.clone(),
+        token,
+        username: a.username.clone(),
+    })?;
+    println!(
+        "logged in to {base} as {:?} (credentials in {})",
+        a.username,
+        path.display()
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// jobs run
+
+/// Reads a tree file as JSON (or TOML for `.toml`). It is sent as written: the server checks it,
+/// so its messages name the problem.
+fn read_tree_file(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let is_toml = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("toml"));
+    let v: Value = if is_toml {
+        let t: toml::Value = toml::from_str(&text)
+            .map_err(|e| anyhow!("{} is not valid TOML: {e}", path.display()))?;
+        serde_json::to_value(t)?
+    } else {
+        serde_json::from_str(&text)
+            .map_err(|e| anyhow!("{} is not valid JSON: {e}", path.display()))?
+    };
+    if !v.is_object() {
+        bail!(
+            "{}: a job tree is an object (a table in TOML) with at least a name",
+            path.display()
+        );
+    }
+    Ok(v)
+}
+
+/// Quotes a word for a shell only when it needs it (for display).
+fn shell_word(w: &str) -> String {
+    if !w.is_empty()
+        && w.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b))
+    {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', "'\\''"))
+    }
+}
+
+/// A job name from a command line: the command, cut to the 200 characters a name may have.
+fn name_from(cmd: &[String]) -> String {
+    let line = cmd
+        .iter()
+        .map(|w| shell_word(w))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let clean: String = line
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let mut name: String = clean.trim().chars().take(200).collect();
+    if name.is_empty() {
+        name = "job".into();
+    }
+    name
+}
+
+fn build_spec(a: &RunArgs) -> Result<Value> {
+    let mut spec = match &a.file {
+        Some(p) => read_tree_file(p)?,
+        None => {
+            if a.cmd.is_empty() {
+                bail!("nothing to run: give a command after `--` (e.g. `muster jobs run -- echo hi`), or a tree with --file");
+            }
+            let mut s = json!({"name": a.name.clone().unwrap_or_else(|| name_from(&a.cmd))});
+            if a.shell {
+                s["shell"] = json!(a.cmd.join(" "));
+            } else {
+                s["exec"] = json!(a.cmd);
+            }
+            if let Some(n) = &a.node {
+                s["node"] = json!(n);
+            }
+            if let Some(t) = a.timeout {
+                s["timeout_s"] = json!(t);
+            }
+            if let Some(r) = a.retries {
+                s["retries"] = json!(r);
+            }
+            s
+        }
+    };
+    if let Some(n) = &a.name {
+        spec["name"] = json!(n);
+    }
+    let tags = [
+        ("workspace", &a.workspace),
+        ("application", &a.application),
+        ("version", &a.version),
+        ("instance", &a.instance),
+    ];
+    if tags.iter().any(|(_, v)| v.is_some()) {
+        if !spec.get("tags").is_some_and(Value::is_object) {
+            spec["tags"] = json!({});
+        }
+        for (k, v) in tags {
+            if let Some(v) = v {
+                spec["tags"][k] = json!(v);
+            }
+        }
+    }
+    Ok(spec)
+}
+
+fn jobs_run(a: RunArgs) -> Result<()> {
+    let spec = build_spec(&a)?;
+    let client = authed_client(&a.server)?;
+    let mut headers = Vec::new();
+    if let Some(k) = &a.idempotency_key {
+        headers.push(("Idempotency-Key", k.clone()));
+    }
+    let (status, v) = client.post_json("/api/v1/jobs", &spec, &headers)?;
+    let id = v["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the server gave no tree id"))?
+        .to_string();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if a.follow {
+        eprintln!(
+            "tree {id}{}",
+            if status == 200 {
+                " (already submitted with this idempotency key)"
+            } else {
+                ""
+            }
+        );
+    } else {
+        if status == 200 {
+            eprintln!("muster: this idempotency key was used before; here is the tree it made");
+        }
+        println!("{id}");
+    }
+    if !a.follow {
+        return Ok(());
+    }
+    let jobs = v["jobs"].as_array().map(Vec::len).unwrap_or(0);
+    let state = if jobs == 1 {
+        follow_log(&client, &id)?;
+        wait_tree(&client, &id)?
+    } else {
+        follow_tree(&client, &id)?
+    };
+    finish(&id, &state)
+}
+
+/// The end of a followed tree: fine if it succeeded, else an error (exit code 1).
+fn finish(id: &str, state: &str) -> Result<()> {
+    if state == "succeeded" {
+        Ok(())
+    } else {
+        bail!("tree {id} ended {state}")
+    }
+}
+
+/// Polls until the tree of `id` has ended; gives its state.
+fn wait_tree(client: &Client, id: &str) -> Result<String> {
+    loop {
+        let t = client.get_json(&format!("/api/v1/jobs/{}/tree", seg(id)), &[])?;
+        let s = t["tree_state"].as_str().unwrap_or("running").to_string();
+        if s != "running" {
+            return Ok(s);
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// jobs ls, show
+
+fn jobs_ls(a: LsArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let mut q: Vec<(&str, String)> = Vec::new();
+    for (k, v) in [
+        ("workspace", &a.workspace),
+        ("application", &a.application),
+        ("version", &a.version),
+        ("instance", &a.instance),
+        ("node", &a.node),
+        ("state", &a.state),
+        ("cursor", &a.cursor),
+    ] {
+        if let Some(v) = v {
+            q.push((k, v.clone()));
+        }
+    }
+    if let Some(l) = a.limit {
+        q.push(("limit", l.to_string()));
+    }
+    let v = client.get_json("/api/v1/jobs", &q)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let mut rows = vec![["ID", "STATE", "NAME", "WORKSPACE", "JOBS", "CREATED"]
+        .map(String::from)
+        .to_vec()];
+    for t in v["items"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let name = text(&t["name"]);
+        let name = if name.chars().count() > 40 {
+            format!("{}…", name.chars().take(39).collect::<String>())
+        } else {
+            name
+        };
+        rows.push(vec![
+            text(&t["id"]),
+            text(&t["state"]),
+            name,
+            text(&t["tags"]["workspace"]),
+            text(&t["jobs"]),
+            short_time(&t["created_at"]),
+        ]);
+    }
+    print_table(&rows);
+    if let Some(c) = v["next_cursor"].as_str() {
+        eprintln!("more: muster jobs ls --cursor {c}");
+    }
+    Ok(())
+}
+
+/// A JSON value as plain text: strings unquoted, null as "-".
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `2026-11-23T16:39:21.123Z` → `2026-11-23 16:39:21`.
+fn short_time(v: &Value) -> String {
+    match v.as_str() {
+        Some(s) if s.len() >= 19 => s[..19].replacen('T', " ", 1),
+        _ => text(v),
+    }
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map(|c| c.chars().count()).unwrap_or(0))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(c);
+            } else {
+                line.push_str(c);
+                line.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    print!("{out}");
+}
+
+/// What a job runs, for people.
+fn what(job: &Value) -> String {
+    if let Some(argv) = job["exec"].as_array() {
+        let words: Vec<String> = argv.iter().map(|w| shell_word(&text(w))).collect();
+        format!("exec: {}", words.join(" "))
+    } else if let Some(s) = job["shell"].as_str() {
+        format!("shell: {s}")
+    } else if job["noop"].as_bool() == Some(true) {
+        "noop".into()
+    } else {
+        "group (waits for its children)".into()
+    }
+}
+
+fn jobs_show(a: ShowArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let j = client.get_json(&format!("/api/v1/jobs/{}", seg(&a.id)), &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    let mut rows: Vec<(&str, String)> = vec![
+        ("id", text(&j["id"])),
+        ("name", text(&j["name"])),
+        ("key", text(&j["key"])),
+        ("state", text(&j["state"])),
+        ("tree", text(&j["tree"])),
+    ];
+    if !j["parent"].is_null() {
+        rows.push(("parent", text(&j["parent"])));
+    }
+    rows.push(("runs", what(&j)));
+    rows.push(("node", text(&j["node"])));
+    let retries = j["retries"].as_u64().unwrap_or(0);
+    rows.push((
+        "attempt",
+        if retries > 0 {
+            format!("{} (retries: {retries})", text(&j["attempt"]))
+        } else {
+            text(&j["attempt"])
+        },
+    ));
+    if !j["timeout_s"].is_null() {
+        rows.push(("timeout", format!("{} s", text(&j["timeout_s"]))));
+    }
+    rows.push(("created", text(&j["created_at"])));
+    rows.push(("started", text(&j["started_at"])));
+    rows.push(("finished", text(&j["finished_at"])));
+    if !j["retry_at"].is_null() {
+        rows.push(("retry at", text(&j["retry_at"])));
+    }
+    if !j["exit_code"].is_null() {
+        rows.push(("exit code", text(&j["exit_code"])));
+    }
+    if !j["error"].is_null() {
+        rows.push(("error", text(&j["error"])));
+    }
+    if let Some(c) = j["children"].as_array().filter(|c| !c.is_empty()) {
+        rows.push(("children", c.len().to_string()));
+    }
+    if let Some(n) = j["needs"].as_array().filter(|n| !n.is_empty()) {
+        rows.push(("needs", n.iter().map(text).collect::<Vec<_>>().join(", ")));
+    }
+    if let Some(t) = j["tags"].as_object() {
+        let tags: Vec<String> = t
+            .iter()
+            .filter(|(_, v)| !v.is_null() && v.as_object().is_none_or(|m| !m.is_empty()))
+            .map(|(k, v)| {
+                if k == "labels" {
+                    format!("labels={v}")
+                } else {
+                    format!("{k}={}", text(v))
+                }
+            })
+            .collect();
+        rows.push(("tags", tags.join(" ")));
+    }
+    if let Some(r) = j.get("result").filter(|r| !r.is_null()) {
+        rows.push(("result", r.to_string()));
+    }
+    let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in rows {
+        println!("{k:<w$}  {v}", k = format!("{k}:"), w = w + 1);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// jobs tree
+
+/// One line of a drawn job: key, state, and the name when it says more than the key.
+fn job_line(j: &Value) -> String {
+    let key = text(&j["key"]);
+    let name = text(&j["name"]);
+    let mut s = format!("{key} [{}]", text(&j["state"]));
+    if name != key && !name.is_empty() {
+        s.push_str(&format!(" {name}"));
+    }
+    if let Some(c) = j["exit_code"].as_i64().filter(|c| *c != 0) {
+        s.push_str(&format!(" (exit {c})"));
+    }
+    if let Some(e) = j["error"].as_str() {
+        s.push_str(&format!(" — {e}"));
+    }
+    s
+}
+
+/// Draws a nested tree (from `GET /jobs/{id}/tree`), without recursion: trees may be deep.
+fn render_tree(root: &Value) -> String {
+    let mut out = format!("tree {} {}", text(&root["tree"]), text(&root["tree_state"]));
+    if let Some(f) = root["on_failure"].as_str() {
+        out.push_str(&format!(" (on failure: {f})"));
+    }
+    out.push('\n');
+    out.push_str(&job_line(root));
+    out.push('\n');
+    // (job, the prefix of its line, whether it is the last of its siblings)
+    let mut stack: Vec<(&Value, String, bool)> = Vec::new();
+    let kids = root["children"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for (i, k) in kids.iter().enumerate().rev() {
+        stack.push((k, String::new(), i + 1 == kids.len()));
+    }
+    while let Some((j, prefix, last)) = stack.pop() {
+        out.push_str(&prefix);
+        out.push_str(if last { "└─ " } else { "├─ " });
+        out.push_str(&job_line(j));
+        out.push('\n');
+        let child_prefix = format!("{prefix}{}", if last { "   " } else { "│  " });
+        let kids = j["children"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for (i, k) in kids.iter().enumerate().rev() {
+            stack.push((k, child_prefix.clone(), i + 1 == kids.len()));
+        }
+    }
+    out
+}
+
+fn jobs_tree(a: TreeArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    if a.follow {
+        let state = follow_tree(&client, &a.id)?;
+        return finish(&a.id, &state);
+    }
+    let t = client.get_json(&format!("/api/v1/jobs/{}/tree", seg(&a.id)), &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&t)?);
+    } else {
+        print!("{}", render_tree(&t));
+    }
+    Ok(())
+}
+
+/// Redraws the tree until it ends (on a terminal: in place; else a new snapshot per change).
+/// Gives the tree's final state.
+fn follow_tree(client: &Client, id: &str) -> Result<String> {
+    let tty = std::io::stdout().is_terminal();
+    let mut last = String::new();
+    loop {
+        let t = client.get_json(&format!("/api/v1/jobs/{}/tree", seg(id)), &[])?;
+        let drawn = render_tree(&t);
+        if drawn != last {
+            let mut out = std::io::stdout().lock();
+            if tty {
+                write!(out, "\x1b[H\x1b[2J{drawn}")?;
+            } else {
+                if !last.is_empty() {
+                    writeln!(out)?;
+                }
+                write!(out, "{drawn}")?;
+            }
+            out.flush()?;
+            last = drawn;
+        }
+        let state = t["tree_state"].as_str().unwrap_or("running");
+        if state != "running" {
+            return Ok(state.to_string());
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// jobs logs, abort
+
+/// Copies a body to stdout as it arrives.
+fn stream_to_stdout(resp: Resp) -> Result<()> {
+    let mut reader = resp.into_body().into_reader();
+    let mut buf = vec![0u8; 16 * 1024];
+    let stdout = std::io::stdout();
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => bail!("the log stream broke: {e}"),
+        };
+        let mut out = stdout.lock();
+        if let Err(e) = out.write_all(&buf[..n]).and_then(|_| out.flush()) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(());
+            }
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
+fn log_path(id: &str) -> String {
+    format!("/api/v1/jobs/{}/log", seg(id))
+}
+
+/// Follows a job's log until the job ends, attempt after attempt when it is retried.
+fn follow_log(client: &Client, id: &str) -> Result<()> {
+    let job_path = format!("/api/v1/jobs/{}", seg(id));
+    let mut attempt = client.get_json(&job_path, &[])?["attempt"]
+        .as_u64()
+        .unwrap_or(1)
+        .max(1);
+    loop {
+        let q = [
+            ("follow", "true".to_string()),
+            ("attempt", attempt.to_string()),
+        ];
+        let resp = client.get(&log_path(id), &q)?;
+        if !resp.status().is_success() {
+            return Err(http_error(resp));
+        }
+        stream_to_stdout(resp)?;
+        // The stream ends with the attempt; wait for the job to end or start another attempt.
+        loop {
+            let j = client.get_json(&job_path, &[])?;
+            if matches!(
+                j["state"].as_str(),
+                Some("succeeded" | "failed" | "aborted")
+            ) {
+                return Ok(());
+            }
+            let now = j["attempt"].as_u64().unwrap_or(attempt);
+            if now > attempt {
+                eprintln!("muster: attempt {now} of job {id}");
+                attempt = now;
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+fn jobs_logs(a: LogsArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    if a.follow && a.attempt.is_none() {
+        return follow_log(&client, &a.id);
+    }
+    let mut q = Vec::new();
+    if let Some(n) = a.attempt {
+        q.push(("attempt", n.to_string()));
+    }
+    if a.follow {
+        q.push(("follow", "true".to_string()));
+    }
+    let resp = client.get(&log_path(&a.id), &q)?;
+    if !resp.status().is_success() {
+        return Err(http_error(resp));
+    }
+    stream_to_stdout(resp)
+}
+
+fn jobs_abort(a: AbortArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let resp = client.post(
+        &format!("/api/v1/jobs/{}/abort", seg(&a.id)),
+        &json!({}),
+        &[],
+    )?;
+    if resp.status().as_u16() == 409 {
+        return Err(anyhow!("cannot abort: {}", http_error(resp)));
+    }
+    let v = json_body(resp)?;
+    println!(
+        "aborting tree {} (job {})",
+        text(&v["tree"]),
+        text(&v["id"])
+    );
+    Ok(())
 }

@@ -94,7 +94,9 @@ fn main() {
         Cmd::Supervise { dir } => std::process::exit(agent::supervisor::main(dir)),
         Cmd::Up(a) => serve(a, true),
         Cmd::Server(a) => serve(a, false),
-        Cmd::Config { cmd: ConfigCmd::Show(a) } => load_config(&a).map(|c| print!("{}", c.to_toml())),
+        Cmd::Config {
+            cmd: ConfigCmd::Show(a),
+        } => load_config(&a).map(|c| print!("{}", c.to_toml())),
         Cmd::Client(c) => cli::run(c),
     };
     if let Err(e) = res {
@@ -106,7 +108,8 @@ fn main() {
 fn serve(a: ServeArgs, embedded_agent: bool) -> Result<()> {
     let t0 = Instant::now();
     let config = load_config(&a)?;
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("cannot make the data dir {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot make the data dir {}", config.data_dir.display()))?;
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if config.server.workers > 0 {
         rt.worker_threads(config.server.workers);
@@ -115,13 +118,27 @@ fn serve(a: ServeArgs, embedded_agent: bool) -> Result<()> {
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&config.server.listen)
             .await
-            .with_context(|| format!("cannot listen on {} (set --listen or server.listen)", config.server.listen))?;
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (set --listen or server.listen)",
+                    config.server.listen
+                )
+            })?;
         let addr = listener.local_addr()?;
-        let url = if config.server.advertise_url.is_empty() { format!("http://{addr}") } else { config.server.advertise_url.clone() };
+        let url = if config.server.advertise_url.is_empty() {
+            format!("http://{addr}")
+        } else {
+            config.server.advertise_url.clone()
+        };
         let data_dir = config.data_dir.clone();
         let agent_slots = config.agent.slots;
         let agent_labels = config.agent.labels.clone();
-        let agent_name = if config.agent.name.is_empty() { hostname() } else { config.agent.name.clone() };
+        let retention = config.jobs.retention;
+        let agent_name = if config.agent.name.is_empty() {
+            hostname()
+        } else {
+            config.agent.name.clone()
+        };
         let (app, manager) = App::start(config, url.clone()).map_err(anyhow::Error::msg)?;
         let setup = setup_code(&app)?;
 
@@ -140,6 +157,7 @@ fn serve(a: ServeArgs, embedded_agent: bool) -> Result<()> {
                 labels: agent_labels,
                 exe: std::env::current_exe().context("cannot find the muster binary")?,
                 heartbeat: Duration::from_secs(2),
+                retention,
             };
             let mut rx = stop_rx.clone();
             let link = app.local_link();
@@ -149,10 +167,19 @@ fn serve(a: ServeArgs, embedded_agent: bool) -> Result<()> {
         } else {
             None
         };
-        println!("muster is up at {url}/ (started in {} ms)", t0.elapsed().as_millis());
+        println!(
+            "muster is up at {url}/ (started in {} ms)",
+            t0.elapsed().as_millis()
+        );
         if let Some(path) = setup {
-            println!("first start: open {url}/ and create the admin with the one-time code in {}", path.display());
-            println!("  or: muster setup --server {url} --code-file {} --username admin", path.display());
+            println!(
+                "first start: open {url}/ and create the admin with the one-time code in {}",
+                path.display()
+            );
+            println!(
+                "  or: muster setup --server {url} --code-file {} --username admin",
+                path.display()
+            );
         }
         use std::io::Write;
         let _ = std::io::stdout().flush();
@@ -175,19 +202,34 @@ fn setup_code(app: &Arc<App>) -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     let code = auth::random_hex(12);
-    app.store.set_meta("setup_code_hash", Some(&auth::sha256_hex(&code)))?;
+    app.store
+        .set_meta("setup_code_hash", Some(&auth::sha256_hex(&code)))?;
     let path = app.config.data_dir.join("setup-code");
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::remove_file(&path);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
     writeln!(f, "{code}")?;
     Ok(Some(path))
 }
 
 fn hostname() -> String {
     let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let name: String = raw.trim().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' }).collect();
+    let name: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
     if muster_core::names::check_name("node", &name).is_ok() {
         name
     } else {
@@ -203,4 +245,3 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
-

@@ -45,6 +45,7 @@ fn random_spec(rng: &mut Rng) -> JobSpec {
         })
         .collect();
     // needs only point to later jobs in pre-order that are not ancestors: always acyclic.
+    #[allow(clippy::needless_range_loop)]
     for i in 0..n {
         if rng.chance(25) {
             let j = rng.below(n);
@@ -146,23 +147,20 @@ fn simulate(seed: u64) {
                 } else {
                     run.start(i, "n1", now)
                 };
-                match res {
-                    Ok(fx) => {
-                        assert!(
-                            deps_ok,
-                            "seed {seed}: job {i} started before its deps succeeded"
-                        );
-                        assert!(
-                            !failed_for_good || run.tree.on_failure == OnFailure::Continue,
-                            "seed {seed}: start after failure"
-                        );
-                        assert!(
-                            !run.tree.user_aborted,
-                            "seed {seed}: start after user abort"
-                        );
-                        absorb(fx, &mut ready, &mut retries, &mut kills);
-                    }
-                    Err(_) => {}
+                if let Ok(fx) = res {
+                    assert!(
+                        deps_ok,
+                        "seed {seed}: job {i} started before its deps succeeded"
+                    );
+                    assert!(
+                        !failed_for_good || run.tree.on_failure == OnFailure::Continue,
+                        "seed {seed}: start after failure"
+                    );
+                    assert!(
+                        !run.tree.user_aborted,
+                        "seed {seed}: start after user abort"
+                    );
+                    absorb(fx, &mut ready, &mut retries, &mut kills);
                 }
             }
             // Finish a running job.
@@ -400,7 +398,9 @@ fn backoff_grows_and_caps() {
 
 #[test]
 fn a_rejected_job_fails_without_retry_and_halts() {
-    let mut run = tree_of(r#"{"name":"r","children":[{"name":"a","noop":true,"retries":3},{"name":"b","noop":true}]}"#);
+    let mut run = tree_of(
+        r#"{"name":"r","children":[{"name":"a","noop":true,"retries":3},{"name":"b","noop":true}]}"#,
+    );
     run.start(2, "n", Ts(1)).unwrap();
     let fx = run.reject(1, "no node matches".into(), Ts(2));
     assert!(fx.contains(&Effect::Kill(2)));

@@ -22,8 +22,16 @@ use tokio::task::JoinHandle;
 
 /// A way to reach a server: each call makes one connection.
 pub type Link = Arc<
-    dyn Fn() -> Pin<Box<dyn Future<Output = std::io::Result<(UnboundedSender<FromAgent>, UnboundedReceiver<ToAgent>)>> + Send>>
-        + Send
+    dyn Fn() -> Pin<
+            Box<
+                dyn Future<
+                        Output = std::io::Result<(
+                            UnboundedSender<FromAgent>,
+                            UnboundedReceiver<ToAgent>,
+                        )>,
+                    > + Send,
+            >,
+        > + Send
         + Sync,
 >;
 
@@ -38,11 +46,17 @@ pub struct AgentOptions {
     /// The muster binary, started as `muster supervise DIR` for every attempt.
     pub exe: PathBuf,
     pub heartbeat: Duration,
+    /// How long the directories of acknowledged attempts (their logs) are kept.
+    pub retention: Duration,
 }
 
 enum Internal {
     /// An attempt ended (its `exit.json` is written).
-    Ended { job: Uuid, attempt: u32, outcome: ExitReport },
+    Ended {
+        job: Uuid,
+        attempt: u32,
+        outcome: ExitReport,
+    },
 }
 
 struct Agent {
@@ -64,10 +78,16 @@ fn attempt_dir(dir: &Path, job: Uuid, attempt: u32) -> PathBuf {
 }
 
 /// Runs the agent until `shutdown` resolves. Running jobs are left to their supervisors.
-pub async fn run(opts: AgentOptions, link: Link, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+pub async fn run(
+    opts: AgentOptions,
+    link: Link,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(opts.dir.join("jobs"))?;
     let (internal_tx, mut internal_rx) = unbounded_channel();
-    let node_id = std::fs::read_to_string(opts.dir.join("node-id")).ok().map(|s| s.trim().to_string());
+    let node_id = std::fs::read_to_string(opts.dir.join("node-id"))
+        .ok()
+        .map(|s| s.trim().to_string());
     let mut agent = Agent {
         opts,
         node_id,
@@ -79,6 +99,19 @@ pub async fn run(opts: AgentOptions, link: Link, shutdown: impl Future<Output = 
         streams: HashMap::new(),
     };
     agent.adopt().await?;
+    let sweep_dir = agent.opts.dir.clone();
+    let retention = agent.opts.retention;
+    let sweeper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(
+            retention.clamp(Duration::from_secs(1), Duration::from_secs(3600)),
+        );
+        loop {
+            tick.tick().await;
+            let dir = sweep_dir.clone();
+            let _ = tokio::task::spawn_blocking(move || sweep(&dir, retention)).await;
+        }
+    });
+    let _sweeper = AbortOnDrop(sweeper);
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -132,8 +165,13 @@ pub async fn run(opts: AgentOptions, link: Link, shutdown: impl Future<Output = 
             if !pending.is_empty() {
                 let seq = agent.next_seq;
                 agent.next_seq += 1;
-                agent.in_flight.insert(seq, std::mem::take(&mut pending_exec));
-                let _ = tx.send(FromAgent::Report { seq, reports: std::mem::take(&mut pending) });
+                agent
+                    .in_flight
+                    .insert(seq, std::mem::take(&mut pending_exec));
+                let _ = tx.send(FromAgent::Report {
+                    seq,
+                    reports: std::mem::take(&mut pending),
+                });
             }
         }
         for (_, h) in agent.streams.drain() {
@@ -152,8 +190,12 @@ impl Agent {
         for e in std::fs::read_dir(&jobs)? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some((job, attempt)) = name.split_once('.') else { continue };
-            let (Ok(job), Ok(attempt)) = (job.parse::<Uuid>(), attempt.parse::<u32>()) else { continue };
+            let Some((job, attempt)) = name.split_once('.') else {
+                continue;
+            };
+            let (Ok(job), Ok(attempt)) = (job.parse::<Uuid>(), attempt.parse::<u32>()) else {
+                continue;
+            };
             if e.path().join("acked").exists() {
                 continue;
             }
@@ -188,10 +230,18 @@ impl Agent {
     }
 
     fn hello(&mut self, tx: &UnboundedSender<FromAgent>) {
-        let mut known: Vec<Known> = self.running.keys().map(|&(job, attempt)| Known::Running { job, attempt }).collect();
+        let mut known: Vec<Known> = self
+            .running
+            .keys()
+            .map(|&(job, attempt)| Known::Running { job, attempt })
+            .collect();
         let mut exec = Vec::new();
         for (&(job, attempt), outcome) in &self.ended {
-            known.push(Known::Exited { job, attempt, outcome: outcome.clone() });
+            known.push(Known::Exited {
+                job,
+                attempt,
+                outcome: outcome.clone(),
+            });
             exec.push((job, attempt));
         }
         let seq = self.next_seq;
@@ -211,12 +261,21 @@ impl Agent {
         for &(job, attempt) in self.ended.keys() {
             let dir = attempt_dir(&self.opts.dir, job, attempt);
             if let Ok(data) = std::fs::read(dir.join("log")) {
-                let _ = tx.send(FromAgent::LogUpload { job, attempt, data: String::from_utf8_lossy(&data).into_owned() });
+                let _ = tx.send(FromAgent::LogUpload {
+                    job,
+                    attempt,
+                    data: String::from_utf8_lossy(&data).into_owned(),
+                });
             }
         }
     }
 
-    fn on_message(&mut self, msg: ToAgent, tx: &UnboundedSender<FromAgent>, pending: &mut Vec<Report>) {
+    fn on_message(
+        &mut self,
+        msg: ToAgent,
+        tx: &UnboundedSender<FromAgent>,
+        pending: &mut Vec<Report>,
+    ) {
         match msg {
             ToAgent::Welcome { node_id, .. } => {
                 if self.node_id.as_deref() != Some(node_id.as_str()) {
@@ -231,8 +290,10 @@ impl Agent {
             }
             ToAgent::Kill { job, attempt } => {
                 if self.running.contains_key(&(job, attempt)) {
-                    // The supervisor leads its session: its pid is in started.json.
+                    // First the `kill` file (for a supervisor that has not started the command
+                    // yet), then SIGTERM to the supervisor, whose pid is in started.json.
                     let dir = attempt_dir(&self.opts.dir, job, attempt);
+                    let _ = std::fs::write(dir.join("kill"), b"");
                     if let Some(sid) = read_started(&dir) {
                         // SAFETY: SIGTERM to the supervisor, which forwards it to the job's group.
                         unsafe { libc::kill(sid, libc::SIGTERM) };
@@ -244,11 +305,20 @@ impl Agent {
                 for k in done {
                     for (job, attempt) in self.in_flight.remove(&k).unwrap_or_default() {
                         self.ended.remove(&(job, attempt));
-                        let _ = std::fs::write(attempt_dir(&self.opts.dir, job, attempt).join("acked"), b"");
+                        let _ = std::fs::write(
+                            attempt_dir(&self.opts.dir, job, attempt).join("acked"),
+                            b"",
+                        );
                     }
                 }
             }
-            ToAgent::FollowLog { stream, job, attempt, from, follow } => {
+            ToAgent::FollowLog {
+                stream,
+                job,
+                attempt,
+                from,
+                follow,
+            } => {
                 let dir = attempt_dir(&self.opts.dir, job, attempt);
                 let tx = tx.clone();
                 let h = tokio::spawn(stream_log(dir, stream, from, follow, tx));
@@ -269,7 +339,11 @@ impl Agent {
             return;
         }
         if let Some(outcome) = self.ended.get(&key) {
-            pending.push(Report::Exited { job: a.job, attempt: a.attempt, outcome: outcome.clone() });
+            pending.push(Report::Exited {
+                job: a.job,
+                attempt: a.attempt,
+                outcome: outcome.clone(),
+            });
             return;
         }
         match a.run {
@@ -278,7 +352,12 @@ impl Agent {
                 pending.push(Report::Exited {
                     job: a.job,
                     attempt: a.attempt,
-                    outcome: ExitReport { exit_code: Some(0), error: None, result: None, at: crate::manager::now() },
+                    outcome: ExitReport {
+                        exit_code: Some(0),
+                        error: None,
+                        result: None,
+                        at: crate::manager::now(),
+                    },
                 });
             }
             Run::Exec(_) | Run::Shell(_) => {
@@ -292,16 +371,33 @@ impl Agent {
                         pending.push(Report::Exited {
                             job: a.job,
                             attempt: a.attempt,
-                            outcome: ExitReport { exit_code: None, error: Some(format!("agent cannot make the job directory: {e}")), result: None, at: crate::manager::now() },
+                            outcome: ExitReport {
+                                exit_code: None,
+                                error: Some(format!("agent cannot make the job directory: {e}")),
+                                result: None,
+                                at: crate::manager::now(),
+                            },
                         });
                         return;
                     }
                 }
                 let spec = serde_json::to_vec(&a).expect("an assignment serializes");
                 if let Err(e) = std::fs::write(dir.join("spec.json"), spec) {
-                    let outcome = ExitReport { exit_code: None, error: Some(format!("agent cannot write the job spec: {e}")), result: None, at: crate::manager::now() };
-                    let _ = supervisor::write_durable(&dir.join("exit.json"), &serde_json::to_vec(&outcome).unwrap_or_default());
-                    pending.push(Report::Exited { job: a.job, attempt: a.attempt, outcome });
+                    let outcome = ExitReport {
+                        exit_code: None,
+                        error: Some(format!("agent cannot write the job spec: {e}")),
+                        result: None,
+                        at: crate::manager::now(),
+                    };
+                    let _ = supervisor::write_durable(
+                        &dir.join("exit.json"),
+                        &serde_json::to_vec(&outcome).unwrap_or_default(),
+                    );
+                    pending.push(Report::Exited {
+                        job: a.job,
+                        attempt: a.attempt,
+                        outcome,
+                    });
                     return;
                 }
                 self.spawn_supervisor(a.job, a.attempt, dir);
@@ -312,7 +408,9 @@ impl Agent {
     fn spawn_supervisor(&mut self, job: Uuid, attempt: u32, dir: PathBuf) {
         let mut cmd = tokio::process::Command::new(&self.opts.exe);
         cmd.arg("supervise").arg(&dir);
-        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::inherit());
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit());
         cmd.kill_on_drop(false);
         // SAFETY: setsid is async-signal-safe: the supervisor leads a new session, so it outlives
         // the agent and every process of the job shares its session id.
@@ -334,14 +432,30 @@ impl Agent {
                         Some(o) => o,
                         None => settle_lost_supervisor(&dir),
                     };
-                    let _ = tx.send(Internal::Ended { job, attempt, outcome });
+                    let _ = tx.send(Internal::Ended {
+                        job,
+                        attempt,
+                        outcome,
+                    });
                 });
             }
             Err(e) => {
-                let outcome = ExitReport { exit_code: None, error: Some(format!("cannot start the supervisor: {e}")), result: None, at: crate::manager::now() };
-                let _ = supervisor::write_durable(&dir.join("exit.json"), &serde_json::to_vec(&outcome).unwrap_or_default());
+                let outcome = ExitReport {
+                    exit_code: None,
+                    error: Some(format!("cannot start the supervisor: {e}")),
+                    result: None,
+                    at: crate::manager::now(),
+                };
+                let _ = supervisor::write_durable(
+                    &dir.join("exit.json"),
+                    &serde_json::to_vec(&outcome).unwrap_or_default(),
+                );
                 self.running.insert((job, attempt), None);
-                let _ = tx.send(Internal::Ended { job, attempt, outcome });
+                let _ = tx.send(Internal::Ended {
+                    job,
+                    attempt,
+                    outcome,
+                });
             }
         }
     }
@@ -352,9 +466,18 @@ impl Agent {
         tokio::task::spawn_blocking(move || {
             let outcome = match supervisor::lock(&dir, true) {
                 Ok(_lock) => read_exit(&dir).unwrap_or_else(|| settle_lost_supervisor(&dir)),
-                Err(e) => ExitReport { exit_code: None, error: Some(format!("cannot watch the supervisor: {e}")), result: None, at: crate::manager::now() },
+                Err(e) => ExitReport {
+                    exit_code: None,
+                    error: Some(format!("cannot watch the supervisor: {e}")),
+                    result: None,
+                    at: crate::manager::now(),
+                },
             };
-            let _ = tx.send(Internal::Ended { job, attempt, outcome });
+            let _ = tx.send(Internal::Ended {
+                job,
+                attempt,
+                outcome,
+            });
         });
     }
 
@@ -370,11 +493,47 @@ impl Agent {
         self.running.remove(&(job, attempt));
         let dir = attempt_dir(&self.opts.dir, job, attempt);
         let data = std::fs::read(dir.join("log")).unwrap_or_default();
-        let _ = tx.send(FromAgent::LogUpload { job, attempt, data: String::from_utf8_lossy(&data).into_owned() });
+        let _ = tx.send(FromAgent::LogUpload {
+            job,
+            attempt,
+            data: String::from_utf8_lossy(&data).into_owned(),
+        });
         self.ended.insert((job, attempt), outcome.clone());
-        pending.push(Report::Exited { job, attempt, outcome });
+        pending.push(Report::Exited {
+            job,
+            attempt,
+            outcome,
+        });
         pending_exec.push((job, attempt));
     }
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Removes the directories of acknowledged attempts older than `retention`.
+pub fn sweep(dir: &Path, retention: Duration) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir.join("jobs")) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in rd.flatten() {
+        let acked = e.path().join("acked");
+        let old = std::fs::metadata(&acked)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= retention);
+        if old && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 fn read_exit(dir: &Path) -> Option<ExitReport> {
@@ -382,7 +541,8 @@ fn read_exit(dir: &Path) -> Option<ExitReport> {
 }
 
 fn read_started(dir: &Path) -> Option<i32> {
-    let s: supervisor::Started = serde_json::from_slice(&std::fs::read(dir.join("started.json")).ok()?).ok()?;
+    let s: supervisor::Started =
+        serde_json::from_slice(&std::fs::read(dir.join("started.json")).ok()?).ok()?;
     Some(s.sid)
 }
 
@@ -392,19 +552,35 @@ fn settle_lost_supervisor(dir: &Path) -> ExitReport {
     if let Some(sid) = read_started(dir) {
         kill_session(sid);
     }
-    let outcome = ExitReport { exit_code: None, error: Some("supervisor lost".into()), result: None, at: crate::manager::now() };
-    let _ = supervisor::write_durable(&dir.join("exit.json"), &serde_json::to_vec(&outcome).unwrap_or_default());
+    let outcome = ExitReport {
+        exit_code: None,
+        error: Some("supervisor lost".into()),
+        result: None,
+        at: crate::manager::now(),
+    };
+    let _ = supervisor::write_durable(
+        &dir.join("exit.json"),
+        &serde_json::to_vec(&outcome).unwrap_or_default(),
+    );
     outcome
 }
 
 /// SIGKILLs every process whose session id is `sid` (read from /proc).
 pub fn kill_session(sid: i32) {
-    let Ok(rd) = std::fs::read_dir("/proc") else { return };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return;
+    };
     for e in rd.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         // Fields after the command name (which may hold spaces) start after the last ')'.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
         let fields: Vec<&str> = rest.split_whitespace().collect();
         // state ppid pgrp session ...
         if fields.get(3).and_then(|s| s.parse::<i32>().ok()) == Some(sid) {
@@ -416,7 +592,13 @@ pub fn kill_session(sid: i32) {
 
 /// Streams an attempt's log file from byte `from`: whole lines while it grows, the rest once the
 /// attempt has ended (or at once without `follow`).
-async fn stream_log(dir: PathBuf, stream: u64, from: u64, follow: bool, tx: UnboundedSender<FromAgent>) {
+async fn stream_log(
+    dir: PathBuf,
+    stream: u64,
+    from: u64,
+    follow: bool,
+    tx: UnboundedSender<FromAgent>,
+) {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let path = dir.join("log");
     let mut pos = from;
@@ -440,7 +622,14 @@ async fn stream_log(dir: PathBuf, stream: u64, from: u64, follow: bool, tx: Unbo
                         let rest = carry.split_off(cut + 1);
                         let data = String::from_utf8_lossy(&carry).into_owned();
                         carry = rest;
-                        if tx.send(FromAgent::LogChunk { stream, data, eof: false }).is_err() {
+                        if tx
+                            .send(FromAgent::LogChunk {
+                                stream,
+                                data,
+                                eof: false,
+                            })
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -449,7 +638,11 @@ async fn stream_log(dir: PathBuf, stream: u64, from: u64, follow: bool, tx: Unbo
         }
         if (ended || !follow) && !progressed {
             let data = String::from_utf8_lossy(&carry).into_owned();
-            let _ = tx.send(FromAgent::LogChunk { stream, data, eof: true });
+            let _ = tx.send(FromAgent::LogChunk {
+                stream,
+                data,
+                eof: true,
+            });
             return;
         }
         if !progressed {

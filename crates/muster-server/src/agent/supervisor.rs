@@ -58,9 +58,17 @@ pub fn write_durable(path: &Path, data: &[u8]) -> std::io::Result<()> {
 
 /// Takes the attempt's lock; `block` waits for it, else `Ok(None)` when another holds it.
 pub fn lock(dir: &Path, block: bool) -> std::io::Result<Option<File>> {
-    let f = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))?;
     use std::os::fd::AsRawFd;
-    let op = if block { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
+    let op = if block {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_EX | libc::LOCK_NB
+    };
     loop {
         // SAFETY: flock on a file descriptor we own.
         let rc = unsafe { libc::flock(f.as_raw_fd(), op) };
@@ -97,7 +105,11 @@ impl Log {
         let line = format!("{} {kind} {text}\n", now());
         if self.written + line.len() as u64 > self.max {
             self.capped = true;
-            let note = format!("{} sys log capped at {} bytes; the rest is dropped\n", now(), self.max);
+            let note = format!(
+                "{} sys log capped at {} bytes; the rest is dropped\n",
+                now(),
+                self.max
+            );
             let _ = self.file.write_all(note.as_bytes());
             return;
         }
@@ -127,7 +139,9 @@ fn pump(stream: impl Read, kind: &'static str, log: Arc<Mutex<Log>>) -> Option<S
             buf.pop();
         }
         let text = String::from_utf8_lossy(&buf).into_owned();
-        log.lock().unwrap_or_else(|e| e.into_inner()).line(kind, &text);
+        log.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .line(kind, &text);
         last = Some(text);
     }
 }
@@ -144,6 +158,12 @@ pub fn main(dir: PathBuf) -> i32 {
 }
 
 fn supervise(dir: &Path) -> std::io::Result<()> {
+    // SAFETY: installs an async-signal-safe handler (it only stores to an atomic). A handler, not
+    // SIG_IGN, so the child gets the default disposition back at exec.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_term as *const () as libc::sighandler_t);
+    }
     let _lock = lock(dir, true)?.expect("a blocking lock is always taken");
     if dir.join("started.json").exists() || dir.join("exit.json").exists() {
         return Ok(()); // Another supervisor ran this attempt: never twice.
@@ -151,16 +171,35 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
     let spec: Assignment = serde_json::from_slice(&std::fs::read(dir.join("spec.json"))?)?;
     // SAFETY: getpid has no preconditions.
     let sid = unsafe { libc::getpid() };
-    write_durable(&dir.join("started.json"), &serde_json::to_vec(&Started { sid, at: now() })?)?;
+    write_durable(
+        &dir.join("started.json"),
+        &serde_json::to_vec(&Started { sid, at: now() })?,
+    )?;
 
-    // SAFETY: installs an async-signal-safe handler (it only stores to an atomic). A handler, not
-    // SIG_IGN, so the child gets the default disposition back at exec.
-    unsafe {
-        libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, on_term as *const () as libc::sighandler_t);
+    let log_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("log"))?;
+    let log = Arc::new(Mutex::new(Log {
+        file: log_file,
+        written: 0,
+        max: spec.log_max,
+        capped: false,
+    }));
+    // A kill asked for before `started.json` existed left a `kill` file (the agent writes it
+    // before it looks for `started.json`; we write `started.json` before we look for it).
+    if TERM.load(Ordering::SeqCst) || dir.join("kill").exists() {
+        log.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .line("sys", "aborted before it started");
+        let report = ExitReport {
+            exit_code: None,
+            error: Some("aborted before start".into()),
+            result: None,
+            at: now(),
+        };
+        return write_durable(&dir.join("exit.json"), &serde_json::to_vec(&report)?);
     }
-    let log_file = OpenOptions::new().create(true).append(true).open(dir.join("log"))?;
-    let log = Arc::new(Mutex::new(Log { file: log_file, written: 0, max: spec.log_max, capped: false }));
 
     let mut cmd = match &spec.run {
         Run::Exec(argv) => {
@@ -174,11 +213,18 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
             c
         }
         Run::Noop | Run::Group => {
-            let report = ExitReport { exit_code: Some(0), error: None, result: None, at: now() };
+            let report = ExitReport {
+                exit_code: Some(0),
+                error: None,
+                result: None,
+                at: now(),
+            };
             return write_durable(&dir.join("exit.json"), &serde_json::to_vec(&report)?);
         }
     };
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     cmd.envs(&spec.env);
     cmd.env("MUSTER_JOB_ID", spec.job.to_string());
     cmd.env("MUSTER_TREE_ID", spec.tree.to_string());
@@ -197,13 +243,22 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
         Run::Shell(text) => format!("shell {:?}", text),
         _ => String::new(),
     };
-    log.lock().unwrap_or_else(|e| e.into_inner()).line("sys", &format!("attempt {} started: {what}", spec.attempt));
+    log.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .line("sys", &format!("attempt {} started: {what}", spec.attempt));
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             let msg = format!("cannot start: {e}");
-            log.lock().unwrap_or_else(|e| e.into_inner()).line("sys", &msg);
-            let report = ExitReport { exit_code: None, error: Some(msg), result: None, at: now() };
+            log.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .line("sys", &msg);
+            let report = ExitReport {
+                exit_code: None,
+                error: Some(msg),
+                result: None,
+                at: now(),
+            };
             return write_durable(&dir.join("exit.json"), &serde_json::to_vec(&report)?);
         }
     };
@@ -217,7 +272,9 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
         std::thread::spawn(move || pump(s, "err", log))
     });
 
-    let deadline = spec.timeout_s.map(|s| Instant::now() + Duration::from_secs(s));
+    let deadline = spec
+        .timeout_s
+        .map(|s| Instant::now() + Duration::from_secs(s));
     let grace = Duration::from_millis(spec.kill_grace_ms);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -241,14 +298,18 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
             } else {
                 "abort: SIGTERM".into()
             };
-            log.lock().unwrap_or_else(|e| e.into_inner()).line("sys", &why);
+            log.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .line("sys", &why);
             // SAFETY: signalling our child's process group.
             unsafe { libc::killpg(pgid, libc::SIGTERM) };
             term_sent = Some(Instant::now());
         }
         if let Some(t) = term_sent {
             if !killed && t.elapsed() >= grace {
-                log.lock().unwrap_or_else(|e| e.into_inner()).line("sys", "grace period over: SIGKILL");
+                log.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .line("sys", "grace period over: SIGKILL");
                 // SAFETY: as above.
                 unsafe { libc::killpg(pgid, libc::SIGKILL) };
                 killed = true;
@@ -263,8 +324,22 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
         let _ = h.join();
     }
     let (exit_code, error) = match (status.code(), status.signal()) {
-        (Some(c), _) => (Some(c), if timed_out { Some("timeout".to_string()) } else { None }),
-        (None, Some(sig)) => (None, Some(if timed_out { "timeout".to_string() } else { format!("killed by signal {sig}") })),
+        (Some(c), _) => (
+            Some(c),
+            if timed_out {
+                Some("timeout".to_string())
+            } else {
+                None
+            },
+        ),
+        (None, Some(sig)) => (
+            None,
+            Some(if timed_out {
+                "timeout".to_string()
+            } else {
+                format!("killed by signal {sig}")
+            }),
+        ),
         _ => (None, Some("ended without a status".to_string())),
     };
     let line = match (exit_code, &error) {
@@ -273,16 +348,22 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
         (None, Some(e)) => e.clone(),
         (None, None) => "exited".into(),
     };
-    log.lock().unwrap_or_else(|e| e.into_inner()).line("sys", &line);
+    log.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .line("sys", &line);
     let result = last_out
         .as_deref()
         .and_then(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
         .filter(|v| v.is_object() || v.is_array());
-    let report = ExitReport { exit_code, error, result, at: now() };
+    let report = ExitReport {
+        exit_code,
+        error,
+        result,
+        at: now(),
+    };
     {
         let l = log.lock().unwrap_or_else(|e| e.into_inner());
         let _ = l.file.sync_data();
     }
     write_durable(&dir.join("exit.json"), &serde_json::to_vec(&report)?)
 }
-

@@ -1,0 +1,258 @@
+//! Crash safety with the real binary (SPEC §4, "at most once"): `kill -9` of `muster up` in the
+//! middle of a running tree, a clean stop, and `kill -9` of a supervisor.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// `muster up` as a child process; killed on drop.
+struct Up {
+    child: Child,
+    url: String,
+}
+
+impl Up {
+    fn start(dir: &Path) -> Up {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
+            .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .env("MUSTER_JOBS__KILL_GRACE", "2s")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let url = loop {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "muster up ended before it was up"
+            );
+            if let Some(rest) = line.strip_prefix("muster is up at ") {
+                break rest.split('/').take(3).collect::<Vec<_>>().join("/");
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in out.lines() {});
+        Up { child, url }
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: SIGTERM to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let ok = wait_until(Duration::from_secs(10), || {
+            self.child.try_wait().unwrap().is_some()
+        });
+        assert!(ok, "muster up did not stop on SIGTERM");
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn call(
+    url: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let agent = http();
+    let mut req = ureq::http::Request::builder()
+        .method(method)
+        .uri(format!("{url}{path}"))
+        .header("content-type", "application/json");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let mut resp = agent
+        .run(
+            req.body(body.map(|b| b.to_string()).unwrap_or_default())
+                .unwrap(),
+        )
+        .unwrap();
+    let st = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    (st, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn setup(up: &Up, dir: &Path) -> String {
+    let code = std::fs::read_to_string(dir.join("setup-code")).unwrap();
+    let (st, body) = call(
+        &up.url,
+        None,
+        "POST",
+        "/api/v1/setup",
+        Some(
+            json!({"setup_code": code.trim(), "username": "admin", "password": "correct horse battery"}),
+        ),
+    );
+    assert_eq!(st, 201, "{body}");
+    body["token"].as_str().unwrap().to_string()
+}
+
+fn wait_tree(url: &str, token: &str, id: &str, within: Duration) -> Value {
+    let mut last = Value::Null;
+    let ok = wait_until(within, || {
+        let (st, t) = call(
+            url,
+            Some(token),
+            "GET",
+            &format!("/api/v1/jobs/{id}/tree"),
+            None,
+        );
+        last = t;
+        st == 200 && last["tree_state"] != "running"
+    });
+    assert!(ok, "tree still running: {last:#}");
+    last
+}
+
+/// A tree whose every job appends its name to `marks` once per run; some jobs outlast the kill.
+fn marked_tree(marks: &Path, gate: &Path) -> Value {
+    let m = marks.display();
+    let g = gate.display();
+    let mut children = Vec::new();
+    for i in 0..4 {
+        children.push(json!({"name": format!("slow-{i}"), "shell": format!("echo slow-{i} >> {m}; while [ ! -e {g} ]; do sleep 0.02; done; echo slow-{i}-done >> {m}")}));
+    }
+    for i in 0..3 {
+        children
+            .push(json!({"name": format!("fast-{i}"), "shell": format!("echo fast-{i} >> {m}")}));
+    }
+    json!({"name": "crashy", "shell": format!("echo root >> {m}"), "children": [
+        {"name": "mid", "shell": format!("echo mid >> {m}"), "children": children}
+    ]})
+}
+
+fn check_once(marks: &Path, expected: &[&str]) {
+    let text = std::fs::read_to_string(marks).unwrap();
+    for e in expected {
+        let n = text.lines().filter(|l| l == e).count();
+        assert_eq!(n, 1, "{e} ran {n} times: {text}");
+    }
+}
+
+fn run_through_a_stop(kill: bool) {
+    let dir = TempDir::new("crash");
+    let marks = dir.0.join("marks");
+    let gate = dir.0.join("gate");
+    let mut up = Up::start(&dir.0);
+    let token = setup(&up, &dir.0);
+    let (st, body) = call(
+        &up.url,
+        Some(&token),
+        "POST",
+        "/api/v1/jobs",
+        Some(marked_tree(&marks, &gate)),
+    );
+    assert_eq!(st, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    // Wait until the slow jobs run (their first mark is written).
+    assert!(wait_until(Duration::from_secs(20), || {
+        std::fs::read_to_string(&marks)
+            .map(|t| (0..4).all(|i| t.contains(&format!("slow-{i}\n"))))
+            .unwrap_or(false)
+    }));
+    if kill {
+        up.kill9();
+    } else {
+        up.stop();
+    }
+    // The jobs go on without the server: let them finish while it is down.
+    std::fs::write(&gate, b"").unwrap();
+    let up2 = Up::start(&dir.0);
+    let t = wait_tree(&up2.url, &token, &id, Duration::from_secs(30));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    let mut expected: Vec<String> = vec!["root".into(), "mid".into()];
+    for i in 0..4 {
+        expected.push(format!("slow-{i}"));
+        expected.push(format!("slow-{i}-done"));
+    }
+    for i in 0..3 {
+        expected.push(format!("fast-{i}"));
+    }
+    let refs: Vec<&str> = expected.iter().map(String::as_str).collect();
+    check_once(&marks, &refs);
+    fn all_first_attempt(v: &Value) {
+        assert_eq!(v["attempt"], 1, "{} restarted", v["name"]);
+        for c in v["children"].as_array().unwrap() {
+            all_first_attempt(c);
+        }
+    }
+    all_first_attempt(&t);
+}
+
+#[test]
+fn kill_9_of_muster_up_mid_tree_loses_nothing_and_runs_nothing_twice() {
+    run_through_a_stop(true);
+}
+
+#[test]
+fn a_clean_stop_leaves_jobs_to_their_supervisors() {
+    run_through_a_stop(false);
+}
+
+#[test]
+fn kill_9_of_a_supervisor_fails_the_job_and_ends_its_processes() {
+    let dir = TempDir::new("sup");
+    let up = Up::start(&dir.0);
+    let token = setup(&up, &dir.0);
+    let pidfile = dir.0.join("pid");
+    let (st, body) = call(
+        &up.url,
+        Some(&token),
+        "POST",
+        "/api/v1/jobs",
+        Some(
+            json!({"name": "victim", "shell": format!("echo $$ > {}.tmp; mv {0}.tmp {0}; exec sleep 30", pidfile.display())}),
+        ),
+    );
+    assert_eq!(st, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    assert!(wait_until(Duration::from_secs(20), || pidfile.exists()));
+    let child_pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let started: Value = serde_json::from_slice(
+        &std::fs::read(
+            dir.0
+                .join("agent/jobs")
+                .join(format!("{id}.1"))
+                .join("started.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let sid = started["sid"].as_i64().unwrap() as i32;
+    // SAFETY: SIGKILL to the supervisor this test's server started.
+    assert_eq!(unsafe { libc::kill(sid, libc::SIGKILL) }, 0);
+    let t = wait_tree(&up.url, &token, &id, Duration::from_secs(20));
+    assert_eq!(t["tree_state"], "failed");
+    assert_eq!(t["error"], "supervisor lost");
+    // The job's process went with its supervisor (a zombie until reaped counts as gone).
+    let gone = wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{child_pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+    });
+    assert!(
+        gone,
+        "the job's process {child_pid} survived its supervisor"
+    );
+}

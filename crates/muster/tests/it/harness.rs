@@ -1,0 +1,268 @@
+//! The test harness: a server in this process on 127.0.0.1:0 with a SQLite store in a fresh temp
+//! dir, an embedded agent that starts real supervisors, and a blocking HTTP client.
+
+use muster_server::agent::{self, AgentOptions};
+use muster_server::config::Config;
+use muster_server::{auth, App};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh, unique temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "muster-it-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // Jobs outlive agents by design: end whatever a test left running.
+        kill_supervisors(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills the sessions of every supervisor under `dir`.
+pub fn kill_supervisors(dir: &std::path::Path) {
+    let jobs = dir.join("agent").join("jobs");
+    if let Ok(rd) = std::fs::read_dir(jobs) {
+        for e in rd.flatten() {
+            if let Ok(s) = std::fs::read(e.path().join("started.json")) {
+                if let Ok(v) = serde_json::from_slice::<Value>(&s) {
+                    if let Some(sid) = v["sid"].as_i64() {
+                        agent::kill_session(sid as i32);
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// A running server with its embedded agent and an admin token.
+pub struct Server {
+    pub url: String,
+    pub token: String,
+    pub app: Arc<App>,
+    stop: tokio::sync::watch::Sender<bool>,
+    rt: Option<tokio::runtime::Runtime>,
+    pub dir: TempDir,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Self::start_with(|_| {})
+    }
+
+    pub fn start_with(tweak: impl FnOnce(&mut Config)) -> Server {
+        let dir = TempDir::new("srv");
+        let mut config = Config {
+            data_dir: dir.0.clone(),
+            ..Config::default()
+        };
+        config.server.listen = "127.0.0.1:0".into();
+        config.jobs.kill_grace = Duration::from_secs(2);
+        config.jobs.backoff_base = Duration::from_millis(50);
+        config.jobs.backoff_max = Duration::from_millis(200);
+        tweak(&mut config);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let (url, app) = rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let (app, _manager) = App::start(config.clone(), url.clone()).unwrap();
+            let mut rx = stop_rx.clone();
+            tokio::spawn(muster_server::run(app.clone(), listener, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }));
+            let opts = AgentOptions {
+                dir: config.data_dir.join("agent"),
+                name: "node-1".into(),
+                slots: 8,
+                labels: Default::default(),
+                exe: PathBuf::from(env!("CARGO_BIN_EXE_muster")),
+                heartbeat: Duration::from_secs(2),
+                retention: config.jobs.retention,
+            };
+            let mut rx = stop_rx.clone();
+            tokio::spawn(agent::run(opts, app.local_link(), async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }));
+            (url, app)
+        });
+        let code = "test-setup-code";
+        app.store
+            .set_meta("setup_code_hash", Some(&auth::sha256_hex(code)))
+            .unwrap();
+        let mut s = Server {
+            url,
+            token: String::new(),
+            app,
+            stop,
+            rt: Some(rt),
+            dir,
+        };
+        let (st, body) = s.call("POST", "/api/v1/setup", Some(json!({"setup_code": code, "username": "admin", "password": "correct horse battery"})));
+        assert_eq!(st, 201, "{body}");
+        s.token = body["token"].as_str().unwrap().to_string();
+        s
+    }
+
+    /// A call with the admin token; returns the status and the JSON body (Null if not JSON).
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call_as(
+            Some(&self.token),
+            method,
+            path,
+            body.map(|b| b.to_string()),
+            &[],
+        )
+    }
+
+    pub fn call_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let (st, text) = self.raw(token, method, path, body, headers);
+        (st, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub fn raw(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+        headers: &[(&str, &str)],
+    ) -> (u16, String) {
+        let url = format!("{}{}", self.url, path);
+        let agent = http();
+        let mut req = ureq::http::Request::builder().method(method).uri(&url);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let mut resp = match body {
+            Some(b) => agent.run(req.body(b).unwrap()),
+            None => agent.run(req.body(()).unwrap()),
+        }
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let st = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(u64::MAX)
+            .read_to_string()
+            .unwrap_or_default();
+        (st, text)
+    }
+
+    /// Creates a tree; returns its id and the body.
+    pub fn create(&self, tree: Value) -> (String, Value) {
+        let (st, body) = self.call("POST", "/api/v1/jobs", Some(tree));
+        assert_eq!(st, 201, "{body}");
+        (body["id"].as_str().unwrap().to_string(), body)
+    }
+
+    pub fn job(&self, id: &str) -> Value {
+        let (st, body) = self.call("GET", &format!("/api/v1/jobs/{id}"), None);
+        assert_eq!(st, 200, "{body}");
+        body
+    }
+
+    pub fn tree(&self, id: &str) -> Value {
+        let (st, body) = self.call("GET", &format!("/api/v1/jobs/{id}/tree"), None);
+        assert_eq!(st, 200, "{body}");
+        body
+    }
+
+    /// Waits until the tree is no longer running; returns the nested tree.
+    pub fn wait_tree(&self, id: &str, within: Duration) -> Value {
+        let mut last = Value::Null;
+        let ok = wait_until(within, || {
+            last = self.tree(id);
+            last["tree_state"] != "running"
+        });
+        assert!(ok, "tree {id} still running after {within:?}: {last:#}");
+        last
+    }
+
+    pub fn log(&self, id: &str) -> String {
+        let (st, text) = self.raw(
+            Some(&self.token),
+            "GET",
+            &format!("/api/v1/jobs/{id}/log"),
+            None,
+            &[],
+        );
+        assert_eq!(st, 200, "{text}");
+        text
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.app.stop();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `within` passes.
+pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The children of a nested tree by name.
+pub fn child<'a>(tree: &'a Value, name: &str) -> &'a Value {
+    tree["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no child {name} in {tree:#}"))
+}
