@@ -75,6 +75,12 @@ pub enum Cmd {
         seq: u64,
         reports: Vec<Report>,
     },
+    /// The log of an attempt is in the blob store under `blob`.
+    Log {
+        job: Uuid,
+        attempt: u32,
+        blob: String,
+    },
     Shutdown,
 }
 
@@ -180,6 +186,8 @@ struct State {
     outbox: HashMap<String, Vec<Assignment>>,
     messages: Vec<(UnboundedSender<ToAgent>, ToAgent)>,
     after_commit: Vec<Box<dyn FnOnce() + Send>>,
+    /// Writes of the batch that are not job or tree states (log records).
+    extra: Vec<Change>,
 }
 
 impl State {
@@ -201,6 +209,7 @@ impl State {
             outbox: HashMap::new(),
             messages: Vec::new(),
             after_commit: Vec::new(),
+            extra: Vec::new(),
         }
     }
 
@@ -351,6 +360,7 @@ impl State {
                 }
                 self.ack(session, seq);
             }
+            Cmd::Log { job, attempt, blob } => self.extra.push(Change::Log { job, attempt, blob }),
             Cmd::Shutdown => return true,
         }
         false
@@ -716,6 +726,7 @@ impl State {
             changes.push(Change::Job { job, expect });
         }
         self.dirty_set.clear();
+        changes.append(&mut self.extra);
         let mut finished = Vec::new();
         for tid in self.dirty_trees.drain() {
             let Some(entry) = self.trees.get(&tid) else {

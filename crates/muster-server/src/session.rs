@@ -4,7 +4,7 @@
 use crate::manager::{now, Cmd};
 use crate::protocol::{FromAgent, ToAgent};
 use crate::App;
-use muster_store::{Change, Node};
+use muster_store::Node;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -75,22 +75,19 @@ pub async fn serve(
                 }
             }
             FromAgent::LogUpload { job, attempt, data } => {
-                let app2 = app.clone();
-                let res = tokio::task::spawn_blocking(move || -> Result<(), String> {
-                    let blob = app2.blobs.put(data.as_bytes()).map_err(|e| e.to_string())?;
-                    app2.store
-                        .apply(&[Change::Log { job, attempt, blob }])
-                        .map_err(|e| e.to_string())?;
-                    Ok(())
-                })
-                .await;
-                let err = match res {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e),
-                    Err(e) => Some(e.to_string()),
-                };
-                if let Some(e) = err {
-                    eprintln!("muster: cannot store the log of {job} attempt {attempt}: {e}");
+                // The blob is written before the job's `Exited` report is read from this
+                // connection; its record joins the manager's next commit.
+                let blobs = app.blobs.clone();
+                match tokio::task::spawn_blocking(move || blobs.put(data.as_bytes())).await {
+                    Ok(Ok(blob)) => {
+                        app.manager.send(Cmd::Log { job, attempt, blob });
+                    }
+                    Ok(Err(e)) => {
+                        eprintln!("muster: cannot store the log of {job} attempt {attempt}: {e}")
+                    }
+                    Err(e) => {
+                        eprintln!("muster: cannot store the log of {job} attempt {attempt}: {e}")
+                    }
                 }
             }
         }

@@ -74,7 +74,26 @@ struct Agent {
 }
 
 fn attempt_dir(dir: &Path, job: Uuid, attempt: u32) -> PathBuf {
-    dir.join("jobs").join(format!("{job}.{attempt}"))
+    let id = job.to_string();
+    // 256 shards by the id's last (random) hex digits: a directory with tens of thousands of
+    // entries makes every lookup slow on file systems without directory indexes.
+    dir.join("jobs")
+        .join(&id[id.len() - 2..])
+        .join(format!("{id}.{attempt}"))
+}
+
+/// Every attempt directory under `<dir>/jobs`.
+pub fn attempt_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(shards) = std::fs::read_dir(dir.join("jobs")) else {
+        return out;
+    };
+    for shard in shards.flatten() {
+        if let Ok(rd) = std::fs::read_dir(shard.path()) {
+            out.extend(rd.flatten().map(|e| e.path()));
+        }
+    }
+    out
 }
 
 /// Runs the agent until `shutdown` resolves. Running jobs are left to their supervisors.
@@ -185,28 +204,49 @@ impl Agent {
     /// Looks at every attempt directory not yet acknowledged: re-adopts live supervisors, picks up
     /// ended attempts, settles dead supervisors, starts attempts that never started.
     async fn adopt(&mut self) -> std::io::Result<()> {
-        let jobs = self.opts.dir.join("jobs");
         let mut entries = Vec::new();
-        for e in std::fs::read_dir(&jobs)? {
-            let e = e?;
-            let name = e.file_name().to_string_lossy().into_owned();
+        for path in attempt_dirs(&self.opts.dir) {
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             let Some((job, attempt)) = name.split_once('.') else {
                 continue;
             };
             let (Ok(job), Ok(attempt)) = (job.parse::<Uuid>(), attempt.parse::<u32>()) else {
                 continue;
             };
-            if e.path().join("acked").exists() {
-                continue;
-            }
-            entries.push((job, attempt, e.path()));
+            // (Acknowledged attempts are renamed `<job>.<attempt>.done`: their attempt part
+            // does not parse, so they are skipped above.)
+            entries.push((job, attempt, path));
         }
         for (job, attempt, dir) in entries {
             if let Some(outcome) = read_exit(&dir) {
                 self.ended.insert((job, attempt), outcome);
                 continue;
             }
-            match supervisor::lock(&dir, false)? {
+            let lock = match supervisor::lock(&dir, false) {
+                Ok(l) => l,
+                Err(_) if !dir.join("started.json").exists() => {
+                    // No spec (the agent stopped between mkdir and writing it): the command never
+                    // ran, and without its spec it cannot; the server decides about a retry.
+                    let outcome = ExitReport {
+                        exit_code: None,
+                        error: Some("the agent stopped before the job started".into()),
+                        result: None,
+                        at: crate::manager::now(),
+                    };
+                    let _ = supervisor::write_durable(
+                        &dir.join("exit.json"),
+                        &serde_json::to_vec(&outcome).unwrap_or_default(),
+                    );
+                    self.ended.insert((job, attempt), outcome);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match lock {
                 None => {
                     // The supervisor lives: wait for it to end.
                     self.running.insert((job, attempt), None);
@@ -305,10 +345,8 @@ impl Agent {
                 for k in done {
                     for (job, attempt) in self.in_flight.remove(&k).unwrap_or_default() {
                         self.ended.remove(&(job, attempt));
-                        let _ = std::fs::write(
-                            attempt_dir(&self.opts.dir, job, attempt).join("acked"),
-                            b"",
-                        );
+                        let dir = attempt_dir(&self.opts.dir, job, attempt);
+                        let _ = std::fs::rename(&dir, done_dir(&dir));
                     }
                 }
             }
@@ -364,6 +402,9 @@ impl Agent {
                 let dir = attempt_dir(&self.opts.dir, a.job, a.attempt);
                 // mkdir is the once-only gate: an attempt whose directory exists is never
                 // started from here again.
+                if let Some(shard) = dir.parent() {
+                    let _ = std::fs::create_dir(shard);
+                }
                 match std::fs::create_dir(&dir) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return,
@@ -382,7 +423,11 @@ impl Agent {
                     }
                 }
                 let spec = serde_json::to_vec(&a).expect("an assignment serializes");
-                if let Err(e) = std::fs::write(dir.join("spec.json"), spec) {
+                // Written whole or not at all: the supervisor locks and reads it.
+                let tmp = dir.join("spec.tmp");
+                if let Err(e) = std::fs::write(&tmp, spec)
+                    .and_then(|()| std::fs::rename(&tmp, dir.join("spec.json")))
+                {
                     let outcome = ExitReport {
                         exit_code: None,
                         error: Some(format!("agent cannot write the job spec: {e}")),
@@ -412,16 +457,9 @@ impl Agent {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit());
         cmd.kill_on_drop(false);
-        // SAFETY: setsid is async-signal-safe: the supervisor leads a new session, so it outlives
-        // the agent and every process of the job shares its session id.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // No pre_exec hook here: that would force a fork() of this large, multi-threaded process.
+        // Without one, std spawns with posix_spawn (vfork-like), and the supervisor calls setsid()
+        // itself as its first act.
         let tx = self.internal_tx.clone();
         match cmd.spawn() {
             Ok(mut child) => {
@@ -516,24 +554,30 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Removes the directories of acknowledged attempts older than `retention`.
+/// Removes the directories of acknowledged attempts that ended longer than `retention` ago.
 pub fn sweep(dir: &Path, retention: Duration) -> usize {
-    let Ok(rd) = std::fs::read_dir(dir.join("jobs")) else {
-        return 0;
-    };
     let mut removed = 0;
-    for e in rd.flatten() {
-        let acked = e.path().join("acked");
-        let old = std::fs::metadata(&acked)
+    for path in attempt_dirs(dir) {
+        if path.extension().is_none_or(|e| e != "done") {
+            continue;
+        }
+        let old = std::fs::metadata(path.join("exit.json"))
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age >= retention);
-        if old && std::fs::remove_dir_all(e.path()).is_ok() {
+            .is_none_or(|age| age >= retention);
+        if old && std::fs::remove_dir_all(&path).is_ok() {
             removed += 1;
         }
     }
     removed
+}
+
+/// Where an attempt's directory goes once the server acknowledged its end.
+pub fn done_dir(dir: &Path) -> PathBuf {
+    let mut name = dir.as_os_str().to_owned();
+    name.push(".done");
+    PathBuf::from(name)
 }
 
 fn read_exit(dir: &Path) -> Option<ExitReport> {
@@ -600,11 +644,14 @@ async fn stream_log(
     tx: UnboundedSender<FromAgent>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let path = dir.join("log");
     let mut pos = from;
     let mut buf = vec![0u8; 64 * 1024];
     let mut carry: Vec<u8> = Vec::new();
+    let done = done_dir(&dir);
     loop {
+        // The directory is renamed `.done` once the server acknowledged the end: follow it.
+        let dir = if dir.exists() { &dir } else { &done };
+        let path = dir.join("log");
         let ended = dir.join("exit.json").exists() || !dir.exists();
         let mut progressed = false;
         if let Ok(mut f) = tokio::fs::File::open(&path).await {

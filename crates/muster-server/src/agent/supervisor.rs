@@ -19,12 +19,11 @@
 use crate::protocol::{Assignment, ExitReport};
 use muster_core::{Run, Ts};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What `started.json` holds.
@@ -88,8 +87,8 @@ fn now() -> Ts {
     crate::manager::now()
 }
 
-/// The log of one attempt, shared by the output pumps. Lines past `max` bytes are dropped,
-/// with one note saying so.
+/// The log of one attempt. Lines past `max` bytes are dropped, with one note saying so. Not
+/// fsynced: the log is evidence, `exit.json` is the record.
 struct Log {
     file: File,
     written: u64,
@@ -118,31 +117,53 @@ impl Log {
     }
 }
 
-/// Copies one output stream into the log line by line; returns its last line.
-fn pump(stream: impl Read, kind: &'static str, log: Arc<Mutex<Log>>) -> Option<String> {
+/// Splits one output stream into lines (at most 64 KiB each) and keeps the last one.
+struct Lines {
+    kind: &'static str,
+    buf: Vec<u8>,
+    last: Option<String>,
+    open: bool,
+}
+
+impl Lines {
     const MAX_LINE: usize = 64 * 1024;
-    let mut r = BufReader::with_capacity(MAX_LINE, stream);
-    let mut buf = Vec::new();
-    let mut last = None;
-    loop {
-        buf.clear();
-        // Read one line, at most MAX_LINE bytes of it at a time.
-        let n = match (&mut r).take(MAX_LINE as u64).read_until(b'\n', &mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => 0,
-        };
-        if n == 0 {
-            return last;
+
+    fn new(kind: &'static str) -> Lines {
+        Lines {
+            kind,
+            buf: Vec::new(),
+            last: None,
+            open: true,
         }
-        if buf.last() == Some(&b'\n') {
-            buf.pop();
+    }
+
+    fn feed(&mut self, data: &[u8], log: &mut Log) {
+        self.buf.extend_from_slice(data);
+        while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+            let rest = self.buf.split_off(pos + 1);
+            let mut line = std::mem::replace(&mut self.buf, rest);
+            line.pop();
+            self.emit(&line, log);
         }
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        log.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .line(kind, &text);
-        last = Some(text);
+        while self.buf.len() >= Self::MAX_LINE {
+            let rest = self.buf.split_off(Self::MAX_LINE);
+            let line = std::mem::replace(&mut self.buf, rest);
+            self.emit(&line, log);
+        }
+    }
+
+    fn finish(&mut self, log: &mut Log) {
+        if !self.buf.is_empty() {
+            let line = std::mem::take(&mut self.buf);
+            self.emit(&line, log);
+        }
+        self.open = false;
+    }
+
+    fn emit(&mut self, line: &[u8], log: &mut Log) {
+        let text = String::from_utf8_lossy(line).into_owned();
+        log.line(self.kind, &text);
+        self.last = Some(text);
     }
 }
 
@@ -157,7 +178,22 @@ pub fn main(dir: PathBuf) -> i32 {
     }
 }
 
+fn exit_now(dir: &Path, exit_code: Option<i32>, error: Option<String>) -> std::io::Result<()> {
+    let report = ExitReport {
+        exit_code,
+        error,
+        result: None,
+        at: now(),
+    };
+    write_durable(&dir.join("exit.json"), &serde_json::to_vec(&report)?)
+}
+
 fn supervise(dir: &Path) -> std::io::Result<()> {
+    // A session of our own: we outlive the agent, and every process of the job shares our session
+    // id, which is how a dead supervisor's leftovers are found. (Fails only if we already lead
+    // a process group, which a plain spawn never makes us.)
+    // SAFETY: setsid has no preconditions.
+    unsafe { libc::setsid() };
     // SAFETY: installs an async-signal-safe handler (it only stores to an atomic). A handler, not
     // SIG_IGN, so the child gets the default disposition back at exec.
     unsafe {
@@ -180,27 +216,18 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
         .create(true)
         .append(true)
         .open(dir.join("log"))?;
-    let log = Arc::new(Mutex::new(Log {
+    let mut log = Log {
         file: log_file,
         written: 0,
         max: spec.log_max,
         capped: false,
-    }));
+    };
     // A kill asked for before `started.json` existed left a `kill` file (the agent writes it
     // before it looks for `started.json`; we write `started.json` before we look for it).
     if TERM.load(Ordering::SeqCst) || dir.join("kill").exists() {
-        log.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .line("sys", "aborted before it started");
-        let report = ExitReport {
-            exit_code: None,
-            error: Some("aborted before start".into()),
-            result: None,
-            at: now(),
-        };
-        return write_durable(&dir.join("exit.json"), &serde_json::to_vec(&report)?);
+        log.line("sys", "aborted before it started");
+        return exit_now(dir, None, Some("aborted before start".into()));
     }
-
     let mut cmd = match &spec.run {
         Run::Exec(argv) => {
             let mut c = Command::new(&argv[0]);
@@ -212,15 +239,7 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
             c.arg("-c").arg(text);
             c
         }
-        Run::Noop | Run::Group => {
-            let report = ExitReport {
-                exit_code: Some(0),
-                error: None,
-                result: None,
-                at: now(),
-            };
-            return write_durable(&dir.join("exit.json"), &serde_json::to_vec(&report)?);
-        }
+        Run::Noop | Run::Group => return exit_now(dir, Some(0), None),
     };
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -229,66 +248,91 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
     cmd.env("MUSTER_JOB_ID", spec.job.to_string());
     cmd.env("MUSTER_TREE_ID", spec.tree.to_string());
     cmd.env("MUSTER_ATTEMPT", spec.attempt.to_string());
-    // SAFETY: setpgid is async-signal-safe; the child leads its own process group.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setpgid(0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // The job leads its own process group (posix_spawn sets it; no fork of this process).
+    cmd.process_group(0);
     let what = match &spec.run {
         Run::Exec(argv) => format!("exec {argv:?}"),
-        Run::Shell(text) => format!("shell {:?}", text),
+        Run::Shell(text) => format!("shell {text:?}"),
         _ => String::new(),
     };
-    log.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .line("sys", &format!("attempt {} started: {what}", spec.attempt));
+    log.line("sys", &format!("attempt {} started: {what}", spec.attempt));
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             let msg = format!("cannot start: {e}");
-            log.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .line("sys", &msg);
-            let report = ExitReport {
-                exit_code: None,
-                error: Some(msg),
-                result: None,
-                at: now(),
-            };
-            return write_durable(&dir.join("exit.json"), &serde_json::to_vec(&report)?);
+            log.line("sys", &msg);
+            return exit_now(dir, None, Some(msg));
         }
     };
     let pgid = child.id() as i32;
-    let out = child.stdout.take().map(|s| {
-        let log = log.clone();
-        std::thread::spawn(move || pump(s, "out", log))
-    });
-    let err = child.stderr.take().map(|s| {
-        let log = log.clone();
-        std::thread::spawn(move || pump(s, "err", log))
-    });
-
+    let mut out_pipe = child.stdout.take().expect("piped");
+    let mut err_pipe = child.stderr.take().expect("piped");
+    use std::os::fd::AsRawFd;
+    let (out_fd, err_fd) = (out_pipe.as_raw_fd(), err_pipe.as_raw_fd());
+    // A pidfd becomes readable when the child ends: one poll() waits for output, the end and
+    // (every 10 ms) SIGTERM and the clock, in this one thread.
+    // SAFETY: pidfd_open on our own child's pid.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pgid, 0) } as i32;
+    let mut out = Lines::new("out");
+    let mut err = Lines::new("err");
     let deadline = spec
         .timeout_s
         .map(|s| Instant::now() + Duration::from_secs(s));
     let grace = Duration::from_millis(spec.kill_grace_ms);
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done_tx.send(child.wait());
-    });
     let mut term_sent: Option<Instant> = None;
     let mut killed = false;
     let mut timed_out = false;
-    let status = loop {
-        // Wakes at once when the child ends; every 10 ms to look at SIGTERM and the clock.
-        match done_rx.recv_timeout(Duration::from_millis(10)) {
-            Ok(st) => break st?,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(_) => return Err(std::io::Error::other("lost the child's waiter")),
+    let mut status = None;
+    let mut drain_until: Option<Instant> = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if status.is_none() {
+            if let Some(st) = child.try_wait()? {
+                status = Some(st);
+                // Whatever the job left behind in its group goes with it, so the pipes close.
+                // SAFETY: signalling our child's process group; ESRCH when empty is fine.
+                unsafe { libc::killpg(pgid, libc::SIGKILL) };
+                drain_until = Some(Instant::now() + Duration::from_secs(2));
+            }
+        }
+        if status.is_some()
+            && (!out.open && !err.open || drain_until.is_some_and(|d| Instant::now() >= d))
+        {
+            break;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: if out.open { out_fd } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if err.open { err_fd } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if status.is_none() { pidfd } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: polling three descriptors we own (or -1, which poll ignores).
+        unsafe { libc::poll(fds.as_mut_ptr(), 3, 10) };
+        for (i, lines) in [(0, &mut out), (1, &mut err)] {
+            if fds[i].revents == 0 || !lines.open {
+                continue;
+            }
+            let pipe: &mut dyn Read = if i == 0 { &mut out_pipe } else { &mut err_pipe };
+            match pipe.read(&mut buf) {
+                Ok(0) => lines.finish(&mut log),
+                Ok(n) => lines.feed(&buf[..n], &mut log),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => lines.finish(&mut log),
+            }
+        }
+        if status.is_some() {
+            continue;
         }
         let timeout_now = deadline.is_some_and(|d| Instant::now() >= d);
         if term_sent.is_none() && (TERM.load(Ordering::SeqCst) || timeout_now) {
@@ -298,40 +342,29 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
             } else {
                 "abort: SIGTERM".into()
             };
-            log.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .line("sys", &why);
+            log.line("sys", &why);
             // SAFETY: signalling our child's process group.
             unsafe { libc::killpg(pgid, libc::SIGTERM) };
             term_sent = Some(Instant::now());
         }
         if let Some(t) = term_sent {
             if !killed && t.elapsed() >= grace {
-                log.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .line("sys", "grace period over: SIGKILL");
+                log.line("sys", "grace period over: SIGKILL");
                 // SAFETY: as above.
                 unsafe { libc::killpg(pgid, libc::SIGKILL) };
                 killed = true;
             }
         }
-    };
-    // Whatever the job left behind in its group goes with it.
-    // SAFETY: as above; ESRCH when the group is empty is fine.
-    unsafe { libc::killpg(pgid, libc::SIGKILL) };
-    let last_out = out.and_then(|h| h.join().ok()).flatten();
-    if let Some(h) = err {
-        let _ = h.join();
     }
+    out.finish(&mut log);
+    err.finish(&mut log);
+    if pidfd >= 0 {
+        // SAFETY: closing the pidfd we opened.
+        unsafe { libc::close(pidfd) };
+    }
+    let status = status.expect("the loop ends after the child");
     let (exit_code, error) = match (status.code(), status.signal()) {
-        (Some(c), _) => (
-            Some(c),
-            if timed_out {
-                Some("timeout".to_string())
-            } else {
-                None
-            },
-        ),
+        (Some(c), _) => (Some(c), timed_out.then(|| "timeout".to_string())),
         (None, Some(sig)) => (
             None,
             Some(if timed_out {
@@ -348,10 +381,9 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
         (None, Some(e)) => e.clone(),
         (None, None) => "exited".into(),
     };
-    log.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .line("sys", &line);
-    let result = last_out
+    log.line("sys", &line);
+    let result = out
+        .last
         .as_deref()
         .and_then(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
         .filter(|v| v.is_object() || v.is_array());
@@ -361,9 +393,5 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
         result,
         at: now(),
     };
-    {
-        let l = log.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = l.file.sync_data();
-    }
     write_durable(&dir.join("exit.json"), &serde_json::to_vec(&report)?)
 }

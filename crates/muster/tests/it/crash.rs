@@ -233,6 +233,7 @@ fn kill_9_of_a_supervisor_fails_the_job_and_ends_its_processes() {
         &std::fs::read(
             dir.0
                 .join("agent/jobs")
+                .join(&id[id.len() - 2..])
                 .join(format!("{id}.1"))
                 .join("started.json"),
         )

@@ -38,10 +38,9 @@ impl Drop for TempDir {
 
 /// Kills the sessions of every supervisor under `dir`.
 pub fn kill_supervisors(dir: &std::path::Path) {
-    let jobs = dir.join("agent").join("jobs");
-    if let Ok(rd) = std::fs::read_dir(jobs) {
-        for e in rd.flatten() {
-            if let Ok(s) = std::fs::read(e.path().join("started.json")) {
+    {
+        for path in agent::attempt_dirs(&dir.join("agent")) {
+            if let Ok(s) = std::fs::read(path.join("started.json")) {
                 if let Ok(v) = serde_json::from_slice::<Value>(&s) {
                     if let Some(sid) = v["sid"].as_i64() {
                         agent::kill_session(sid as i32);
