@@ -9,12 +9,15 @@
 //!
 //! [`run`] serves an [`App`] on a listener the caller bound until `shutdown` resolves.
 
+pub mod accounts;
 pub mod agent;
 pub mod api;
 pub mod auth;
 pub mod blobs;
 pub mod config;
 pub mod manager;
+pub mod metrics;
+pub mod perf;
 pub mod protocol;
 pub mod session;
 
@@ -45,6 +48,10 @@ pub struct App {
     pub next_id: AtomicU64,
     /// The URL jobs and join commands are given.
     pub url: String,
+    pub metrics: metrics::Metrics,
+    /// The perf log of this run, with `[perf] enabled`.
+    pub perf: Option<perf::PerfLog>,
+    pub login_limiter: api::LoginLimiter,
 }
 
 impl App {
@@ -73,8 +80,14 @@ impl App {
             log_max: config.jobs.log_max,
             url: url.clone(),
         };
-        let (manager, handle) =
-            Manager::start(store.clone(), mc).map_err(|e| format!("job manager: {e}"))?;
+        let metrics = metrics::Metrics::default();
+        let (manager, handle) = Manager::start(store.clone(), mc, metrics.jobs.clone())
+            .map_err(|e| format!("job manager: {e}"))?;
+        let perf = if config.perf.enabled {
+            Some(perf::PerfLog::start(&config.data_dir).map_err(|e| format!("perf log: {e}"))?)
+        } else {
+            None
+        };
         let app = Arc::new(App {
             config,
             store,
@@ -84,6 +97,9 @@ impl App {
             streams: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             url,
+            metrics,
+            perf,
+            login_limiter: api::LoginLimiter::default(),
         });
         Ok((app, handle))
     }

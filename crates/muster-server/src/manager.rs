@@ -10,6 +10,7 @@
 //! Why a thread and not a task: the store calls block (SQLite), and one owner of the state needs
 //! no locks at all.
 
+use crate::metrics::JobStats;
 use crate::protocol::{Assignment, ExitReport, Known, Report, ToAgent};
 use muster_core::sched::{Backoff, Effect, Outcome, TreeRun};
 use muster_core::spec::NewTree;
@@ -96,6 +97,7 @@ impl Manager {
     pub fn start(
         store: Arc<dyn Store>,
         config: ManagerConfig,
+        stats: Arc<JobStats>,
     ) -> std::io::Result<(Manager, std::thread::JoinHandle<()>)> {
         let (tx, rx) = std::sync::mpsc::channel();
         let alive = Arc::new(AtomicBool::new(true));
@@ -103,7 +105,7 @@ impl Manager {
         let handle = std::thread::Builder::new()
             .name("job-manager".into())
             .spawn(move || {
-                let mut m = State::new(store, config);
+                let mut m = State::new(store, config, stats);
                 m.run(rx);
                 flag.store(false, Ordering::SeqCst);
             })?;
@@ -188,13 +190,18 @@ struct State {
     after_commit: Vec<Box<dyn FnOnce() + Send>>,
     /// Writes of the batch that are not job or tree states (log records).
     extra: Vec<Change>,
+    stats: Arc<JobStats>,
+    /// When each ready job became ready (for the start-latency histogram).
+    ready_since: HashMap<(Uuid, u32), std::time::Instant>,
 }
 
 impl State {
-    fn new(store: Arc<dyn Store>, config: ManagerConfig) -> State {
+    fn new(store: Arc<dyn Store>, config: ManagerConfig, stats: Arc<JobStats>) -> State {
         State {
             store,
             config,
+            stats,
+            ready_since: HashMap::new(),
             epoch: now().0 as u64,
             trees: HashMap::new(),
             job_tree: HashMap::new(),
@@ -239,6 +246,10 @@ impl State {
             }
             self.fire_timers();
             self.schedule();
+            self.stats.queue_depth.store(
+                (self.ready_work.len() + self.ready_noop.len()) as i64,
+                Ordering::Relaxed,
+            );
             self.commit();
             if stop {
                 return;
@@ -265,7 +276,10 @@ impl State {
                     self.job_tree.insert(j.id, id);
                 }
             }
-            let persisted = jobs.iter().map(|j| j.state).collect();
+            let persisted: Vec<JobState> = jobs.iter().map(|j| j.state).collect();
+            for st in persisted.iter().filter(|s| !s.is_final()) {
+                count_states(&self.stats, None, Some(*st));
+            }
             let (run, fx) = TreeRun::new(tree, jobs, t);
             self.trees.insert(id, Entry { run, persisted });
             self.absorb(id, fx);
@@ -287,6 +301,9 @@ impl State {
                     Ok(Created::New) => {
                         let id = new.tree.id;
                         let persisted = new.jobs.iter().map(|j| j.state).collect();
+                        self.stats
+                            .waiting
+                            .fetch_add(new.jobs.len() as i64, Ordering::Relaxed);
                         let (run, fx) = TreeRun::new(new.tree, new.jobs, now());
                         self.trees.insert(id, Entry { run, persisted });
                         self.absorb(id, fx);
@@ -533,6 +550,7 @@ impl State {
                         Run::Noop | Run::Group => self.ready_noop.push_back((tid, i)),
                         _ => self.ready_work.push_back((tid, i)),
                     }
+                    self.ready_since.insert((tid, i), std::time::Instant::now());
                 }
                 Effect::Kill(i) => {
                     let Some(entry) = self.trees.get(&tid) else {
@@ -620,6 +638,7 @@ impl State {
             if let Ok(fx) = entry.run.resolve_group(i, t) {
                 self.absorb(tid, fx);
             }
+            self.ready_since.remove(&(tid, i));
             return true;
         }
         match self.place(tid, i) {
@@ -649,6 +668,13 @@ impl State {
                 }
                 self.job_tree.insert(job.id, tid);
                 self.absorb(tid, fx);
+                if let Some(since) = self.ready_since.remove(&(tid, i)) {
+                    self.stats
+                        .start_latency
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .observe(since.elapsed());
+                }
                 let a = self.assignment(tid, i);
                 self.outbox.entry(node_id).or_default().push(a);
                 true
@@ -714,9 +740,11 @@ impl State {
             let job = entry.run.job(i).clone();
             let expect = entry.persisted[i as usize];
             entry.persisted[i as usize] = job.state;
+            count_states(&self.stats, Some(expect), Some(job.state));
             events.push(Event::Job {
                 id: job.id,
                 tree: tid,
+                workspace: entry.run.tree.tags.workspace.clone(),
                 key: job.key.clone(),
                 state: job.state,
                 attempt: job.attempt,
@@ -736,6 +764,7 @@ impl State {
             if entry.run.tree.state != TreeState::Running {
                 events.push(Event::Tree {
                     id: tid,
+                    workspace: entry.run.tree.tags.workspace.clone(),
                     state: entry.run.tree.state,
                     at: t,
                 });
@@ -783,6 +812,30 @@ impl Summary for Change {
             Change::Log { job, attempt, .. } => format!("log of {job} attempt {attempt}"),
         }
     }
+}
+
+/// Moves one job between the state gauges/counters.
+fn count_states(stats: &JobStats, from: Option<JobState>, to: Option<JobState>) {
+    if from == to {
+        return;
+    }
+    let gauge = |st: JobState| match st {
+        JobState::Waiting => Some(&stats.waiting),
+        JobState::Running => Some(&stats.running),
+        _ => None,
+    };
+    if let Some(g) = from.and_then(gauge) {
+        g.fetch_sub(1, Ordering::Relaxed);
+    }
+    match to {
+        Some(JobState::Succeeded) => stats.succeeded.fetch_add(1, Ordering::Relaxed),
+        Some(JobState::Failed) => stats.failed.fetch_add(1, Ordering::Relaxed),
+        Some(JobState::Aborted) => stats.aborted.fetch_add(1, Ordering::Relaxed),
+        Some(st) => gauge(st)
+            .map(|g| g.fetch_add(1, Ordering::Relaxed) as u64)
+            .unwrap_or(0),
+        None => 0,
+    };
 }
 
 fn takes_slot(run: &Run) -> bool {

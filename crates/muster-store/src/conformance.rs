@@ -1169,6 +1169,7 @@ pub fn events_in_order(s: &dyn Store) {
         Event::Job {
             id: job,
             tree,
+            workspace: "w".into(),
             key: "build".into(),
             state: JobState::Running,
             attempt: 1,
@@ -1178,6 +1179,7 @@ pub fn events_in_order(s: &dyn Store) {
         Event::Job {
             id: job,
             tree,
+            workspace: "w".into(),
             key: "build".into(),
             state: JobState::Succeeded,
             attempt: 1,
@@ -1186,6 +1188,7 @@ pub fn events_in_order(s: &dyn Store) {
         },
         Event::Tree {
             id: tree,
+            workspace: "w".into(),
             state: TreeState::Succeeded,
             at: Ts(1_800_000_000_002),
         },

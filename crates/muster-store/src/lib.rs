@@ -1,5 +1,5 @@
 //! muster-store: the store of record behind one trait, [`Store`], with several engines chosen by
-//! URL (SPEC §3): `memory://` and `sqlite://PATH` here, `redis://` later.
+//! URL (SPEC §3): `memory://`, `sqlite://PATH` and `redis://[:PASSWORD@]HOST[:PORT][/DB]`.
 //!
 //! Invariants every engine keeps (checked by [`conformance`], which every engine runs):
 //! - [`Store::apply`] applies a batch in one atomic step: all of it survives a crash or none.
@@ -126,6 +126,9 @@ pub enum Event {
     Job {
         id: Uuid,
         tree: Uuid,
+        /// The tree's workspace, so feeds can show each caller only their workspaces.
+        #[serde(default)]
+        workspace: String,
         key: String,
         state: JobState,
         attempt: u32,
@@ -134,6 +137,8 @@ pub enum Event {
     },
     Tree {
         id: Uuid,
+        #[serde(default)]
+        workspace: String,
         state: TreeState,
         at: Ts,
     },
@@ -201,6 +206,35 @@ pub trait Store: Send + Sync + 'static {
     fn meta(&self, key: &str) -> Result<Option<String>>;
     fn set_meta(&self, key: &str, value: Option<&str>) -> Result<()>;
 
+    /// Stores (`Some`) or deletes (`None`) a small document of one `kind` (workspaces,
+    /// memberships) under `key`.
+    fn put_doc(&self, kind: &str, key: &str, value: Option<&str>) -> Result<()> {
+        let _ = (kind, key, value);
+        Err(StoreError::Invalid(
+            "documents are not supported by this engine".into(),
+        ))
+    }
+    /// Stores a document only if its key is free, atomically; `false` when it exists.
+    fn create_doc(&self, kind: &str, key: &str, value: &str) -> Result<bool> {
+        let _ = (kind, key, value);
+        Err(StoreError::Invalid(
+            "documents are not supported by this engine".into(),
+        ))
+    }
+    fn doc(&self, kind: &str, key: &str) -> Result<Option<String>> {
+        let _ = (kind, key);
+        Err(StoreError::Invalid(
+            "documents are not supported by this engine".into(),
+        ))
+    }
+    /// The documents of a kind whose key starts with `prefix`, sorted by key.
+    fn docs(&self, kind: &str, prefix: &str) -> Result<Vec<(String, String)>> {
+        let _ = (kind, prefix);
+        Err(StoreError::Invalid(
+            "documents are not supported by this engine".into(),
+        ))
+    }
+
     fn put_node(&self, node: &Node) -> Result<()>;
     fn nodes(&self) -> Result<Vec<Node>>;
     fn delete_node(&self, id: &str) -> Result<bool>;
@@ -213,7 +247,9 @@ pub trait Store: Send + Sync + 'static {
     fn ping(&self) -> Result<()>;
 }
 
-/// Opens the engine a URL names: `memory://`, `sqlite://PATH` (relative paths allowed).
+/// Opens the engine a URL names: `memory://`, `sqlite://PATH` (relative paths allowed),
+/// `redis://[:PASSWORD@]HOST[:PORT][/DB]` (fails with [`StoreError::Unavailable`] when that Redis
+/// does not answer).
 pub fn open(url: &str) -> Result<Arc<dyn Store>> {
     if url == "memory://" || url == "memory:" {
         Ok(Arc::new(MemoryStore::new()))
@@ -226,7 +262,7 @@ pub fn open(url: &str) -> Result<Arc<dyn Store>> {
         Ok(Arc::new(SqliteStore::open(std::path::Path::new(path))?))
     } else {
         Err(StoreError::Invalid(format!(
-            "unknown store URL {url:?}: use memory:// or sqlite://PATH"
+            "unknown store URL {url:?}: use memory://, sqlite://PATH or redis://HOST:PORT/DB"
         )))
     }
 }

@@ -38,6 +38,7 @@ struct Inner {
     /// By token id.
     tokens: BTreeMap<String, Token>,
     meta: BTreeMap<String, String>,
+    docs: BTreeMap<(String, String), String>,
     nodes: BTreeMap<String, Node>,
 }
 
@@ -343,6 +344,43 @@ impl Store for MemoryStore {
             None => g.meta.remove(key),
         };
         Ok(())
+    }
+
+    fn put_doc(&self, kind: &str, key: &str, value: Option<&str>) -> Result<()> {
+        let mut g = self.lock();
+        let k = (kind.to_string(), key.to_string());
+        match value {
+            Some(v) => g.docs.insert(k, v.to_string()),
+            None => g.docs.remove(&k),
+        };
+        Ok(())
+    }
+
+    fn create_doc(&self, kind: &str, key: &str, value: &str) -> Result<bool> {
+        let mut g = self.lock();
+        let k = (kind.to_string(), key.to_string());
+        if g.docs.contains_key(&k) {
+            return Ok(false);
+        }
+        g.docs.insert(k, value.to_string());
+        Ok(true)
+    }
+
+    fn doc(&self, kind: &str, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .lock()
+            .docs
+            .get(&(kind.to_string(), key.to_string()))
+            .cloned())
+    }
+
+    fn docs(&self, kind: &str, prefix: &str) -> Result<Vec<(String, String)>> {
+        let g = self.lock();
+        Ok(g.docs
+            .range((kind.to_string(), prefix.to_string())..)
+            .take_while(|((k, key), _)| k == kind && key.starts_with(prefix))
+            .map(|((_, key), v)| (key.clone(), v.clone()))
+            .collect())
     }
 
     fn put_node(&self, node: &Node) -> Result<()> {

@@ -111,6 +111,12 @@ CREATE TABLE IF NOT EXISTS nodes (
     id TEXT PRIMARY KEY NOT NULL,
     doc TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS docs (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (kind, key)
+) WITHOUT ROWID;
 ";
 
 /// A store in one SQLite file.
@@ -671,6 +677,52 @@ impl Store for SqliteStore {
             };
             Ok(())
         })
+    }
+
+    fn put_doc(&self, kind: &str, key: &str, value: Option<&str>) -> Result<()> {
+        self.write(|tx| {
+            match value {
+                Some(v) => tx
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO docs (kind, key, value) VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute([kind, key, v])?,
+                None => tx
+                    .prepare_cached("DELETE FROM docs WHERE kind = ?1 AND key = ?2")?
+                    .execute([kind, key])?,
+            };
+            Ok(())
+        })
+    }
+
+    fn create_doc(&self, kind: &str, key: &str, value: &str) -> Result<bool> {
+        self.write(|tx| {
+            Ok(tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO docs (kind, key, value) VALUES (?1, ?2, ?3)",
+                )?
+                .execute([kind, key, value])?
+                > 0)
+        })
+    }
+
+    fn doc(&self, kind: &str, key: &str) -> Result<Option<String>> {
+        let r = self.reader();
+        let mut stmt = r.prepare_cached("SELECT value FROM docs WHERE kind = ?1 AND key = ?2")?;
+        Ok(stmt.query_row([kind, key], |r| r.get(0)).optional()?)
+    }
+
+    fn docs(&self, kind: &str, prefix: &str) -> Result<Vec<(String, String)>> {
+        let r = self.reader();
+        // A range on the primary key: `key >= prefix AND key < prefix || U+10FFFF`.
+        let mut stmt = r.prepare_cached(
+            "SELECT key, value FROM docs WHERE kind = ?1 AND key >= ?2 AND key < ?3 ORDER BY key",
+        )?;
+        let upper = format!("{prefix}\u{10FFFF}");
+        let rows = stmt.query_map([kind, prefix, upper.as_str()], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        Ok(rows.collect::<std::result::Result<Vec<(String, String)>, _>>()?)
     }
 
     fn put_node(&self, node: &Node) -> Result<()> {

@@ -1,350 +1,35 @@
-//! The HTTP API (SPEC §9). Routes are thin: they parse and check input, call the store, the job
-//! manager or an agent, and map the result. Only this module knows HTTP and JSON.
+//! Routes of the job manager: trees, jobs, logs, the event feed.
 
-use crate::auth;
-use crate::manager::{now, AbortError};
+use super::*;
+use crate::accounts::Role;
+use crate::manager::AbortError;
 use crate::protocol::ToAgent;
-use crate::App;
 use axum::body::Body;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
-use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Path, Query};
+use axum::http::HeaderMap;
 use axum::routing::{get, post};
-use axum::Router;
 use muster_core::spec::{build_tree, JobSpec};
-use muster_core::{Job, JobState, Tree, TreeState, Uuid};
-use muster_store::{Created, Event, Token, TreeFilter, User};
-use serde::de::DeserializeOwned;
+use muster_core::{Job, JobState, Run, Tree, TreeState, Uuid};
+use muster_store::{Created, Event, TreeFilter};
 use serde::Deserialize;
-use serde_json::{json, Value};
-use std::collections::HashMap;
+use serde_json::Value;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-type AppState = State<Arc<App>>;
-
-/// An error answer: `{"error": {"code", "message"}}` with its status.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-    fn bad(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
-    }
-    fn not_found(what: &str) -> ApiError {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("{what} not found"),
-        )
-    }
-    fn internal(e: impl std::fmt::Display) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-    }
-}
-
-impl From<muster_store::StoreError> for ApiError {
-    fn from(e: muster_store::StoreError) -> ApiError {
-        match e {
-            muster_store::StoreError::Unavailable(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "store unavailable",
-            ),
-            other => ApiError::internal(other),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            axum::Json(json!({"error": {"code": self.code, "message": self.message}})),
-        )
-            .into_response()
-    }
-}
-
-type ApiResult<T> = Result<T, ApiError>;
-
-/// A JSON body whose every problem (syntax, unknown fields, wrong types) is a 400 with the reason.
-pub struct JsonBody<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let ct = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !ct.is_empty() && !ct.starts_with("application/json") {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "send application/json",
-            ));
-        }
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.body_text())
-            })?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
-    }
-}
-
-/// The caller, from `Authorization: Bearer <token>`.
-pub struct Caller {
-    pub user: User,
-    pub token: Token,
-}
-
-impl Caller {
-    /// The workspaces the caller may see; `None` for cluster admins (all).
-    fn workspaces(&self) -> Option<Vec<String>> {
-        if self.user.admin {
-            None
-        } else {
-            Some(vec![self.user.name.clone()])
-        }
-    }
-
-    fn may_see(&self, workspace: &str) -> bool {
-        self.workspaces()
-            .is_none_or(|w| w.iter().any(|x| x == workspace))
-    }
-}
-
-impl FromRequestParts<Arc<App>> for Caller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        app: &Arc<App>,
-    ) -> Result<Self, Self::Rejection> {
-        let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let token_text =
-            match value.and_then(|v| v.strip_prefix("Bearer ")) {
-                Some(t) => t.trim().to_string(),
-                None => return Err(unauthorized(
-                    "a bearer token is required: log in with `muster login` or POST /api/v1/login",
-                )),
-            };
-        let hash = auth::sha256_hex(&token_text);
-        let store = app.store.clone();
-        let found = tokio::task::spawn_blocking(
-            move || -> muster_store::Result<Option<(Token, Option<User>)>> {
-                let Some(t) = store.token_by_hash(&hash)? else {
-                    return Ok(None);
-                };
-                let u = store.user(&t.user)?;
-                Ok(Some((t, u)))
-            },
-        )
-        .await
-        .map_err(ApiError::internal)??;
-        match found {
-            Some((token, Some(user))) if token.expires_at.is_none_or(|e| e > now()) => {
-                Ok(Caller { user, token })
-            }
-            Some((_, Some(_))) => Err(unauthorized("the token has expired: log in again")),
-            _ => Err(unauthorized("the token is not valid")),
-        }
-    }
-}
-
-/// Runs a blocking store call off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
-) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(ApiError::internal)?
-}
-
-/// The whole router.
-pub fn router(app: Arc<App>) -> Router {
-    Router::new()
-        .route("/", get(index))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/api/v1/setup", post(setup))
-        .route("/api/v1/login", post(login))
-        .route("/api/v1/jobs", post(create_jobs).get(list_jobs))
-        .route("/api/v1/jobs/{id}", get(get_job))
-        .route("/api/v1/jobs/{id}/tree", get(get_tree))
-        .route("/api/v1/jobs/{id}/abort", post(abort_job))
-        .route("/api/v1/jobs/{id}/log", get(job_log))
-        .route("/api/v1/jobs/{id}/log/ws", get(job_log_ws))
-        .route("/api/v1/jobs/{id}/result", get(job_result))
-        .route("/api/v1/events/ws", get(events_ws))
-        .fallback(|| async { ApiError::not_found("route") })
-        .layer(DefaultBodyLimit::max(64 << 20))
-        .with_state(app)
-}
-
-async fn index(State(app): AppState) -> ApiResult<Response> {
-    let users = blocking({
-        let app = app.clone();
-        move || Ok(app.store.users()?.len())
-    })
-    .await?;
-    let body = if users == 0 {
-        "<!doctype html><title>muster setup</title><h1>muster</h1><p>No user exists yet. Create the admin with the one-time code from <code>&lt;data-dir&gt;/setup-code</code>: <code>muster setup</code> or <code>POST /api/v1/setup</code>.</p>".to_string()
-    } else {
-        "<!doctype html><title>muster</title><h1>muster</h1><p>The API is at <code>/api/v1</code>; log in with <code>muster login</code>.</p>".to_string()
-    };
-    Ok(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response())
-}
-
-async fn healthz() -> impl IntoResponse {
-    axum::Json(json!({"status": "ok"}))
-}
-
-async fn readyz(State(app): AppState) -> Response {
-    let store = app.store.clone();
-    let ping = tokio::task::spawn_blocking(move || store.ping()).await;
-    match ping {
-        Ok(Ok(())) if app.manager.is_alive() => {
-            axum::Json(json!({"status": "ready"})).into_response()
-        }
-        Ok(Ok(())) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "the job manager has stopped",
-        )
-        .into_response(),
-        _ => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            "store unavailable",
-        )
-        .into_response(),
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SetupBody {
-    setup_code: String,
-    username: String,
-    password: String,
-    #[serde(default)]
-    cluster_name: Option<String>,
-}
-
-async fn setup(State(app): AppState, JsonBody(b): JsonBody<SetupBody>) -> ApiResult<Response> {
-    muster_core::names::check_name("user name", &b.username).map_err(ApiError::bad)?;
-    auth::check_password(&b.username, &b.password).map_err(ApiError::bad)?;
-    if let Some(c) = &b.cluster_name {
-        muster_core::names::check_name("cluster name", c).map_err(ApiError::bad)?;
-    }
-    let password = b.password.clone();
-    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
-    let user = User {
-        name: b.username.clone(),
-        password_hash: hash,
-        admin: true,
-        created_at: now(),
-    };
-    let code_hash = auth::sha256_hex(b.setup_code.trim());
-    let token = blocking(move || {
-        if !app.store.consume_setup_code(&code_hash, &user)? {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "setup_refused",
-                "setup refused: the code is wrong or was used, or an admin already exists",
-            ));
-        }
-        if let Some(c) = &b.cluster_name {
-            app.store.set_meta("cluster_name", Some(c))?;
-        }
-        let _ = std::fs::remove_file(app.config.data_dir.join("setup-code"));
-        issue_token(&app, &user.name, "setup")
-    })
-    .await?;
-    Ok((StatusCode::CREATED, axum::Json(json!({"token": token}))).into_response())
-}
-
-fn issue_token(app: &App, user: &str, name: &str) -> ApiResult<String> {
-    let text = auth::new_token();
-    let t = Token {
-        id: Uuid::now_v7().to_string(),
-        hash: auth::sha256_hex(&text),
-        prefix: text[..12].to_string(),
-        user: user.to_string(),
-        name: name.to_string(),
-        scopes: vec![
-            "read".into(),
-            "operate".into(),
-            "admin".into(),
-            "predict".into(),
-        ],
-        created_at: now(),
-        expires_at: Some(now().plus_ms(app.config.auth.session_ttl.as_millis() as i64)),
-    };
-    app.store.put_token(&t)?;
-    Ok(text)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LoginBody {
-    username: String,
-    password: String,
-}
-
-async fn login(State(app): AppState, JsonBody(b): JsonBody<LoginBody>) -> ApiResult<Response> {
-    let refused = || {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "login_failed",
-            "wrong user name or password",
-        )
-    };
-    let store = app.store.clone();
-    let name = b.username.clone();
-    let user = blocking(move || Ok(store.user(&name)?)).await?;
-    let Some(user) = user else {
-        // Hash anyway, so an unknown user takes as long as a wrong password.
-        let _ = tokio::task::spawn_blocking(|| auth::hash_password("timing equaliser")).await;
-        return Err(refused());
-    };
-    let (pw, phc) = (b.password.clone(), user.password_hash.clone());
-    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&pw, &phc))
-        .await
-        .map_err(ApiError::internal)?;
-    if !ok {
-        return Err(refused());
-    }
-    let token = blocking(move || issue_token(&app, &user.name, "login")).await?;
-    Ok(axum::Json(json!({"token": token})).into_response())
+pub(super) fn routes(r: Routes) -> Routes {
+    r.add(
+        "/api/v1/jobs",
+        &["GET", "POST"],
+        post(create_jobs).get(list_jobs),
+    )
+    .add("/api/v1/jobs/{id}", &["GET"], get(get_job))
+    .add("/api/v1/jobs/{id}/tree", &["GET"], get(get_tree))
+    .add("/api/v1/jobs/{id}/abort", &["POST"], post(abort_job))
+    .add("/api/v1/jobs/{id}/log", &["GET"], get(job_log))
+    .add("/api/v1/jobs/{id}/log/ws", &["GET"], get(job_log_ws))
+    .add("/api/v1/jobs/{id}/result", &["GET"], get(job_result))
+    .add("/api/v1/events/ws", &["GET"], get(events_ws))
 }
 
 /// A job as the API shows it: the stored job plus its tree's tags.
@@ -356,10 +41,10 @@ fn job_json(job: &Job, tree: &Tree) -> Value {
             serde_json::to_value(&tree.tags).unwrap_or(Value::Null),
         );
         let what = match &job.run {
-            muster_core::Run::Exec(a) => json!({"exec": a}),
-            muster_core::Run::Shell(s) => json!({"shell": s}),
-            muster_core::Run::Noop => json!({"noop": true}),
-            muster_core::Run::Group => json!({}),
+            Run::Exec(a) => json!({"exec": a}),
+            Run::Shell(s) => json!({"shell": s}),
+            Run::Noop => json!({"noop": true}),
+            Run::Group => json!({}),
         };
         m.remove("run");
         if let Value::Object(w) = what {
@@ -402,16 +87,8 @@ async fn create_jobs(
     .await
     .map_err(ApiError::internal)?
     .map_err(ApiError::bad)?;
-    if !caller.may_see(&new.tree.tags.workspace) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "you are not a member of workspace {:?}",
-                new.tree.tags.workspace
-            ),
-        ));
-    }
+    // Running anything needs `operator` in the tree's workspace (SPEC §13).
+    caller.need_role(&new.tree.tags.workspace, Role::Operator)?;
     let tree = new.tree.clone();
     let jobs: Vec<Value> = new.jobs.iter().map(|j| job_json(j, &tree)).collect();
     match app
@@ -463,6 +140,7 @@ async fn list_jobs(
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
+    caller.need_scope("read")?;
     let limit = q.limit.unwrap_or(50);
     if limit == 0 || limit > 1000 {
         return Err(ApiError::bad("limit must be 1-1000"));
@@ -576,6 +254,7 @@ async fn abort_job(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let (job, tree) = load_job(&app, &caller, &id).await?;
+    caller.need_role(&tree.tags.workspace, Role::Operator)?;
     match app.manager.abort(tree.id).await {
         Ok(()) => Ok((
             StatusCode::ACCEPTED,
@@ -760,10 +439,12 @@ fn futures_stream(
 async fn job_log_ws(
     State(app): AppState,
     caller: Caller,
+    headers: HeaderMap,
     Path(id): Path<String>,
     q: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
     ws: WebSocketUpgrade,
 ) -> ApiResult<Response> {
+    check_origin(&headers)?;
     let Query(mut q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
     q.follow = true;
     let source = open_log(&app, &caller, &id, &q).await?;
@@ -791,13 +472,27 @@ async fn job_log_ws(
     }))
 }
 
-async fn events_ws(State(app): AppState, caller: Caller, ws: WebSocketUpgrade) -> Response {
-    let _ = caller;
+async fn events_ws(
+    State(app): AppState,
+    caller: Caller,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    check_origin(&headers)?;
+    caller.need_scope("read")?;
     let mut rx = app.store.subscribe();
-    ws.on_upgrade(move |mut socket: WebSocket| async move {
+    // Each caller sees the events of their own workspaces only (node events: everyone).
+    let visible = move |ev: &Event| match ev {
+        Event::Job { workspace, .. } | Event::Tree { workspace, .. } => {
+            caller.role(workspace).is_some()
+        }
+        Event::Node { .. } => true,
+    };
+    Ok(ws.on_upgrade(move |mut socket: WebSocket| async move {
         loop {
             tokio::select! {
                 ev = rx.recv() => match ev {
+                    Ok(ev) if !visible(&ev) => {}
                     Ok(ev) => {
                         let text = serde_json::to_string(&ev).unwrap_or_default();
                         if socket.send(Message::Text(text.into())).await.is_err() { return; }
@@ -814,5 +509,5 @@ async fn events_ws(State(app): AppState, caller: Caller, ws: WebSocketUpgrade) -
                 },
             }
         }
-    })
+    }))
 }
