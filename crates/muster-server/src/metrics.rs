@@ -46,7 +46,11 @@ impl Histogram {
             "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
             self.count
         );
-        let l = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let l = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
         let _ = writeln!(out, "{name}_sum{l} {}", self.sum);
         let _ = writeln!(out, "{name}_count{l} {}", self.count);
     }
