@@ -196,4 +196,7 @@ pub struct Tree {
     /// Every node a job of the tree was placed on (for `?node=`).
     #[serde(default)]
     pub nodes: Vec<String>,
+    /// Made by a cluster admin: may run on nodes that allow no workspace in particular.
+    #[serde(default)]
+    pub admin: bool,
 }

@@ -233,6 +233,23 @@ impl TreeRun {
         fx
     }
 
+    /// A running job's node was lost: the attempt ends with `error`; with `retry` it may be tried
+    /// again (elsewhere), under the usual retry rules.
+    pub fn lose(
+        &mut self,
+        i: u32,
+        error: String,
+        now: Ts,
+        retry: Option<(Backoff, f64)>,
+    ) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if self.jobs[i as usize].state != JobState::Running {
+            return fx;
+        }
+        self.finish_into(i, Outcome::failure(None, Some(error)), now, retry, &mut fx);
+        fx
+    }
+
     /// A retry's time came: the job is ready if nothing changed meanwhile.
     pub fn retry_due(&mut self, i: u32, now: Ts) -> Vec<Effect> {
         if self.startable(i, now).is_ok() {

@@ -240,6 +240,7 @@ pub fn build_tree(
         jobs: jobs.len() as u32,
         created_by: created_by.map(str::to_string),
         nodes: Vec::new(),
+        admin: false,
     };
     Ok(NewTree { tree, jobs })
 }

@@ -187,6 +187,7 @@ pub fn create_user(
     };
     store.put_user(&user)?;
     ensure_personal_workspace(store, name)?;
+    store.put_doc(MEMBER, &member_key(name, name), Some(&json(&Role::Admin)))?;
     Ok(user)
 }
 

@@ -17,6 +17,7 @@ pub mod blobs;
 pub mod config;
 pub mod manager;
 pub mod metrics;
+pub mod nodes;
 pub mod perf;
 pub mod protocol;
 pub mod session;
@@ -79,6 +80,8 @@ impl App {
             kill_grace_ms: config.jobs.kill_grace.as_millis() as u64,
             log_max: config.jobs.log_max,
             url: url.clone(),
+            down_after: config.discovery.interval * 3,
+            lost_after: config.nodes.lost_after,
         };
         let metrics = metrics::Metrics::default();
         let (manager, handle) = Manager::start(store.clone(), mc, metrics.jobs.clone())
@@ -112,7 +115,7 @@ impl App {
             Box::pin(async move {
                 let (to_server, from_agent) = tokio::sync::mpsc::unbounded_channel();
                 let (to_agent, from_server) = tokio::sync::mpsc::unbounded_channel();
-                tokio::spawn(session::serve(app, from_agent, to_agent));
+                tokio::spawn(session::serve(app, from_agent, to_agent, None));
                 Ok((to_server, from_server))
             })
         })

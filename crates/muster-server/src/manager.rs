@@ -40,6 +40,10 @@ pub struct ManagerConfig {
     pub log_max: u64,
     /// `MUSTER_URL` given to jobs.
     pub url: String,
+    /// A connected node with no heartbeat for this long is `down` (3 × `discovery.interval`).
+    pub down_after: Duration,
+    /// A node unheard of for this long is `lost` (`nodes.lost_after`).
+    pub lost_after: Duration,
 }
 
 /// Why an abort was refused.
@@ -75,6 +79,22 @@ pub enum Cmd {
         session: u64,
         seq: u64,
         reports: Vec<Report>,
+    },
+    /// An agent's heartbeat.
+    Heartbeat {
+        session: u64,
+    },
+    /// An operator changed a node: labels (`None` values remove), `draining` on or off.
+    UpdateNode {
+        id: String,
+        labels: BTreeMap<String, Option<String>>,
+        draining: Option<bool>,
+        reply: oneshot::Sender<Result<Node, String>>,
+    },
+    /// A node was removed (its credential revoked): it gets no more jobs and is told to go.
+    RemoveNode {
+        id: String,
+        reply: oneshot::Sender<bool>,
     },
     /// The log of an attempt is in the blob store under `blob`.
     Log {
@@ -159,6 +179,7 @@ struct Conn {
     tx: UnboundedSender<ToAgent>,
     /// Jobs that take a slot (exec, shell) running there now.
     used: u32,
+    last_beat: std::time::Instant,
 }
 
 enum Placement {
@@ -193,6 +214,12 @@ struct State {
     stats: Arc<JobStats>,
     /// When each ready job became ready (for the start-latency histogram).
     ready_since: HashMap<(Uuid, u32), std::time::Instant>,
+    /// Nodes not connected now, since when (for `lost`).
+    away: HashMap<String, std::time::Instant>,
+    /// Nodes an operator set to drain.
+    draining: HashSet<String>,
+    started: std::time::Instant,
+    last_liveness: std::time::Instant,
 }
 
 impl State {
@@ -202,6 +229,10 @@ impl State {
             config,
             stats,
             ready_since: HashMap::new(),
+            away: HashMap::new(),
+            draining: HashSet::new(),
+            started: std::time::Instant::now(),
+            last_liveness: std::time::Instant::now(),
             epoch: now().0 as u64,
             trees: HashMap::new(),
             job_tree: HashMap::new(),
@@ -229,7 +260,8 @@ impl State {
                     Duration::from_millis((at.0 - now().0).clamp(0, 60_000) as u64)
                 }
                 None => Duration::from_secs(60),
-            };
+            }
+            .min(Duration::from_millis(250));
             let mut stop = false;
             match rx.recv_timeout(wait) {
                 Ok(cmd) => stop |= self.handle(cmd),
@@ -245,6 +277,7 @@ impl State {
                 n += 1;
             }
             self.fire_timers();
+            self.liveness();
             self.schedule();
             self.stats.queue_depth.store(
                 (self.ready_work.len() + self.ready_noop.len()) as i64,
@@ -262,6 +295,11 @@ impl State {
         let t = now();
         let nodes = retry_store(|| self.store.nodes());
         for n in nodes {
+            // Every node starts away; it has `lost_after` of grace from now to come back.
+            self.away.insert(n.id.clone(), std::time::Instant::now());
+            if n.state == "draining" {
+                self.draining.insert(n.id.clone());
+            }
             self.known_nodes.insert(n.id.clone(), n);
         }
         let trees = retry_store(|| self.store.running_trees());
@@ -352,6 +390,7 @@ impl State {
                     .map(|(k, _)| k.clone())
                     .collect();
                 for id in gone {
+                    self.away.insert(id.clone(), std::time::Instant::now());
                     if let Some(c) = self.conns.remove(&id) {
                         let _ = self.store.put_node(&Node {
                             state: "down".into(),
@@ -378,6 +417,31 @@ impl State {
                 self.ack(session, seq);
             }
             Cmd::Log { job, attempt, blob } => self.extra.push(Change::Log { job, attempt, blob }),
+            Cmd::Heartbeat { session } => {
+                if let Some(c) = self.conns.values_mut().find(|c| c.session == session) {
+                    c.last_beat = std::time::Instant::now();
+                }
+            }
+            Cmd::UpdateNode {
+                id,
+                labels,
+                draining,
+                reply,
+            } => {
+                let res = self.update_node(&id, labels, draining);
+                let _ = reply.send(res);
+            }
+            Cmd::RemoveNode { id, reply } => {
+                let known = self.known_nodes.remove(&id).is_some();
+                self.away.remove(&id);
+                self.draining.remove(&id);
+                if let Some(c) = self.conns.remove(&id) {
+                    let _ = c.tx.send(ToAgent::Goodbye {
+                        reason: "this node was removed from the cluster".into(),
+                    });
+                }
+                let _ = reply.send(known);
+            }
             Cmd::Shutdown => return true,
         }
         false
@@ -398,6 +462,17 @@ impl State {
         seq: u64,
     ) {
         let id = node.id.clone();
+        let mut node = node;
+        self.away.remove(&id);
+        if self.draining.contains(&id) {
+            node.state = "draining".into();
+        }
+        if let Some(old) = self.known_nodes.get(&id) {
+            // Labels set by operators (PATCH) win over the agent's config until changed again.
+            for (k, v) in &old.labels {
+                node.labels.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
         let _ = tx.send(ToAgent::Welcome {
             node_id: id.clone(),
             epoch: self.epoch,
@@ -417,6 +492,7 @@ impl State {
                 node,
                 tx: tx.clone(),
                 used: 0,
+                last_beat: std::time::Instant::now(),
             },
         );
         let mut known_running: HashSet<(Uuid, u32)> = HashSet::new();
@@ -446,6 +522,7 @@ impl State {
         let mut resend = Vec::new();
         let mut kills = Vec::new();
         let mut used = 0;
+        let mut ours: HashSet<(Uuid, u32)> = HashSet::new();
         for (tid, entry) in &self.trees {
             for (i, j) in entry.run.jobs.iter().enumerate() {
                 if j.state != JobState::Running
@@ -453,6 +530,7 @@ impl State {
                 {
                     continue;
                 }
+                ours.insert((j.id, j.attempt));
                 if entry.run.kill_requested(i as u32) {
                     kills.push(ToAgent::Kill {
                         job: j.id,
@@ -473,6 +551,14 @@ impl State {
         for (tid, i) in resend {
             let a = self.assignment(tid, i);
             self.outbox.entry(id.clone()).or_default().push(a);
+        }
+        // Attempts the agent still runs that the server already ended (e.g. as `node lost`
+        // while it was cut off) must not come back to life: kill them.
+        for (job, attempt) in known_running.difference(&ours) {
+            kills.push(ToAgent::Kill {
+                job: *job,
+                attempt: *attempt,
+            });
         }
         for k in kills {
             self.messages.push((tx.clone(), k));
@@ -531,6 +617,131 @@ impl State {
             rand::random::<f64>(),
         );
         self.absorb(tid, fx);
+    }
+
+    fn update_node(
+        &mut self,
+        id: &str,
+        labels: BTreeMap<String, Option<String>>,
+        draining: Option<bool>,
+    ) -> Result<Node, String> {
+        let Some(mut node) = self.known_nodes.get(id).cloned() else {
+            return Err(format!("node {id:?} not found"));
+        };
+        for (k, v) in labels {
+            match v {
+                Some(v) => node.labels.insert(k, v),
+                None => node.labels.remove(&k),
+            };
+        }
+        match draining {
+            Some(true) => {
+                self.draining.insert(id.to_string());
+                if node.state == "ready" {
+                    node.state = "draining".into();
+                }
+            }
+            Some(false) => {
+                self.draining.remove(id);
+                if node.state == "draining" {
+                    node.state = "ready".into();
+                }
+            }
+            None => {}
+        }
+        self.set_node(node.clone());
+        Ok(node)
+    }
+
+    /// Records a node's new record everywhere: registry, connection, store, event feed.
+    fn set_node(&mut self, node: Node) {
+        if let Some(c) = self.conns.get_mut(&node.id) {
+            c.node = node.clone();
+        }
+        retry_store(|| self.store.put_node(&node));
+        self.store.publish(&[Event::Node {
+            id: node.id.clone(),
+            name: node.name.clone(),
+            state: node.state.clone(),
+            at: now(),
+        }]);
+        self.known_nodes.insert(node.id.clone(), node);
+    }
+
+    /// Node liveness (SPEC §5): a connected node silent for `down_after` is `down` (no new jobs);
+    /// a node unheard of for `lost_after` is `lost`: its running jobs fail with `node lost`, or
+    /// are retried elsewhere when they have retries left and no fixed node. After a server start,
+    /// every node has `lost_after` of grace.
+    fn liveness(&mut self) {
+        if self.last_liveness.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        self.last_liveness = std::time::Instant::now();
+        let mut changed = Vec::new();
+        for c in self.conns.values() {
+            let silent = c.last_beat.elapsed();
+            let want = if silent >= self.config.down_after {
+                "down"
+            } else if self.draining.contains(&c.node.id) {
+                "draining"
+            } else {
+                "ready"
+            };
+            if c.node.state != want {
+                changed.push(Node {
+                    state: want.into(),
+                    last_seen: now(),
+                    ..c.node.clone()
+                });
+            }
+            if silent >= self.config.lost_after {
+                self.away.entry(c.node.id.clone()).or_insert(c.last_beat);
+            }
+        }
+        for n in changed {
+            self.set_node(n);
+        }
+        let lost: Vec<String> = self
+            .away
+            .iter()
+            .filter(|(_, since)| {
+                since.elapsed() >= self.config.lost_after
+                    && self.started.elapsed() >= self.config.lost_after
+            })
+            .map(|(id, _)| id.clone())
+            .filter(|id| self.known_nodes.get(id).is_some_and(|n| n.state != "lost"))
+            .collect();
+        for id in lost {
+            let Some(node) = self.known_nodes.get(&id).cloned() else {
+                continue;
+            };
+            self.conns.remove(&id);
+            self.set_node(Node {
+                state: "lost".into(),
+                ..node.clone()
+            });
+            eprintln!(
+                "muster: node {} is lost; failing its running jobs",
+                node.name
+            );
+            let t = now();
+            let mut hits = Vec::new();
+            for (tid, entry) in &self.trees {
+                for (i, j) in entry.run.jobs.iter().enumerate() {
+                    if j.state == JobState::Running && j.node.as_deref() == Some(node.name.as_str())
+                    {
+                        hits.push((*tid, i as u32, j.id, j.want_node.is_none()));
+                    }
+                }
+            }
+            for (tid, i, job, movable) in hits {
+                self.job_tree.remove(&job);
+                let retry = movable.then(|| (self.config.backoff, rand::random::<f64>()));
+                let entry = self.trees.get_mut(&tid).expect("present");
+                let fx = entry.run.lose(i, "node lost".into(), t, retry);
+                self.absorb(tid, fx);
+            }
+        }
     }
 
     /// Carries out the effects of a transition (except the starts, which [`Self::schedule`] does).
@@ -701,6 +912,19 @@ impl State {
             };
             return Placement::Never(want);
         }
+        let ws = &self.trees[&tid].run.tree.tags.workspace;
+        let admin_tree = self.trees[&tid].run.tree.admin;
+        let allows = |n: &Node| {
+            admin_tree
+                || n.labels
+                    .get("workspaces")
+                    .is_some_and(|w| w.split(',').any(|x| x.trim() == ws || x.trim() == "*"))
+        };
+        if !self.known_nodes.values().any(|n| fits(n) && allows(n)) {
+            return Placement::Never(format!(
+                "no node allows workspace {ws:?} (node label workspaces=...)"
+            ));
+        }
         let slot = takes_slot(&job.run);
         self.conns
             .iter()
@@ -723,6 +947,7 @@ impl State {
             run: job.run.clone(),
             timeout_s: job.timeout_s,
             kill_grace_ms: self.config.kill_grace_ms,
+            retryable: job.retries >= job.attempt && job.want_node.is_none(),
             log_max: self.config.log_max,
             env,
         }

@@ -39,6 +39,8 @@ pub enum ToAgent {
     },
     /// Stop a log stream.
     StopLog { stream: u64 },
+    /// The server will not talk to this agent again (its node was removed).
+    Goodbye { reason: String },
 }
 
 /// One job for an agent to run.
@@ -51,6 +53,10 @@ pub struct Assignment {
     pub timeout_s: Option<u64>,
     pub kill_grace_ms: u64,
     pub log_max: u64,
+    /// Whether the server would retry this job elsewhere if its node were lost: an agent cut off
+    /// from every server for `lost_after` kills such jobs itself, so nothing runs twice.
+    #[serde(default)]
+    pub retryable: bool,
     /// Extra environment (`MUSTER_URL`, a scoped `MUSTER_TOKEN`).
     pub env: BTreeMap<String, String>,
 }

@@ -9,11 +9,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
-/// Serves one connection until the agent goes away.
+/// Serves one connection until the agent goes away. `node` is the node id the connection
+/// authenticated as (remote agents: their credential), which wins over what `Hello` says.
 pub async fn serve(
     app: Arc<App>,
     mut rx: UnboundedReceiver<FromAgent>,
     tx: UnboundedSender<ToAgent>,
+    node: Option<String>,
 ) {
     let session = app.next_id.fetch_add(1, Ordering::Relaxed);
     let Some(FromAgent::Hello {
@@ -36,7 +38,9 @@ pub async fn serve(
         slots
     };
     let node = Node {
-        id: node_id.unwrap_or_else(|| muster_core::Uuid::now_v7().to_string()),
+        id: node
+            .or(node_id)
+            .unwrap_or_else(|| muster_core::Uuid::now_v7().to_string()),
         name: name.clone(),
         state: "ready".into(),
         labels,
@@ -65,7 +69,9 @@ pub async fn serve(
                     reports,
                 });
             }
-            FromAgent::Heartbeat => {}
+            FromAgent::Heartbeat => {
+                app.manager.send(Cmd::Heartbeat { session });
+            }
             FromAgent::LogChunk { stream, data, eof } => {
                 let mut streams = app.streams.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(s) = streams.get(&stream) {

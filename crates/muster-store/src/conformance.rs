@@ -33,6 +33,7 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("tokens_crud", tokens_crud),
     ("meta_values", meta_values),
     ("nodes_crud", nodes_crud),
+    ("documents", documents),
     ("events_in_order", events_in_order),
     ("ping", ping),
 ];
@@ -113,6 +114,7 @@ pub fn fixture(tags: Tags, n: usize) -> (Tree, Vec<Job>) {
         jobs: n as u32,
         created_by: Some("tester".to_string()),
         nodes: Vec::new(),
+        admin: false,
     };
     (tree, jobs)
 }
@@ -1210,4 +1212,46 @@ pub fn events_in_order(s: &dyn Store) {
 /// The store answers a ping.
 pub fn ping(s: &dyn Store) {
     s.ping().expect("ping");
+}
+
+/// Small documents: put, get, create-if-absent (atomic), prefix listings sorted by key, delete.
+pub fn documents(s: &dyn Store) {
+    s.put_doc("member", "acme/ann", Some("\"admin\"")).unwrap();
+    s.put_doc("member", "acme/bob", Some("\"viewer\"")).unwrap();
+    s.put_doc("member", "acmex/cid", Some("\"viewer\""))
+        .unwrap();
+    s.put_doc("workspace", "acme/ann", Some("other kind"))
+        .unwrap();
+    assert_eq!(
+        s.doc("member", "acme/bob").unwrap().as_deref(),
+        Some("\"viewer\"")
+    );
+    assert_eq!(s.doc("member", "acme/zed").unwrap(), None);
+    let keys: Vec<String> = s
+        .docs("member", "acme/")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(
+        keys,
+        ["acme/ann", "acme/bob"],
+        "prefix listing, sorted, one kind only"
+    );
+    assert_eq!(s.docs("member", "").unwrap().len(), 3);
+    assert!(s.create_doc("workspace", "beta", "{}").unwrap());
+    assert!(
+        !s.create_doc("workspace", "beta", "{\"x\":1}").unwrap(),
+        "create_doc must not overwrite"
+    );
+    assert_eq!(s.doc("workspace", "beta").unwrap().as_deref(), Some("{}"));
+    s.put_doc("member", "acme/bob", Some("\"operator\""))
+        .unwrap();
+    assert_eq!(
+        s.doc("member", "acme/bob").unwrap().as_deref(),
+        Some("\"operator\"")
+    );
+    s.put_doc("member", "acme/bob", None).unwrap();
+    assert_eq!(s.doc("member", "acme/bob").unwrap(), None);
+    assert_eq!(s.docs("member", "acme/").unwrap().len(), 1);
 }

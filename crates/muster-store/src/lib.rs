@@ -21,9 +21,12 @@ use std::sync::Arc;
 
 pub mod conformance;
 mod memory;
+mod redis;
+mod resp;
 mod sqlite;
 
 pub use memory::MemoryStore;
+pub use redis::RedisStore;
 pub use sqlite::SqliteStore;
 
 /// Why a store call failed.
@@ -260,6 +263,8 @@ pub fn open(url: &str) -> Result<Arc<dyn Store>> {
             ));
         }
         Ok(Arc::new(SqliteStore::open(std::path::Path::new(path))?))
+    } else if url.starts_with("redis://") {
+        Ok(Arc::new(RedisStore::open(url)?))
     } else {
         Err(StoreError::Invalid(format!(
             "unknown store URL {url:?}: use memory://, sqlite://PATH or redis://HOST:PORT/DB"

@@ -1,4 +1,6 @@
-//! The client commands: `setup`, `login` and `jobs …`, speaking the HTTP API of a server.
+//! The client commands: `setup`, `login`, `logout`, `jobs …`, `users …`, `workspaces …` and
+//! `tokens …`, speaking the HTTP API of a server; and `perf summary`, which reads the perf logs of
+//! a local data dir.
 //!
 //! The server comes from `--server`, then `MUSTER_URL`, then the saved credentials, then
 //! `http://127.0.0.1:7070`. The token comes from `MUSTER_TOKEN`, else from the credentials saved
@@ -24,10 +26,37 @@ pub enum ClientCmd {
     Setup(SetupArgs),
     /// Log in to a server and keep the token.
     Login(LoginArgs),
+    /// Revoke the saved login's token on its server and forget it.
+    Logout(LogoutArgs),
     /// Run, list, inspect, follow and abort jobs.
     Jobs {
         #[command(subcommand)]
         cmd: JobsCmd,
+    },
+    /// List, add and remove users (adding and removing: cluster admins only).
+    Users {
+        #[command(subcommand)]
+        cmd: UsersCmd,
+    },
+    /// List and add workspaces; grant and revoke roles in them.
+    Workspaces {
+        #[command(subcommand)]
+        cmd: WorkspacesCmd,
+    },
+    /// List, create and revoke API tokens.
+    Tokens {
+        #[command(subcommand)]
+        cmd: TokensCmd,
+    },
+    /// List, inspect, label, drain and remove nodes; make join tokens for new agents.
+    Nodes {
+        #[command(subcommand)]
+        cmd: NodesCmd,
+    },
+    /// Read the perf logs of a data dir on this machine (no server needed).
+    Perf {
+        #[command(subcommand)]
+        cmd: PerfCmd,
     },
 }
 
@@ -213,10 +242,248 @@ pub struct AbortArgs {
     id: String,
 }
 
+#[derive(Args)]
+pub struct LogoutArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+}
+
+#[derive(Subcommand)]
+pub enum UsersCmd {
+    /// List users (cluster admins see everyone; others, themselves).
+    Ls(ListArgs),
+    /// Add a user (with a personal workspace of the same name).
+    Add(UserAddArgs),
+    /// Remove a user, with their tokens and memberships.
+    Rm(NameArgs),
+}
+
+#[derive(Subcommand)]
+pub enum WorkspacesCmd {
+    /// List the workspaces you belong to, your role and their members.
+    Ls(ListArgs),
+    /// Add a workspace; you become its admin.
+    Add(NameArgs),
+    /// Give a user a role in a workspace (or change it).
+    Grant(GrantArgs),
+    /// Take a user out of a workspace.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Subcommand)]
+pub enum TokensCmd {
+    /// List your API tokens (with --all: everyone's; cluster admins only).
+    Ls(TokensLsArgs),
+    /// Create an API token; its secret is printed once, alone on stdout.
+    Create(TokenCreateArgs),
+    /// Revoke an API token by id.
+    Revoke(IdArgs),
+}
+
+#[derive(Subcommand)]
+pub enum NodesCmd {
+    /// List the nodes: state, labels, slots, last seen.
+    Ls(ListArgs),
+    /// One node (by name or id).
+    Show(NodeArgs),
+    /// Set labels (KEY=VALUE) or remove them (KEY-) on a node.
+    Label(NodeLabelArgs),
+    /// Stop giving a node new jobs; its running jobs finish.
+    Drain(NodeArgs),
+    /// Give a drained node jobs again.
+    Undrain(NodeArgs),
+    /// Remove a node and revoke its credential (its agent stops).
+    Rm(NodeArgs),
+    /// Make a join token for new agents; prints the command to run on the new node.
+    JoinToken(JoinTokenArgs),
+}
+
+#[derive(Args)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// The node's name or id.
+    node: String,
+    /// Print the JSON answer.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct NodeLabelArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// The node's name or id.
+    node: String,
+    /// KEY=VALUE to set, KEY- to remove.
+    #[arg(required = true)]
+    labels: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct JoinTokenArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// How long the token stays valid, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
+    /// How many agents may join with it.
+    #[arg(long, default_value_t = 1)]
+    uses: u32,
+    /// Print the JSON answer.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum PerfCmd {
+    /// Count, p50, p95, p99 and max per route of one server run's perf logs.
+    Summary(PerfSummaryArgs),
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// Print the server's answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct NameArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// The name.
+    name: String,
+}
+
+#[derive(Args)]
+pub struct IdArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// The id.
+    id: String,
+}
+
+#[derive(Args)]
+pub struct UserAddArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// The user name.
+    name: String,
+    /// Make the user a cluster admin.
+    #[arg(long)]
+    admin: bool,
+    /// Read the password from the first line of stdin (else env MUSTER_PASSWORD, else a prompt).
+    #[arg(long)]
+    password_stdin: bool,
+    /// Print the server's answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct GrantArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// The workspace.
+    workspace: String,
+    /// The user.
+    user: String,
+    /// The role: viewer (reads), operator (also runs and aborts), admin (also manages members).
+    #[arg(value_parser = ["viewer", "operator", "admin"])]
+    role: String,
+}
+
+#[derive(Args)]
+pub struct RevokeArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// The workspace.
+    workspace: String,
+    /// The user.
+    user: String,
+}
+
+#[derive(Args)]
+pub struct TokensLsArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// Every user's tokens (cluster admins only).
+    #[arg(long)]
+    all: bool,
+    /// Print the server's answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct TokenCreateArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// A name for the token (what it is for).
+    name: String,
+    /// What it may do, comma-separated: read, operate, admin, predict.
+    #[arg(long, value_delimiter = ',', required = true, num_args = 1..)]
+    scopes: Vec<String>,
+    /// Expire after this long: e.g. 30d, 12h, 90m, 3600s (bare digits: seconds). Default: never.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_s)]
+    expires_in: Option<u64>,
+    /// Print the server's whole answer (secret included) as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct PerfSummaryArgs {
+    /// The server run (default: the newest).
+    #[arg(long, value_name = "N")]
+    run: Option<u64>,
+    /// The data dir of the server (env MUSTER_DATA_DIR; default: muster-data).
+    #[arg(long, env = "MUSTER_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
 pub fn run(cmd: ClientCmd) -> Result<()> {
     match cmd {
         ClientCmd::Setup(a) => setup(a),
         ClientCmd::Login(a) => login(a),
+        ClientCmd::Logout(a) => logout(a),
+        ClientCmd::Users { cmd } => match cmd {
+            UsersCmd::Ls(a) => users_ls(a),
+            UsersCmd::Add(a) => users_add(a),
+            UsersCmd::Rm(a) => users_rm(a),
+        },
+        ClientCmd::Workspaces { cmd } => match cmd {
+            WorkspacesCmd::Ls(a) => workspaces_ls(a),
+            WorkspacesCmd::Add(a) => workspaces_add(a),
+            WorkspacesCmd::Grant(a) => workspaces_grant(a),
+            WorkspacesCmd::Revoke(a) => workspaces_revoke(a),
+        },
+        ClientCmd::Tokens { cmd } => match cmd {
+            TokensCmd::Ls(a) => tokens_ls(a),
+            TokensCmd::Create(a) => tokens_create(a),
+            TokensCmd::Revoke(a) => tokens_revoke(a),
+        },
+        ClientCmd::Perf {
+            cmd: PerfCmd::Summary(a),
+        } => perf_summary(a),
+        ClientCmd::Nodes { cmd } => match cmd {
+            NodesCmd::Ls(a) => nodes_ls(a),
+            NodesCmd::Show(a) => nodes_show(a),
+            NodesCmd::Label(a) => nodes_label(a),
+            NodesCmd::Drain(a) => nodes_patch(
+                a,
+                json!({"state": "draining"}),
+                "draining: it gets no new jobs",
+            ),
+            NodesCmd::Undrain(a) => {
+                nodes_patch(a, json!({"state": "ready"}), "ready for jobs again")
+            }
+            NodesCmd::Rm(a) => nodes_rm(a),
+            NodesCmd::JoinToken(a) => nodes_join_token(a),
+        },
         ClientCmd::Jobs { cmd } => match cmd {
             JobsCmd::Run(a) => jobs_run(a),
             JobsCmd::Ls(a) => jobs_ls(a),
@@ -440,6 +707,47 @@ impl Client {
         }
         req.send(serde_json::to_string(body)?)
             .map_err(|e| self.transport_error(e))
+    }
+
+    fn put(&self, path: &str, body: &Value) -> Result<Resp> {
+        let mut req = self
+            .agent
+            .put(self.url(path))
+            .header("Content-Type", "application/json");
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        req.send(serde_json::to_string(body)?)
+            .map_err(|e| self.transport_error(e))
+    }
+
+    fn patch(&self, path: &str, body: &Value) -> Result<Resp> {
+        let mut req = self
+            .agent
+            .patch(self.url(path))
+            .header("Content-Type", "application/json");
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        req.send(serde_json::to_string(body)?)
+            .map_err(|e| self.transport_error(e))
+    }
+
+    fn delete(&self, path: &str) -> Result<Resp> {
+        let mut req = self.agent.delete(self.url(path));
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        req.call().map_err(|e| self.transport_error(e))
+    }
+
+    /// DELETE, expecting a 2xx answer (its body, if any, is not read).
+    fn delete_ok(&self, path: &str) -> Result<()> {
+        let resp = self.delete(path)?;
+        if !resp.status().is_success() {
+            return Err(http_error(resp));
+        }
+        Ok(())
     }
 
     /// GET, expecting a 2xx JSON answer.
@@ -1178,5 +1486,400 @@ fn jobs_abort(a: AbortArgs) -> Result<()> {
         text(&v["tree"]),
         text(&v["id"])
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// logout
+
+fn logout(a: LogoutArgs) -> Result<()> {
+    // The saved login is what goes: a MUSTER_TOKEN from the environment is not touched (revoke
+    // an API token with `muster tokens revoke`).
+    let path = credentials_path()?;
+    let Some(saved) = load_credentials()? else {
+        bail!("not logged in (no saved credentials in {})", path.display());
+    };
+    let base = normalize_url(&saved.server);
+    if let Some(s) = a.server.server.as_deref().filter(|s| !s.trim().is_empty()) {
+        if normalize_url(s) != base {
+            bail!(
+                "not logged in to {} (the saved login is for {base})",
+                normalize_url(s)
+            );
+        }
+    }
+    let client = Client::new(base.clone(), Some(saved.token.clone()));
+    let revoked = match client.post("/api/v1/logout", &json!({}), &[]) {
+        // 401: the token had already expired or been revoked; nothing left to revoke.
+        Ok(resp) if resp.status().is_success() || resp.status().as_u16() == 401 => Ok(()),
+        Ok(resp) => Err(http_error(resp)),
+        Err(e) => Err(e),
+    };
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => bail!("cannot remove {}: {e}", path.display()),
+    }
+    if let Err(e) = revoked {
+        bail!("forgot the saved login, but {base} did not revoke its token (it stays valid until it expires): {e:#}");
+    }
+    println!("logged out of {base} ({:?})", saved.username);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// users
+
+fn yes_no(v: &Value) -> String {
+    match v.as_bool() {
+        Some(true) => "yes".into(),
+        Some(false) => "no".into(),
+        None => text(v),
+    }
+}
+
+fn items(v: &Value) -> &[Value] {
+    v["items"].as_array().map(Vec::as_slice).unwrap_or_default()
+}
+
+fn users_ls(a: ListArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let v = client.get_json("/api/v1/users", &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let mut rows = vec![["NAME", "ADMIN", "CREATED"].map(String::from).to_vec()];
+    for u in items(&v) {
+        rows.push(vec![
+            text(&u["name"]),
+            yes_no(&u["admin"]),
+            short_time(&u["created_at"]),
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+fn users_add(a: UserAddArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let password = read_password(a.password_stdin)?;
+    let (_, v) = client.post_json(
+        "/api/v1/users",
+        &json!({"username": a.name, "password": password, "admin": a.admin}),
+        &[],
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "user {:?} added{} (with a workspace of the same name)",
+            text(&v["name"]),
+            if v["admin"].as_bool() == Some(true) {
+                " as a cluster admin"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+fn users_rm(a: NameArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    client.delete_ok(&format!("/api/v1/users/{}", seg(&a.name)))?;
+    println!("user {:?} removed", a.name);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// workspaces
+
+fn workspaces_ls(a: ListArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let v = client.get_json("/api/v1/workspaces", &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let mut rows = vec![["NAME", "YOUR ROLE", "MEMBERS"].map(String::from).to_vec()];
+    for w in items(&v) {
+        let members: Vec<String> = w["members"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|m| format!("{}:{}", text(&m["user"]), text(&m["role"])))
+            .collect();
+        rows.push(vec![text(&w["name"]), text(&w["role"]), members.join(", ")]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+fn workspaces_add(a: NameArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let (_, v) = client.post_json("/api/v1/workspaces", &json!({"name": a.name}), &[])?;
+    println!("workspace {:?} added; you are its admin", text(&v["name"]));
+    Ok(())
+}
+
+fn member_path(ws: &str, user: &str) -> String {
+    format!("/api/v1/workspaces/{}/members/{}", seg(ws), seg(user))
+}
+
+fn workspaces_grant(a: GrantArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let resp = client.put(
+        &member_path(&a.workspace, &a.user),
+        &json!({"role": a.role}),
+    )?;
+    let v = json_body(resp)?;
+    println!(
+        "{:?} is now {} in workspace {:?}",
+        a.user,
+        v["role"].as_str().unwrap_or(&a.role),
+        a.workspace
+    );
+    Ok(())
+}
+
+fn workspaces_revoke(a: RevokeArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    client.delete_ok(&member_path(&a.workspace, &a.user))?;
+    println!("{:?} is no longer in workspace {:?}", a.user, a.workspace);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// tokens
+
+/// `30d`, `12h`, `90m`, `3600s` or bare seconds → seconds (at least 1).
+fn parse_duration_s(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let mult: u64 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => {
+            return Err(format!(
+                "{s:?} is not a duration: give e.g. 30d, 12h, 90m or 3600s"
+            ))
+        }
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: give e.g. 30d, 12h, 90m or 3600s"))?;
+    let secs = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too long"))?;
+    if secs == 0 {
+        return Err("a token must live at least 1 s".into());
+    }
+    Ok(secs)
+}
+
+fn scopes_text(v: &Value) -> String {
+    match v.as_array() {
+        Some(a) => a.iter().map(text).collect::<Vec<_>>().join(","),
+        None => text(v),
+    }
+}
+
+fn tokens_ls(a: TokensLsArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let mut q = Vec::new();
+    if a.all {
+        q.push(("all", "true".to_string()));
+    }
+    let v = client.get_json("/api/v1/tokens", &q)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let mut rows = vec![["ID", "PREFIX", "NAME", "USER", "SCOPES", "EXPIRES"]
+        .map(String::from)
+        .to_vec()];
+    for t in items(&v) {
+        rows.push(vec![
+            text(&t["id"]),
+            text(&t["prefix"]),
+            text(&t["name"]),
+            text(&t["user"]),
+            scopes_text(&t["scopes"]),
+            if t["expires_at"].is_null() {
+                "never".into()
+            } else {
+                short_time(&t["expires_at"])
+            },
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+fn tokens_create(a: TokenCreateArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let scopes: Vec<&str> = a
+        .scopes
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut body = json!({"name": a.name, "scopes": scopes});
+    if let Some(s) = a.expires_in {
+        body["expires_in_s"] = json!(s);
+    }
+    let (_, v) = client.post_json("/api/v1/tokens", &body, &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let token = v["token"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the server gave no token"))?;
+    eprintln!(
+        "token {:?} (id {}, scopes {}, expires {}); it is shown only once:",
+        text(&v["name"]),
+        text(&v["id"]),
+        scopes_text(&v["scopes"]),
+        if v["expires_at"].is_null() {
+            "never".to_string()
+        } else {
+            text(&v["expires_at"])
+        }
+    );
+    println!("{token}");
+    Ok(())
+}
+
+fn tokens_revoke(a: IdArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    client.delete_ok(&format!("/api/v1/tokens/{}", seg(&a.id)))?;
+    println!("token {} revoked", a.id);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// perf
+
+fn perf_summary(a: PerfSummaryArgs) -> Result<()> {
+    let dir = a
+        .data_dir
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("muster-data"));
+    let out = muster_server::perf::summary(&dir, a.run).map_err(anyhow::Error::msg)?;
+    print!("{out}");
+    Ok(())
+}
+
+fn node_path(node: &str) -> String {
+    format!("/api/v1/nodes/{}", seg(node))
+}
+
+fn nodes_ls(a: ListArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let v = client.get_json("/api/v1/nodes", &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let mut rows = vec![["NAME", "STATE", "SLOTS", "LABELS", "LAST SEEN", "ID"]
+        .map(String::from)
+        .to_vec()];
+    for n in items(&v) {
+        let labels: Vec<String> = n["labels"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| format!("{k}={}", text(v))).collect())
+            .unwrap_or_default();
+        rows.push(vec![
+            text(&n["name"]),
+            text(&n["state"]),
+            text(&n["slots"]),
+            labels.join(","),
+            text(&n["last_seen"]),
+            text(&n["id"]),
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+fn nodes_show(a: NodeArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let v = client.get_json(&node_path(&a.node), &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for k in ["name", "id", "state", "slots", "last_seen", "version"] {
+        println!("{:<10} {}", format!("{k}:"), text(&v[k]));
+    }
+    if let Some(m) = v["labels"].as_object() {
+        for (k, l) in m {
+            println!("{:<10} {k}={}", "label:", text(l));
+        }
+    }
+    Ok(())
+}
+
+fn nodes_label(a: NodeLabelArgs) -> Result<()> {
+    let mut labels = serde_json::Map::new();
+    for l in &a.labels {
+        if let Some((k, v)) = l.split_once('=') {
+            labels.insert(k.to_string(), json!(v));
+        } else if let Some(k) = l.strip_suffix('-') {
+            labels.insert(k.to_string(), Value::Null);
+        } else {
+            anyhow::bail!("{l:?} is neither KEY=VALUE (set) nor KEY- (remove)");
+        }
+    }
+    let client = authed_client(&a.server)?;
+    let v = json_body(client.patch(&node_path(&a.node), &json!({"labels": labels}))?)?;
+    println!("node {} labels: {}", text(&v["name"]), v["labels"]);
+    Ok(())
+}
+
+fn nodes_patch(a: NodeArgs, body: Value, what: &str) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let v = json_body(client.patch(&node_path(&a.node), &body)?)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("node {} is {what}", text(&v["name"]));
+    }
+    Ok(())
+}
+
+fn nodes_rm(a: NodeArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    client.delete_ok(&node_path(&a.node))?;
+    println!("node {:?} removed; its credential is revoked", a.node);
+    Ok(())
+}
+
+fn nodes_join_token(a: JoinTokenArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let (_, v) = client.post_json(
+        "/api/v1/nodes/join-token",
+        &json!({"ttl_s": a.ttl, "uses": a.uses}),
+        &[],
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        eprintln!(
+            "join token for {} agent(s), valid until {}; on the new node run:",
+            a.uses,
+            text(&v["expires_at"])
+        );
+        println!("{}", text(&v["command"]));
+    }
     Ok(())
 }

@@ -27,6 +27,8 @@ enum Cmd {
     Up(ServeArgs),
     /// Start the control plane alone.
     Server(ServeArgs),
+    /// Run a node agent that takes jobs from muster servers.
+    Agent(AgentArgs),
     /// Show the effective configuration.
     Config {
         #[command(subcommand)]
@@ -37,6 +39,28 @@ enum Cmd {
     Supervise { dir: PathBuf },
     #[command(flatten)]
     Client(cli::ClientCmd),
+}
+
+/// Flags of `muster agent`.
+#[derive(Args, Clone, Default)]
+struct AgentArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// A server to connect to (repeat for several; default: agent.servers).
+    #[arg(long = "server")]
+    servers: Vec<String>,
+    /// A join token from `muster nodes join-token` (needed only on the first start).
+    #[arg(long, env = "MUSTER_JOIN_TOKEN")]
+    join_token: Option<String>,
+    /// The node's name (default: agent.name, else the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// A label, KEY=VALUE (repeat for several; added to agent.labels).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// How many jobs run at once (default: agent.slots, else twice the cores).
+    #[arg(long)]
+    slots: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -94,6 +118,7 @@ fn main() {
         Cmd::Supervise { dir } => std::process::exit(agent::supervisor::main(dir)),
         Cmd::Up(a) => serve(a, true),
         Cmd::Server(a) => serve(a, false),
+        Cmd::Agent(a) => agent_main(a),
         Cmd::Config {
             cmd: ConfigCmd::Show(a),
         } => load_config(&a).map(|c| print!("{}", c.to_toml())),
@@ -132,8 +157,14 @@ fn serve(a: ServeArgs, embedded_agent: bool) -> Result<()> {
         };
         let data_dir = config.data_dir.clone();
         let agent_slots = config.agent.slots;
-        let agent_labels = config.agent.labels.clone();
+        let mut agent_labels = config.agent.labels.clone();
+        // The embedded node of a one-machine install runs every workspace's jobs unless told
+        // otherwise (remote nodes take only cluster-admin jobs until labelled).
+        agent_labels
+            .entry("workspaces".into())
+            .or_insert_with(|| "*".into());
         let retention = config.jobs.retention;
+        let lost_after = config.nodes.lost_after;
         let agent_name = if config.agent.name.is_empty() {
             hostname()
         } else {
@@ -158,6 +189,7 @@ fn serve(a: ServeArgs, embedded_agent: bool) -> Result<()> {
                 exe: std::env::current_exe().context("cannot find the muster binary")?,
                 heartbeat: Duration::from_secs(2),
                 retention,
+                lost_after,
             };
             let mut rx = stop_rx.clone();
             let link = app.local_link();
@@ -194,6 +226,124 @@ fn serve(a: ServeArgs, embedded_agent: bool) -> Result<()> {
         let _ = tokio::task::spawn_blocking(move || manager.join()).await;
         Ok(())
     })
+}
+
+/// `muster agent`: joins with a join token on first start (the node's credential is kept in
+/// `<data-dir>/agent/credential`), then serves its servers over the agent protocol.
+fn agent_main(a: AgentArgs) -> Result<()> {
+    let mut config = load_config(&a.serve)?;
+    if !a.servers.is_empty() {
+        config.agent.servers = a.servers.clone();
+    }
+    if let Some(n) = &a.name {
+        config.agent.name = n.clone();
+    }
+    if let Some(s) = a.slots {
+        config.agent.slots = s;
+    }
+    for l in &a.labels {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("--label {l:?} is not KEY=VALUE"))?;
+        config.agent.labels.insert(k.to_string(), v.to_string());
+    }
+    if config.agent.servers.is_empty() {
+        anyhow::bail!(
+            "give the server to join: muster agent --server http://HOST:7070 --join-token TOKEN"
+        );
+    }
+    let name = if config.agent.name.is_empty() {
+        hostname()
+    } else {
+        config.agent.name.clone()
+    };
+    muster_core::names::check_name("node name", &name).map_err(anyhow::Error::msg)?;
+    let dir = config.data_dir.join("agent");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    let cred_path = dir.join("credential");
+    let credential = match std::fs::read_to_string(&cred_path) {
+        Ok(c) => c.trim().to_string(),
+        Err(_) => {
+            let token = a.join_token.clone().context(
+                "this agent has not joined yet: give --join-token (make one with `muster nodes join-token` on the server)",
+            )?;
+            let (node_id, credential) = join(&config.agent.servers, &token, &name)?;
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&cred_path)?;
+            writeln!(f, "{credential}")?;
+            std::fs::write(dir.join("node-id"), &node_id)?;
+            eprintln!("muster agent: joined as node {name:?} ({node_id})");
+            credential
+        }
+    };
+    let opts = AgentOptions {
+        dir,
+        name,
+        slots: config.agent.slots,
+        labels: config.agent.labels.clone(),
+        exe: std::env::current_exe().context("cannot find the muster binary")?,
+        heartbeat: config.discovery.interval,
+        retention: config.jobs.retention,
+        lost_after: config.nodes.lost_after,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let link = agent::ws_link(config.agent.servers.clone(), credential);
+        println!(
+            "muster agent {} is running (servers: {})",
+            opts.name,
+            config.agent.servers.join(", ")
+        );
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        agent::run(opts, link, shutdown_signal())
+            .await
+            .context("agent")
+    })
+}
+
+/// Trades a join token for the node's credential at the first server that answers.
+fn join(servers: &[String], token: &str, name: &str) -> Result<(String, String)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut last = anyhow::anyhow!("no server");
+    for s in servers {
+        let url = format!("{}/api/v1/nodes/join", s.trim_end_matches('/'));
+        let body = serde_json::json!({"join_token": token, "name": name}).to_string();
+        match agent
+            .post(&url)
+            .header("content-type", "application/json")
+            .send(body)
+        {
+            Ok(mut resp) => {
+                let status = resp.status().as_u16();
+                let v: serde_json::Value =
+                    serde_json::from_str(&resp.body_mut().read_to_string().unwrap_or_default())
+                        .unwrap_or_default();
+                if status == 201 {
+                    let id = v["node_id"].as_str().unwrap_or_default().to_string();
+                    let cred = v["credential"].as_str().unwrap_or_default().to_string();
+                    return Ok((id, cred));
+                }
+                anyhow::bail!(
+                    "{s} refused the join: {} (HTTP {status})",
+                    v["error"]["message"].as_str().unwrap_or("?")
+                );
+            }
+            Err(e) => last = anyhow::anyhow!("cannot reach {s}: {e}"),
+        }
+    }
+    Err(last)
 }
 
 /// While no user exists, writes a fresh one-time setup code (mode 0600) and stores its hash.

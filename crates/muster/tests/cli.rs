@@ -100,19 +100,28 @@ impl Server {
 
     /// Runs a client command with this test's config dir; `stdin` is written to its stdin.
     fn muster(&self, args: &[&str], stdin: Option<&str>) -> Out {
+        self.muster_env(args, stdin, &[])
+    }
+
+    /// [`Server::muster`] with more environment (which may replace MUSTER_CONFIG_DIR).
+    fn muster_env(&self, args: &[&str], stdin: Option<&str>, envs: &[(&str, &str)]) -> Out {
         let mut cmd = Command::new(BIN);
         cmd.args(args)
             .env("MUSTER_CONFIG_DIR", &self.config)
             .env_remove("MUSTER_URL")
             .env_remove("MUSTER_TOKEN")
             .env_remove("MUSTER_PASSWORD")
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .env_remove("MUSTER_DATA_DIR");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("cannot run muster");
         if let Some(s) = stdin {
             child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
@@ -165,18 +174,29 @@ impl Server {
         );
         bad.fails_with("wrong user name or password (HTTP 401)");
 
-        let out = self.muster(
-            &[
-                "login",
-                "--server",
-                &self.url,
-                "--username",
-                "admin",
-                "--password-stdin",
-            ],
-            Some(&format!("{PASSWORD}\n")),
-        );
-        out.ok();
+        // After a failure the server makes the next login wait a little (429 with Retry-After
+        // until then): retry until it lets us in.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self.muster(
+                &[
+                    "login",
+                    "--server",
+                    &self.url,
+                    "--username",
+                    "admin",
+                    "--password-stdin",
+                ],
+                Some(&format!("{PASSWORD}\n")),
+            );
+            if out.stderr().contains("(HTTP 429)") && Instant::now() < deadline {
+                assert!(out.stderr().contains("try again in"), "{}", out.stderr());
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            out.ok();
+            break;
+        }
         let again: Value = serde_json::from_str(&std::fs::read_to_string(&creds).unwrap()).unwrap();
         assert_ne!(
             again["token"], saved["token"],
@@ -463,4 +483,349 @@ fn client_errors_are_clear() {
     assert!(out.stderr().contains("muster up"), "{}", out.stderr());
     run(&["jobs", "ls"], &[]).fails_with("not logged in");
     run(&["login", "--username", "admin"], &[]).fails_with("--password-stdin");
+}
+
+/// The items of a `… ls --json` answer.
+fn items(out: &str) -> Vec<Value> {
+    let v: Value = serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v["items"].as_array().unwrap().clone()
+}
+
+#[test]
+fn users_workspaces_and_roles() {
+    let s = Server::start("accounts");
+    s.setup_and_login();
+
+    // A weak password is refused with the server's message.
+    s.muster(
+        &["users", "add", "bob", "--password-stdin"],
+        Some("short\n"),
+    )
+    .fails_with("the password must have at least 12 characters (HTTP 400)");
+    s.muster_env(
+        &["users", "add", "bobbobbobbobbob"],
+        None,
+        &[("MUSTER_PASSWORD", "BOBBOBBOBBOBBOB")],
+    )
+    .fails_with("the password must not be the user name");
+
+    // Users: add, list, remove.
+    let bob_pw = "bob's long enough password";
+    let out = s
+        .muster(
+            &["users", "add", "bob", "--password-stdin"],
+            Some(&format!("{bob_pw}\n")),
+        )
+        .ok();
+    assert!(out.contains("\"bob\" added"), "{out}");
+    s.muster_env(
+        &["users", "add", "carol", "--admin"],
+        None,
+        &[("MUSTER_PASSWORD", PASSWORD)],
+    )
+    .ok();
+    let users = items(&s.muster(&["users", "ls", "--json"], None).ok());
+    let admin_of = |name: &str| {
+        users
+            .iter()
+            .find(|u| u["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {users:?}"))["admin"]
+            .clone()
+    };
+    assert_eq!(admin_of("admin"), true);
+    assert_eq!(admin_of("bob"), false);
+    assert_eq!(admin_of("carol"), true);
+    let table = s.muster(&["users", "ls"], None).ok();
+    assert!(table.starts_with("NAME "), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().take(2).eq(["bob", "no"])),
+        "{table}"
+    );
+    s.muster(&["users", "rm", "carol"], None).ok();
+    let users = items(&s.muster(&["users", "ls", "--json"], None).ok());
+    assert!(!users.iter().any(|u| u["name"] == "carol"), "{users:?}");
+    s.muster(&["users", "rm", "carol"], None)
+        .fails_with("(HTTP 404)");
+
+    // Workspaces: add, grant, list, and what a viewer may not do.
+    let out = s.muster(&["workspaces", "add", "team"], None).ok();
+    assert!(out.contains("\"team\" added"), "{out}");
+    s.muster(&["workspaces", "grant", "team", "bob", "viewer"], None)
+        .ok();
+    let ws = items(&s.muster(&["workspaces", "ls", "--json"], None).ok());
+    let team = ws.iter().find(|w| w["name"] == "team").unwrap().clone();
+    assert_eq!(team["role"], "admin", "{team:#}");
+    assert_eq!(team["created_by"], "admin", "{team:#}");
+    let members = team["members"].as_array().unwrap();
+    assert!(
+        members
+            .iter()
+            .any(|m| m["user"] == "bob" && m["role"] == "viewer"),
+        "{team:#}"
+    );
+    let table = s.muster(&["workspaces", "ls"], None).ok();
+    assert!(table.starts_with("NAME "), "{table}");
+    assert!(table.contains("YOUR ROLE"), "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("team ")
+            && l.contains("bob:viewer")
+            && l.contains("admin:admin")),
+        "{table}"
+    );
+    // A role that is not one is a usage error (clap's exit code 2), before any request.
+    let out = s.muster(&["workspaces", "grant", "team", "bob", "boss"], None);
+    assert_eq!(out.0.status.code(), Some(2), "{}", out.stderr());
+    assert!(out.stderr().contains("operator"), "{}", out.stderr());
+    s.muster(&["workspaces", "grant", "team", "nobody", "viewer"], None)
+        .fails_with("(HTTP 404)");
+
+    // Bob logs in with his own config dir.
+    let bob_config = s.dir.0.join("bob-config");
+    let bob_config = bob_config.to_str().unwrap();
+    let bob = |args: &[&str], stdin: Option<&str>| {
+        s.muster_env(args, stdin, &[("MUSTER_CONFIG_DIR", bob_config)])
+    };
+    bob(
+        &[
+            "login",
+            "--server",
+            &s.url,
+            "--username",
+            "bob",
+            "--password-stdin",
+        ],
+        Some(&format!("{bob_pw}\n")),
+    )
+    .ok();
+    let bob_ws = items(&bob(&["workspaces", "ls", "--json"], None).ok());
+    let names: Vec<&str> = bob_ws.iter().map(|w| w["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 2, "{bob_ws:?}");
+    assert!(
+        names.contains(&"bob") && names.contains(&"team"),
+        "{bob_ws:?}"
+    );
+    let out = bob(&["jobs", "run", "--workspace", "team", "--", "true"], None);
+    out.fails_with("operator");
+    assert!(out.stderr().contains("(HTTP 403)"), "{}", out.stderr());
+    // In his own workspace he may run; a viewer may not manage members.
+    let id = bob(&["jobs", "run", "--", "true"], None).ok();
+    assert_eq!(id.trim().len(), 36, "{id}");
+    bob(&["workspaces", "grant", "team", "bob", "admin"], None).fails_with("(HTTP 403)");
+    // Bob sees only himself; he may not add users.
+    let users = items(&bob(&["users", "ls", "--json"], None).ok());
+    assert_eq!(users.len(), 1, "{users:?}");
+    bob(&["users", "add", "eve"], None).fails_with("no password");
+    bob(
+        &["users", "add", "eve", "--password-stdin"],
+        Some("eve's long password\n"),
+    )
+    .fails_with("only cluster admins manage users (HTTP 403)");
+
+    // Once operator, bob may run in team.
+    s.muster(&["workspaces", "grant", "team", "bob", "operator"], None)
+        .ok();
+    bob(&["jobs", "run", "--workspace", "team", "--", "true"], None).ok();
+
+    // Revoke: bob no longer sees team.
+    s.muster(&["workspaces", "revoke", "team", "bob"], None)
+        .ok();
+    let ws = items(&s.muster(&["workspaces", "ls", "--json"], None).ok());
+    let team = ws.iter().find(|w| w["name"] == "team").unwrap();
+    assert!(
+        !team["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["user"] == "bob"),
+        "{team:#}"
+    );
+    let bob_ws = items(&bob(&["workspaces", "ls", "--json"], None).ok());
+    assert!(!bob_ws.iter().any(|w| w["name"] == "team"), "{bob_ws:?}");
+    // The last admin of a workspace stays.
+    s.muster(&["workspaces", "revoke", "team", "admin"], None)
+        .fails_with("last admin");
+
+    // Removing bob ends his session.
+    s.muster(&["users", "rm", "bob"], None).ok();
+    bob(&["jobs", "ls"], None).fails_with("(HTTP 401)");
+}
+
+#[test]
+fn tokens_and_logout() {
+    let s = Server::start("tokens");
+    s.setup_and_login();
+
+    // The secret alone on stdout; the details on stderr.
+    let out = s.muster(
+        &[
+            "tokens",
+            "create",
+            "ci",
+            "--scopes",
+            "read",
+            "--expires-in",
+            "1h",
+        ],
+        None,
+    );
+    let token = out.ok();
+    assert_eq!(token.lines().count(), 1, "{token:?}");
+    let token = token.trim().to_string();
+    assert!(token.len() >= 20, "{token:?}");
+    assert!(out.stderr().contains("\"ci\""), "{}", out.stderr());
+    assert!(out.stderr().contains("shown only once"), "{}", out.stderr());
+
+    // It reads, but may not run.
+    let with = |args: &[&str]| s.muster_env(args, None, &[("MUSTER_TOKEN", &token)]);
+    with(&["jobs", "ls"]).ok();
+    let out = with(&["jobs", "run", "--", "true"]);
+    out.fails_with("operate");
+    assert!(out.stderr().contains("(HTTP 403)"), "{}", out.stderr());
+    // Nor make tokens of its own.
+    with(&["tokens", "create", "x", "--scopes", "read"]).fails_with("admin");
+
+    // Listed without its secret.
+    let ls = s.muster(&["tokens", "ls", "--json"], None).ok();
+    assert!(!ls.contains(&token), "{ls}");
+    let list = items(&ls);
+    let ci = list
+        .iter()
+        .find(|t| t["name"] == "ci")
+        .unwrap_or_else(|| panic!("{ls}"))
+        .clone();
+    assert_eq!(ci["scopes"], serde_json::json!(["read"]), "{ci:#}");
+    assert_eq!(ci["user"], "admin");
+    assert!(ci.get("token").is_none(), "{ci:#}");
+    assert!(token.starts_with(ci["prefix"].as_str().unwrap()), "{ci:#}");
+    assert!(ci["expires_at"].is_string(), "{ci:#}");
+    let id = ci["id"].as_str().unwrap().to_string();
+    let table = s.muster(&["tokens", "ls"], None).ok();
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(!table.contains(&token), "{table}");
+    let row = table.lines().find(|l| l.starts_with(&id)).unwrap();
+    assert!(row.contains(" ci ") && row.contains(" read "), "{row}");
+    s.muster(&["tokens", "ls", "--all"], None).ok();
+
+    // --json gives the whole answer; no expiry: never.
+    let whole: Value = serde_json::from_str(
+        &s.muster(
+            &[
+                "tokens",
+                "create",
+                "deploy",
+                "--scopes",
+                "read,operate",
+                "--json",
+            ],
+            None,
+        )
+        .ok(),
+    )
+    .unwrap();
+    assert!(whole["token"].is_string(), "{whole:#}");
+    assert!(whole["expires_at"].is_null(), "{whole:#}");
+    assert_eq!(whole["scopes"], serde_json::json!(["read", "operate"]));
+    let deploy = whole["token"].as_str().unwrap();
+    s.muster_env(
+        &["jobs", "run", "--", "true"],
+        None,
+        &[("MUSTER_TOKEN", deploy)],
+    )
+    .ok();
+    s.muster(&["tokens", "create", "bad", "--scopes", "root"], None)
+        .fails_with("(HTTP 400)");
+    let out = s.muster(
+        &[
+            "tokens",
+            "create",
+            "bad",
+            "--scopes",
+            "read",
+            "--expires-in",
+            "3x",
+        ],
+        None,
+    );
+    assert_eq!(out.0.status.code(), Some(2), "{}", out.stderr());
+    assert!(out.stderr().contains("30d"), "{}", out.stderr());
+
+    // Revoked: refused.
+    s.muster(&["tokens", "revoke", &id], None).ok();
+    with(&["jobs", "ls"]).fails_with("(HTTP 401)");
+    s.muster(&["tokens", "revoke", &id], None)
+        .fails_with("(HTTP 404)");
+
+    // Logout revokes the saved login's token and forgets it.
+    let creds = s.config.join("credentials.json");
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&creds).unwrap()).unwrap();
+    let old = saved["token"].as_str().unwrap().to_string();
+    let out = s.muster(&["logout"], None).ok();
+    assert!(out.contains("logged out"), "{out}");
+    assert!(!creds.exists());
+    s.muster(&["jobs", "ls"], None).fails_with("not logged in");
+    s.muster(&["jobs", "ls"], None).fails_with("muster login");
+    s.muster_env(
+        &["jobs", "ls", "--server", &s.url],
+        None,
+        &[("MUSTER_TOKEN", &old)],
+    )
+    .fails_with("(HTTP 401)");
+    s.muster(&["logout"], None).fails_with("not logged in");
+}
+
+#[test]
+fn perf_summary_of_a_data_dir() {
+    let dir = TempDir::new("perf");
+    let run = dir.0.join("perf/logs/1");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(
+        run.join("123.log"),
+        "2026-11-23T16:00:00.000Z GET /api/v1/jobs 200 1500\n\
+         2026-11-23T16:00:01.000Z GET /api/v1/jobs 200 2500\n\
+         2026-11-23T16:00:02.000Z GET /api/v1/jobs 200 3500\n\
+         2026-11-23T16:00:03.000Z POST /api/v1/jobs 201 9000\n",
+    )
+    .unwrap();
+    let perf = |args: &[&str], envs: &[(&str, &str)]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env_remove("MUSTER_DATA_DIR")
+            .current_dir(&dir.0);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        Out(cmd.stdin(Stdio::null()).output().unwrap(), args.join(" "))
+    };
+    let data = dir.0.to_str().unwrap();
+    let check = |out: &str| {
+        assert!(out.starts_with("perf run 1"), "{out}");
+        let get = out
+            .lines()
+            .find(|l| l.starts_with("GET /api/v1/jobs "))
+            .unwrap_or_else(|| panic!("{out}"));
+        let cols: Vec<&str> = get.split_whitespace().collect();
+        assert_eq!(
+            &cols[2..],
+            ["3", "2.500", "3.500", "3.500", "3.500"],
+            "{get}"
+        );
+        let post = out
+            .lines()
+            .find(|l| l.starts_with("POST /api/v1/jobs "))
+            .unwrap_or_else(|| panic!("{out}"));
+        assert_eq!(post.split_whitespace().nth(2), Some("1"), "{post}");
+    };
+    check(&perf(&["perf", "summary", "--data-dir", data], &[]).ok());
+    check(
+        &perf(
+            &["perf", "summary", "--run", "1"],
+            &[("MUSTER_DATA_DIR", data)],
+        )
+        .ok(),
+    );
+    perf(&["perf", "summary", "--data-dir", data, "--run", "2"], &[]).fails_with("no perf run 2");
+    // No data dir named: ./muster-data, which has no runs here.
+    perf(&["perf", "summary"], &[]).fails_with("no perf runs");
 }

@@ -407,3 +407,21 @@ fn a_rejected_job_fails_without_retry_and_halts() {
     assert_eq!(run.job(1).state, JobState::Failed);
     assert_eq!(run.job(1).error.as_deref(), Some("no node matches"));
 }
+
+#[test]
+fn a_lost_node_retries_elsewhere_or_fails() {
+    let mut run = tree_of(
+        r#"{"name":"r","on_failure":"continue","children":[{"name":"a","noop":true,"retries":1},{"name":"b","noop":true,"retries":1}]}"#,
+    );
+    run.start(1, "n1", Ts(1)).unwrap();
+    run.start(2, "n1", Ts(1)).unwrap();
+    let fx = run.lose(1, "node lost".into(), Ts(2), Some((B, 0.0)));
+    assert!(matches!(fx[1], Effect::Retry(1, _)), "{fx:?}");
+    assert_eq!(
+        (run.job(1).state, run.job(1).attempt),
+        (JobState::Waiting, 2)
+    );
+    run.lose(2, "node lost".into(), Ts(2), None);
+    assert_eq!(run.job(2).state, JobState::Failed);
+    assert_eq!(run.job(2).error.as_deref(), Some("node lost"));
+}

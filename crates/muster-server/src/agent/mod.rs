@@ -48,6 +48,9 @@ pub struct AgentOptions {
     pub heartbeat: Duration,
     /// How long the directories of acknowledged attempts (their logs) are kept.
     pub retention: Duration,
+    /// Cut off from every server this long, the agent kills its retryable jobs itself (the
+    /// server retries them elsewhere), so a partition never runs a job twice.
+    pub lost_after: Duration,
 }
 
 enum Internal {
@@ -62,8 +65,10 @@ enum Internal {
 struct Agent {
     opts: AgentOptions,
     node_id: Option<String>,
-    /// Attempts whose supervisor runs: their supervisor's pid when known.
-    running: HashMap<(Uuid, u32), Option<u32>>,
+    /// Attempts whose supervisor runs: whether the server would retry them elsewhere.
+    running: HashMap<(Uuid, u32), bool>,
+    /// Set when a server said goodbye: the agent stops.
+    goodbye: Option<String>,
     /// Ended attempts not yet acknowledged by a server.
     ended: HashMap<(Uuid, u32), ExitReport>,
     /// Report seq → the exec attempts it ended, marked `acked` once acknowledged.
@@ -116,6 +121,7 @@ pub async fn run(
         next_seq: 1,
         internal_tx,
         streams: HashMap::new(),
+        goodbye: None,
     };
     agent.adopt().await?;
     let sweep_dir = agent.opts.dir.clone();
@@ -133,7 +139,16 @@ pub async fn run(
     let _sweeper = AbortOnDrop(sweeper);
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
+    let mut cut_off_since = std::time::Instant::now();
     loop {
+        if let Some(reason) = agent.goodbye.take() {
+            return Err(std::io::Error::other(format!(
+                "the server said goodbye: {reason}"
+            )));
+        }
+        if cut_off_since.elapsed() >= agent.opts.lost_after {
+            agent.kill_retryable();
+        }
         let conn = tokio::select! {
             _ = &mut shutdown => return Ok(()),
             c = (link)() => c,
@@ -169,6 +184,9 @@ pub async fn run(
                     while let Ok(msg) = rx.try_recv() {
                         agent.on_message(msg, &tx, &mut pending);
                     }
+                    if agent.goodbye.is_some() {
+                        break;
+                    }
                 }
                 ev = internal_rx.recv() => {
                     let Some(Internal::Ended { job, attempt, outcome }) = ev else { continue };
@@ -196,7 +214,10 @@ pub async fn run(
         for (_, h) in agent.streams.drain() {
             h.abort();
         }
-        eprintln!("muster agent: lost the server; reconnecting");
+        cut_off_since = std::time::Instant::now();
+        if agent.goodbye.is_none() {
+            eprintln!("muster agent: lost the server; reconnecting");
+        }
     }
 }
 
@@ -249,7 +270,8 @@ impl Agent {
             match lock {
                 None => {
                     // The supervisor lives: wait for it to end.
-                    self.running.insert((job, attempt), None);
+                    let retryable = read_spec(&dir).is_some_and(|a| a.retryable);
+                    self.running.insert((job, attempt), retryable);
                     self.watch_adopted(job, attempt, dir);
                 }
                 Some(lock) => {
@@ -328,18 +350,7 @@ impl Agent {
                     self.assign(a, pending);
                 }
             }
-            ToAgent::Kill { job, attempt } => {
-                if self.running.contains_key(&(job, attempt)) {
-                    // First the `kill` file (for a supervisor that has not started the command
-                    // yet), then SIGTERM to the supervisor, whose pid is in started.json.
-                    let dir = attempt_dir(&self.opts.dir, job, attempt);
-                    let _ = std::fs::write(dir.join("kill"), b"");
-                    if let Some(sid) = read_started(&dir) {
-                        // SAFETY: SIGTERM to the supervisor, which forwards it to the job's group.
-                        unsafe { libc::kill(sid, libc::SIGTERM) };
-                    }
-                }
-            }
+            ToAgent::Kill { job, attempt } => self.kill(job, attempt),
             ToAgent::Ack { seq } => {
                 let done: Vec<u64> = self.in_flight.range(..=seq).map(|(k, _)| *k).collect();
                 for k in done {
@@ -363,10 +374,38 @@ impl Agent {
                 self.streams.retain(|_, h| !h.is_finished());
                 self.streams.insert(stream, h);
             }
+            ToAgent::Goodbye { reason } => {
+                eprintln!("muster agent: {reason}");
+                self.goodbye = Some(reason);
+            }
             ToAgent::StopLog { stream } => {
                 if let Some(h) = self.streams.remove(&stream) {
                     h.abort();
                 }
+            }
+        }
+    }
+
+    /// Asks an attempt's supervisor to stop it: first the `kill` file (for a supervisor that has
+    /// not started the command yet), then SIGTERM to the supervisor (pid in started.json).
+    fn kill(&self, job: Uuid, attempt: u32) {
+        if !self.running.contains_key(&(job, attempt)) {
+            return;
+        }
+        let dir = attempt_dir(&self.opts.dir, job, attempt);
+        let _ = std::fs::write(dir.join("kill"), b"");
+        if let Some(sid) = read_started(&dir) {
+            // SAFETY: SIGTERM to the supervisor, which forwards it to the job's group.
+            unsafe { libc::kill(sid, libc::SIGTERM) };
+        }
+    }
+
+    /// Cut off for `lost_after`: the server has failed these jobs over to other nodes.
+    fn kill_retryable(&self) {
+        for (&(job, attempt), &retryable) in &self.running {
+            if retryable {
+                eprintln!("muster agent: no server for too long; stopping retryable job {job} attempt {attempt}");
+                self.kill(job, attempt);
             }
         }
     }
@@ -463,7 +502,8 @@ impl Agent {
         let tx = self.internal_tx.clone();
         match cmd.spawn() {
             Ok(mut child) => {
-                self.running.insert((job, attempt), child.id());
+                let retryable = read_spec(&dir).is_some_and(|a| a.retryable);
+                self.running.insert((job, attempt), retryable);
                 tokio::spawn(async move {
                     let _ = child.wait().await;
                     let outcome = match read_exit(&dir) {
@@ -488,7 +528,7 @@ impl Agent {
                     &dir.join("exit.json"),
                     &serde_json::to_vec(&outcome).unwrap_or_default(),
                 );
-                self.running.insert((job, attempt), None);
+                self.running.insert((job, attempt), false);
                 let _ = tx.send(Internal::Ended {
                     job,
                     attempt,
@@ -578,6 +618,10 @@ pub fn done_dir(dir: &Path) -> PathBuf {
     let mut name = dir.as_os_str().to_owned();
     name.push(".done");
     PathBuf::from(name)
+}
+
+fn read_spec(dir: &Path) -> Option<Assignment> {
+    serde_json::from_slice(&std::fs::read(dir.join("spec.json")).ok()?).ok()
 }
 
 fn read_exit(dir: &Path) -> Option<ExitReport> {
@@ -696,4 +740,99 @@ async fn stream_log(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// A [`Link`] to remote servers over websockets (`/api/v1/agent/ws`), authenticated by the
+/// node's credential. Each connection tries the servers in turn, starting after the last one
+/// that worked, so an agent whose server died carries on with another.
+pub fn ws_link(servers: Vec<String>, credential: String) -> Link {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    Arc::new(move || {
+        let servers = servers.clone();
+        let credential = credential.clone();
+        let next = next.clone();
+        Box::pin(async move {
+            let mut last_err =
+                std::io::Error::other("no server configured (agent.servers / --server)");
+            for k in 0..servers.len() {
+                let i = (next.load(std::sync::atomic::Ordering::Relaxed) + k) % servers.len();
+                match ws_connect(&servers[i], &credential).await {
+                    Ok(link) => {
+                        next.store(i, std::sync::atomic::Ordering::Relaxed);
+                        return Ok(link);
+                    }
+                    Err(e) => last_err = std::io::Error::other(format!("{}: {e}", servers[i])),
+                }
+            }
+            next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(last_err)
+        })
+    })
+}
+
+async fn ws_connect(
+    server: &str,
+    credential: &str,
+) -> std::io::Result<(UnboundedSender<FromAgent>, UnboundedReceiver<ToAgent>)> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let base = server.trim_end_matches('/');
+    let url = if let Some(rest) = base.strip_prefix("http://") {
+        format!("ws://{rest}/api/v1/agent/ws")
+    } else if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}/api/v1/agent/ws")
+    } else {
+        return Err(std::io::Error::other(format!(
+            "{server:?} is not an http:// URL"
+        )));
+    };
+    let mut req = url.into_client_request().map_err(std::io::Error::other)?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {credential}")
+            .parse()
+            .map_err(std::io::Error::other)?,
+    );
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("timed out"))?
+    .map_err(std::io::Error::other)?;
+    let (to_server, mut from_agent) = unbounded_channel::<FromAgent>();
+    let (to_agent, from_server) = unbounded_channel::<ToAgent>();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                out = from_agent.recv() => match out {
+                    Some(m) => {
+                        let text = serde_json::to_string(&m).unwrap_or_default();
+                        if ws.send(Message::Text(text.into())).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Text(t))) => match serde_json::from_str::<ToAgent>(&t) {
+                        Ok(m) => {
+                            if to_agent.send(m).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            eprintln!("muster agent: the server sent a bad message: {e}");
+                            break;
+                        }
+                    },
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+        let _ = ws.close(None).await;
+    });
+    Ok((to_server, from_server))
 }

@@ -89,6 +89,8 @@ async fn create_jobs(
     .map_err(ApiError::bad)?;
     // Running anything needs `operator` in the tree's workspace (SPEC §13).
     caller.need_role(&new.tree.tags.workspace, Role::Operator)?;
+    let mut new = new;
+    new.tree.admin = caller.user.admin;
     let tree = new.tree.clone();
     let jobs: Vec<Value> = new.jobs.iter().map(|j| job_json(j, &tree)).collect();
     match app

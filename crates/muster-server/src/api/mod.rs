@@ -9,6 +9,7 @@
 mod accounts;
 pub use accounts::LoginLimiter;
 mod jobs;
+mod nodes;
 pub mod openapi;
 
 use crate::accounts::Role;
@@ -279,7 +280,9 @@ impl FromRequestParts<Arc<App>> for Caller {
             Some((token, user, roles)) if token.expires_at.is_none_or(|e| e > now()) => {
                 Ok(Caller { user, token, roles })
             }
-            Some(_) => Err(unauthorized("the token has expired: log in again")),
+            Some(_) => Err(unauthorized(
+                "the token has expired: log in again, or make a new API token",
+            )),
             None => Err(unauthorized("the token is not valid")),
         }
     }
@@ -347,6 +350,7 @@ pub fn routes() -> Routes {
         .add("/metrics", &["GET"], get(crate::metrics::serve))
         .add("/api/v1/openapi.json", &["GET"], get(openapi::serve));
     let r = accounts::routes(r);
+    let r = nodes::routes(r);
     jobs::routes(r)
 }
 

@@ -56,6 +56,21 @@ fn path_param(name: &str) -> Value {
     json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}})
 }
 
+/// The name rule of `muster_core::names::check_name` (users, workspaces, tags, job keys, nodes).
+/// Not expressed: no `__`, and a few reserved words (`api`, `setup`, ...).
+fn name() -> Value {
+    json!({"type": "string", "minLength": 1, "maxLength": 63, "pattern": "^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$"})
+}
+
+/// Passwords: at least 12 characters (and not the user name).
+fn password() -> Value {
+    json!({"type": "string", "minLength": 12})
+}
+
+fn job_id_param() -> Value {
+    json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string", "format": "uuid"}})
+}
+
 fn query(name: &str, t: &str) -> Value {
     json!({"name": name, "in": "query", "required": false, "schema": {"type": t}})
 }
@@ -65,8 +80,8 @@ pub fn document() -> Value {
     let ts = json!({"type": "string", "format": "date-time"});
     let ts_null = json!({"type": "string", "format": "date-time", "nullable": true});
     let tags = obj(
-        json!({"workspace": {"type": "string"}, "application": {"type": "string"}, "version": {"type": "string"},
-               "instance": {"type": "string"}, "labels": {"type": "object", "additionalProperties": {"type": "string"}}}),
+        json!({"workspace": name(), "application": name(), "version": name(),
+               "instance": name(), "labels": {"type": "object", "additionalProperties": {"type": "string", "minLength": 1, "maxLength": 200}}}),
         &[],
     );
     let job = json!({"type": "object", "required": ["id", "tree", "name", "key", "state", "attempt", "created_at"], "properties": {
@@ -82,9 +97,9 @@ pub fn document() -> Value {
         "tree_state": {"type": "string"}, "on_failure": {"type": "string"}
     }});
     let job_spec = json!({"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 200}, "key": {"type": "string"},
+        "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"}, "key": name(),
         "exec": {"type": "array", "items": {"type": "string"}, "minItems": 1}, "shell": {"type": "string"}, "noop": {"type": "boolean"},
-        "node": {"type": "string"}, "node_selector": {"type": "object", "additionalProperties": {"type": "string"}},
+        "node": name(), "node_selector": {"type": "object", "additionalProperties": {"type": "string"}},
         "timeout_s": {"type": "integer", "minimum": 1}, "retries": {"type": "integer", "minimum": 0, "maximum": 100},
         "needs": {"type": "array", "items": {"type": "string"}}, "children": {"type": "array", "items": r("JobSpec")},
         "tags": r("Tags"), "on_failure": {"type": "string", "enum": ["abort", "continue"]}
@@ -116,6 +131,7 @@ pub fn document() -> Value {
         )
     };
     let id = || vec![path_param("id")];
+    let job_id = || vec![job_id_param()];
     let mut paths = serde_json::Map::new();
     let mut add = |path: &str, method: &str, mut o: Value, params: Vec<Value>| {
         if !params.is_empty() {
@@ -179,7 +195,7 @@ pub fn document() -> Value {
         vec![],
     );
     let setup_body = json!({"type": "object", "additionalProperties": false, "required": ["setup_code", "username", "password"], "properties": {
-        "setup_code": {"type": "string"}, "username": {"type": "string"}, "password": {"type": "string"}, "cluster_name": {"type": "string"}}});
+        "setup_code": {"type": "string"}, "username": name(), "password": password(), "cluster_name": name()}});
     add(
         "/api/v1/setup",
         "post",
@@ -232,7 +248,7 @@ pub fn document() -> Value {
         ),
         vec![],
     );
-    let new_user = json!({"type": "object", "additionalProperties": false, "required": ["username", "password"], "properties": {"username": {"type": "string"}, "password": {"type": "string"}, "admin": {"type": "boolean"}}});
+    let new_user = json!({"type": "object", "additionalProperties": false, "required": ["username", "password"], "properties": {"username": name(), "password": password(), "admin": {"type": "boolean"}}});
     add(
         "/api/v1/users",
         "post",
@@ -263,7 +279,7 @@ pub fn document() -> Value {
         ),
         vec![],
     );
-    let new_ws = json!({"type": "object", "additionalProperties": false, "required": ["name"], "properties": {"name": {"type": "string"}}});
+    let new_ws = json!({"type": "object", "additionalProperties": false, "required": ["name"], "properties": {"name": name()}});
     add(
         "/api/v1/workspaces",
         "post",
@@ -312,7 +328,7 @@ pub fn document() -> Value {
         vec![query("all", "boolean")],
     );
     let new_token = json!({"type": "object", "additionalProperties": false, "required": ["name", "scopes"], "properties": {
-        "name": {"type": "string"}, "scopes": {"type": "array", "items": {"type": "string", "enum": SCOPES}}, "expires_in_s": {"type": "integer", "minimum": 1}}});
+        "name": {"type": "string", "minLength": 1, "maxLength": 100}, "scopes": {"type": "array", "minItems": 1, "items": {"type": "string", "enum": SCOPES}}, "expires_in_s": {"type": "integer", "minimum": 1}}});
     add(
         "/api/v1/tokens",
         "post",
@@ -325,6 +341,102 @@ pub fn document() -> Value {
         ),
         vec![],
     );
+    let node = obj(
+        json!({"id": {"type": "string"}, "name": {"type": "string"}, "state": {"type": "string", "enum": ["ready", "draining", "down", "lost"]},
+               "labels": {"type": "object", "additionalProperties": {"type": "string"}}, "slots": {"type": "integer"},
+               "last_seen": {"type": "string", "format": "date-time"}, "version": {"type": "string"}}),
+        &["id", "name", "state", "labels", "slots"],
+    );
+    add(
+        "/api/v1/nodes",
+        "get",
+        op(
+            "Nodes and their states",
+            None,
+            "200",
+            Some(list(node.clone())),
+            false,
+        ),
+        vec![],
+    );
+    add(
+        "/api/v1/nodes/{id}",
+        "get",
+        op(
+            "One node (by id or name)",
+            None,
+            "200",
+            Some(node.clone()),
+            false,
+        ),
+        vec![path_param("id")],
+    );
+    let node_patch = json!({"type": "object", "additionalProperties": false, "properties": {
+        "labels": {"type": "object", "additionalProperties": {"type": "string", "nullable": true}},
+        "state": {"type": "string", "enum": ["draining", "ready"]}}});
+    add(
+        "/api/v1/nodes/{id}",
+        "patch",
+        op(
+            "Label a node, drain it or make it ready again (cluster admins)",
+            Some(node_patch),
+            "200",
+            Some(node.clone()),
+            false,
+        ),
+        vec![path_param("id")],
+    );
+    add(
+        "/api/v1/nodes/{id}",
+        "delete",
+        op(
+            "Remove a node and revoke its credential (cluster admins)",
+            None,
+            "204",
+            None,
+            false,
+        ),
+        vec![path_param("id")],
+    );
+    let join_token_body = json!({"type": "object", "additionalProperties": false, "properties": {"ttl_s": {"type": "integer", "minimum": 1, "maximum": 2592000}, "uses": {"type": "integer", "minimum": 1, "maximum": 10000}}});
+    let mut jt = op(
+        "A join token for new agents (cluster admins)",
+        None,
+        "201",
+        Some(obj(
+            json!({"token": {"type": "string"}, "expires_at": {"type": "string", "format": "date-time"}, "uses": {"type": "integer"}, "command": {"type": "string"}}),
+            &["token", "expires_at", "uses", "command"],
+        )),
+        false,
+    );
+    jt["requestBody"] =
+        json!({"required": false, "content": {"application/json": {"schema": join_token_body}}});
+    add("/api/v1/nodes/join-token", "post", jt, vec![]);
+    let join_body = json!({"type": "object", "additionalProperties": false, "required": ["join_token", "name"], "properties": {"join_token": {"type": "string"}, "name": {"type": "string"}}});
+    add(
+        "/api/v1/nodes/join",
+        "post",
+        op(
+            "An agent trades a join token for its node credential",
+            Some(join_body),
+            "201",
+            Some(obj(
+                json!({"node_id": {"type": "string"}, "credential": {"type": "string"}}),
+                &["node_id", "credential"],
+            )),
+            true,
+        ),
+        vec![],
+    );
+    let mut agent_ws = op(
+        "The agent connection (agent protocol over a websocket; bearer: the node credential)",
+        None,
+        "101",
+        None,
+        true,
+    );
+    agent_ws["security"] = json!([{"bearer": []}]);
+    add("/api/v1/agent/ws", "get", agent_ws, vec![]);
     add(
         "/api/v1/tokens/{id}",
         "delete",
@@ -341,7 +453,7 @@ pub fn document() -> Value {
         )),
         false,
     );
-    create["parameters"] = json!([{"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string"}}]);
+    create["parameters"] = json!([{"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "minLength": 1, "maxLength": 200}}]);
     create["responses"]["200"] = json!({"description": "the tree made earlier with this Idempotency-Key", "content": {"application/json": {"schema": obj(json!({"id": {"type": "string"}, "jobs": {"type": "array", "items": r("Job")}}), &["id", "jobs"])}}});
     add("/api/v1/jobs", "post", create, vec![]);
     let list_params = [
@@ -350,12 +462,14 @@ pub fn document() -> Value {
         "version",
         "instance",
         "node",
-        "state",
-        "cursor",
     ]
     .iter()
     .map(|n| query(n, "string"))
-    .chain([query("limit", "integer")])
+    .chain([
+        json!({"name": "state", "in": "query", "required": false, "schema": {"type": "string", "enum": ["running", "succeeded", "failed", "aborted"]}}),
+        json!({"name": "cursor", "in": "query", "required": false, "schema": {"type": "string", "format": "uuid"}}),
+        json!({"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}}),
+    ])
     .collect();
     add(
         "/api/v1/jobs",
@@ -376,7 +490,7 @@ pub fn document() -> Value {
         "/api/v1/jobs/{id}",
         "get",
         op("One job", None, "200", Some(r("Job")), false),
-        id(),
+        job_id(),
     );
     add(
         "/api/v1/jobs/{id}/tree",
@@ -388,7 +502,7 @@ pub fn document() -> Value {
             Some(r("Job")),
             false,
         ),
-        id(),
+        job_id(),
     );
     add(
         "/api/v1/jobs/{id}/abort",
@@ -403,11 +517,11 @@ pub fn document() -> Value {
             )),
             false,
         ),
-        id(),
+        job_id(),
     );
     let log_params = || {
         vec![
-            path_param("id"),
+            job_id_param(),
             query("attempt", "integer"),
             query("follow", "boolean"),
         ]
@@ -443,7 +557,7 @@ pub fn document() -> Value {
             )),
             false,
         ),
-        id(),
+        job_id(),
     );
     add(
         "/api/v1/events/ws",

@@ -102,10 +102,11 @@ impl Server {
                 dir: config.data_dir.join("agent"),
                 name: "node-1".into(),
                 slots: 8,
-                labels: Default::default(),
+                labels: [("workspaces".to_string(), "*".to_string())].into(),
                 exe: PathBuf::from(env!("CARGO_BIN_EXE_muster")),
                 heartbeat: Duration::from_secs(2),
                 retention: config.jobs.retention,
+                lost_after: config.nodes.lost_after,
             };
             let mut rx = stop_rx.clone();
             tokio::spawn(agent::run(opts, app.local_link(), async move {

@@ -9,3 +9,4 @@ mod api;
 mod crash;
 mod jobs;
 mod logs;
+mod nodes;

@@ -1,0 +1,289 @@
+//! Routes of the node registry and of agents: join tokens, joining, the agent connection.
+
+use super::*;
+use crate::manager::Cmd;
+use crate::nodes as n;
+use crate::protocol::{FromAgent, ToAgent};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::Path;
+use axum::routing::post;
+use muster_store::Node;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+pub(super) fn routes(r: Routes) -> Routes {
+    r.add("/api/v1/nodes", &["GET"], get(list_nodes))
+        .add(
+            "/api/v1/nodes/{id}",
+            &["GET", "PATCH", "DELETE"],
+            get(get_node).patch(patch_node).delete(delete_node),
+        )
+        .add("/api/v1/nodes/join-token", &["POST"], post(join_token))
+        .add("/api/v1/nodes/join", &["POST"], post(join))
+        .add("/api/v1/agent/ws", &["GET"], get(agent_ws))
+}
+
+fn node_json(n: &Node) -> Value {
+    json!({"id": n.id, "name": n.name, "state": n.state, "labels": n.labels, "slots": n.slots, "last_seen": n.last_seen, "version": n.version})
+}
+
+async fn find_node(app: &Arc<App>, id: &str) -> ApiResult<Node> {
+    let (store, id) = (app.store.clone(), id.to_string());
+    blocking(move || {
+        store
+            .nodes()?
+            .into_iter()
+            .find(|n| n.id == id || n.name == id)
+            .ok_or_else(|| ApiError::not_found(&format!("node {id:?}")))
+    })
+    .await
+}
+
+async fn list_nodes(State(app): AppState, caller: Caller) -> ApiResult<Response> {
+    caller.need_scope("read")?;
+    let store = app.store.clone();
+    let nodes = blocking(move || Ok(store.nodes()?)).await?;
+    let items: Vec<Value> = nodes.iter().map(node_json).collect();
+    Ok(axum::Json(json!({"items": items})).into_response())
+}
+
+async fn get_node(
+    State(app): AppState,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    caller.need_scope("read")?;
+    Ok(axum::Json(node_json(&find_node(&app, &id).await?)).into_response())
+}
+
+fn need_cluster_admin(caller: &Caller) -> ApiResult<()> {
+    caller.need_scope("admin")?;
+    if caller.user.admin {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("only cluster admins manage nodes"))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodePatch {
+    /// Labels to set; a null value removes the label.
+    #[serde(default)]
+    labels: BTreeMap<String, Option<String>>,
+    /// `draining` or `ready`.
+    #[serde(default)]
+    state: Option<String>,
+}
+
+async fn patch_node(
+    State(app): AppState,
+    caller: Caller,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<NodePatch>,
+) -> ApiResult<Response> {
+    need_cluster_admin(&caller)?;
+    for (k, v) in &b.labels {
+        muster_core::names::check_name("label", k).map_err(ApiError::bad)?;
+        if v.as_ref().is_some_and(|v| v.is_empty() || v.len() > 200) {
+            return Err(ApiError::bad(format!(
+                "label {k:?} needs a value of 1-200 characters"
+            )));
+        }
+    }
+    let draining = match b.state.as_deref() {
+        None => None,
+        Some("draining") => Some(true),
+        Some("ready") => Some(false),
+        Some(other) => {
+            return Err(ApiError::bad(format!(
+                "state {other:?} is not draining or ready"
+            )))
+        }
+    };
+    let node = find_node(&app, &id).await?;
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    app.manager.send(Cmd::UpdateNode {
+        id: node.id,
+        labels: b.labels,
+        draining,
+        reply,
+    });
+    let node = rx
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::not_found(&e))?;
+    Ok(axum::Json(node_json(&node)).into_response())
+}
+
+async fn delete_node(
+    State(app): AppState,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    need_cluster_admin(&caller)?;
+    let node = find_node(&app, &id).await?;
+    let (store, nid) = (app.store.clone(), node.id.clone());
+    blocking(move || {
+        n::revoke_node(&*store, &nid)?;
+        store.delete_node(&nid)?;
+        Ok(())
+    })
+    .await?;
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    app.manager.send(Cmd::RemoveNode { id: node.id, reply });
+    let _ = rx.await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinTokenBody {
+    /// Seconds the token stays valid (default one hour).
+    #[serde(default)]
+    ttl_s: Option<u64>,
+    /// How many nodes may join with it (default 1).
+    #[serde(default)]
+    uses: Option<u32>,
+}
+
+async fn join_token(
+    State(app): AppState,
+    caller: Caller,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    need_cluster_admin(&caller)?;
+    // The body is optional: an empty one takes the defaults.
+    let b: JoinTokenBody = if body.iter().all(|c| c.is_ascii_whitespace()) {
+        JoinTokenBody {
+            ttl_s: None,
+            uses: None,
+        }
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))?
+    };
+    let ttl = b.ttl_s.unwrap_or(3600);
+    let uses = b.uses.unwrap_or(1);
+    if ttl == 0 || ttl > 30 * 86_400 || uses == 0 || uses > 10_000 {
+        return Err(ApiError::bad(
+            "ttl_s must be 1 s to 30 days and uses 1-10000",
+        ));
+    }
+    let store = app.store.clone();
+    let (token, expires_at) =
+        blocking(move || Ok(n::create_join_token(&*store, ttl as i64 * 1000, uses)?)).await?;
+    let command = format!("muster agent --server {} --join-token {token}", app.url);
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(
+            json!({"token": token, "expires_at": expires_at, "uses": uses, "command": command}),
+        ),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinBody {
+    join_token: String,
+    name: String,
+}
+
+/// An agent trades a join token for its own credential.
+async fn join(State(app): AppState, JsonBody(b): JsonBody<JoinBody>) -> ApiResult<Response> {
+    muster_core::names::check_name("node name", &b.name).map_err(ApiError::bad)?;
+    let store = app.store.clone();
+    let (id, credential) = blocking(move || {
+        if store.nodes()?.iter().any(|n| n.name == b.name) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("a node named {:?} exists: remove it first (`muster nodes rm`) or choose another name", b.name),
+            ));
+        }
+        n::redeem_join_token(&*store, &b.join_token)?.map_err(|m| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m))?;
+        let id = muster_core::Uuid::now_v7().to_string();
+        let credential = n::issue_credential(&*store, &id)?;
+        Ok((id, credential))
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"node_id": id, "credential": credential})),
+    )
+        .into_response())
+}
+
+/// The agent connection (the agent protocol as JSON text frames), authenticated by the node's
+/// credential.
+async fn agent_ws(
+    State(app): AppState,
+    headers: axum::http::HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    let ws = ws.map_err(|e| ApiError::bad(e.body_text()))?;
+    let cred = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|s| s.trim().to_string())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "an agent connects with its node credential",
+            )
+        })?;
+    let store = app.store.clone();
+    let node = blocking(move || Ok(n::node_of_credential(&*store, &cred)?)).await?;
+    let Some(node) = node else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the node credential is not valid (was the node removed?)",
+        ));
+    };
+    Ok(ws.on_upgrade(move |socket| bridge(app, socket, node)))
+}
+
+/// Carries protocol messages between a websocket and a [`crate::session`].
+async fn bridge(app: Arc<App>, mut socket: WebSocket, node: String) {
+    let (to_server, from_agent) = tokio::sync::mpsc::unbounded_channel::<FromAgent>();
+    let (to_agent, mut from_server) = tokio::sync::mpsc::unbounded_channel::<ToAgent>();
+    let session = tokio::spawn(crate::session::serve(app, from_agent, to_agent, Some(node)));
+    loop {
+        tokio::select! {
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Text(t))) => match serde_json::from_str::<FromAgent>(&t) {
+                    Ok(m) => {
+                        if to_server.send(m).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("muster: agent sent a bad message: {e}");
+                        break;
+                    }
+                },
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            out = from_server.recv() => match out {
+                Some(m) => {
+                    let text = serde_json::to_string(&m).unwrap_or_default();
+                    if socket.send(Message::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                    if matches!(m, ToAgent::Goodbye { .. }) {
+                        break;
+                    }
+                }
+                None => break,
+            },
+        }
+    }
+    drop(to_server);
+    let _ = session.await;
+}

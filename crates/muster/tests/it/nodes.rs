@@ -1,0 +1,353 @@
+//! Nodes and agents (SPEC §5): real `muster agent` processes on loopback joining the server with
+//! join tokens, placement by name, selector and workspace, logs followed across nodes, node
+//! loss, agent restarts and removal.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A `muster agent` process with its own data dir; killed (with its jobs) on drop.
+pub struct Agent {
+    child: Option<Child>,
+    pub dir: TempDir,
+    name: String,
+    server: String,
+}
+
+impl Agent {
+    pub fn join(s: &Server, name: &str, labels: &[&str]) -> Agent {
+        let (st, t) = s.call("POST", "/api/v1/nodes/join-token", Some(json!({"uses": 1})));
+        assert_eq!(st, 201, "{t}");
+        let dir = TempDir::new("agent");
+        let mut a = Agent {
+            child: None,
+            dir,
+            name: name.into(),
+            server: s.url.clone(),
+        };
+        a.start(Some(t["token"].as_str().unwrap()), labels);
+        a
+    }
+
+    pub fn start(&mut self, token: Option<&str>, labels: &[&str]) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_muster"));
+        cmd.args([
+            "agent",
+            "--server",
+            &self.server,
+            "--name",
+            &self.name,
+            "--data-dir",
+        ])
+        .arg(&self.dir.0)
+        .env("MUSTER_DISCOVERY__INTERVAL", "300ms")
+        .env("MUSTER_NODES__LOST_AFTER", "3s")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+        if let Some(t) = token {
+            cmd.args(["--join-token", t]);
+        }
+        for l in labels {
+            cmd.args(["--label", l]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the agent ended at once"
+        );
+        assert!(line.contains("is running"), "{line}");
+        std::thread::spawn(move || for _ in out.lines() {});
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Waits for the agent process to end by itself; its exit status.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let mut status = None;
+        wait_until(within, || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn node(s: &Server, name: &str) -> Value {
+    let (st, n) = s.call("GET", &format!("/api/v1/nodes/{name}"), None);
+    assert_eq!(st, 200, "{n}");
+    n
+}
+
+fn wait_node(s: &Server, name: &str, state: &str, within: Duration) {
+    let mut last = Value::Null;
+    let ok = wait_until(within, || {
+        last = s.call("GET", &format!("/api/v1/nodes/{name}"), None).1;
+        last["state"] == state
+    });
+    assert!(ok, "node {name} never became {state}: {last}");
+}
+
+fn fast_nodes(c: &mut muster_server::config::Config) {
+    c.discovery.interval = Duration::from_millis(300);
+    c.nodes.lost_after = Duration::from_secs(3);
+}
+
+#[test]
+fn agents_join_run_pinned_and_selected_jobs_and_stream_logs() {
+    let s = Server::start_with(fast_nodes);
+    let _gpu = Agent::join(&s, "gpu-1", &["type=gpu"]);
+    let _cpu = Agent::join(&s, "cpu-1", &["type=cpu"]);
+    wait_node(&s, "gpu-1", "ready", Duration::from_secs(10));
+    wait_node(&s, "cpu-1", "ready", Duration::from_secs(10));
+    assert_eq!(node(&s, "gpu-1")["labels"]["type"], "gpu");
+    let go = s.dir.0.join("go");
+    let (id, body) = s.create(json!({"name": "spread", "on_failure": "continue", "children": [
+        {"name": "on-gpu", "node_selector": {"type": "gpu"}, "shell": format!("echo gpu-line; while [ ! -e {} ]; do sleep 0.02; done; echo gpu-done", go.display())},
+        {"name": "on-cpu", "node": "cpu-1", "exec": ["sh", "-c", "echo on $MUSTER_JOB_ID"]},
+        {"name": "nowhere", "node_selector": {"type": "tpu"}, "exec": ["true"]}
+    ]}));
+    // The log of a job on another node, followed live through the server.
+    let gpu_job = body["jobs"][1]["id"].as_str().unwrap().to_string();
+    let resp = http()
+        .get(&format!("{}/api/v1/jobs/{gpu_job}/log?follow=true", s.url))
+        .header("authorization", &format!("Bearer {}", s.token))
+        .call()
+        .unwrap();
+    let mut reader = BufReader::new(resp.into_body().into_reader());
+    let mut first = String::new();
+    loop {
+        first.clear();
+        assert!(reader.read_line(&mut first).unwrap() > 0);
+        if first.contains("gpu-line") {
+            break;
+        }
+    }
+    std::fs::write(&go, b"").unwrap();
+    let rest: Vec<String> = reader.lines().map(|l| l.unwrap()).collect();
+    assert!(
+        rest.iter().any(|l| l.ends_with(" out gpu-done")),
+        "{rest:?}"
+    );
+    let t = s.wait_tree(&id, Duration::from_secs(20));
+    assert_eq!(child(&t, "on-gpu")["node"], "gpu-1");
+    assert_eq!(child(&t, "on-cpu")["node"], "cpu-1");
+    let nowhere = child(&t, "nowhere");
+    assert!(
+        nowhere["error"]
+            .as_str()
+            .unwrap()
+            .contains("no node matches"),
+        "{nowhere}"
+    );
+    // The full log stays readable from the server after the attempt ended.
+    assert!(s.log(&gpu_job).contains("gpu-done"));
+}
+
+#[test]
+fn join_tokens_are_spent_and_removed_nodes_are_refused() {
+    let s = Server::start_with(fast_nodes);
+    let (_, t) = s.call(
+        "POST",
+        "/api/v1/nodes/join-token",
+        Some(json!({"uses": 1, "ttl_s": 60})),
+    );
+    let token = t["token"].as_str().unwrap().to_string();
+    assert!(t["command"].as_str().unwrap().contains(&token));
+    let join = |name: &str| {
+        s.call_as(
+            None,
+            "POST",
+            "/api/v1/nodes/join",
+            Some(json!({"join_token": token, "name": name}).to_string()),
+            &[],
+        )
+    };
+    assert_eq!(join("first").0, 201);
+    let (st, body) = join("second");
+    assert_eq!(st, 401, "a one-use token works once: {body}");
+    let mut a = Agent::join(&s, "doomed", &[]);
+    wait_node(&s, "doomed", "ready", Duration::from_secs(10));
+    assert_eq!(s.call("DELETE", "/api/v1/nodes/doomed", None).0, 204);
+    let status = a
+        .wait_exit(Duration::from_secs(10))
+        .expect("a removed agent stops");
+    assert!(!status.success());
+    // Its credential is revoked: a restart cannot connect.
+    let cred = std::fs::read_to_string(a.dir.0.join("agent/credential")).unwrap();
+    let (st, _) = s.raw(
+        Some(cred.trim()),
+        "GET",
+        "/api/v1/agent/ws",
+        None,
+        &[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+    );
+    assert_eq!(st, 401);
+    assert_eq!(s.call("GET", "/api/v1/nodes/doomed", None).0, 404);
+}
+
+#[test]
+fn a_killed_agent_goes_down_then_lost_and_its_tree_aborts() {
+    let s = Server::start_with(fast_nodes);
+    let mut a = Agent::join(&s, "fragile", &["workspaces=admin"]);
+    wait_node(&s, "fragile", "ready", Duration::from_secs(10));
+    let started = s.dir.0.join("started");
+    let (id, _) = s.create(json!({"name": "doomed", "children": [
+        {"name": "remote", "node": "fragile", "shell": format!("touch {}; sleep 30", started.display())},
+        {"name": "local", "node": "node-1", "shell": "sleep 30"}
+    ]}));
+    assert!(wait_until(Duration::from_secs(10), || started.exists()));
+    a.kill9();
+    wait_node(&s, "fragile", "down", Duration::from_secs(5));
+    wait_node(&s, "fragile", "lost", Duration::from_secs(10));
+    let t = s.wait_tree(&id, Duration::from_secs(15));
+    assert_eq!(t["tree_state"], "failed");
+    assert_eq!(child(&t, "remote")["error"], "node lost");
+    assert_eq!(child(&t, "local")["state"], "aborted");
+    // The agent comes back: the job the server ended is not resurrected; its process is killed.
+    a.start(None, &["workspaces=admin"]);
+    wait_node(&s, "fragile", "ready", Duration::from_secs(10));
+    let remote = child(&t, "remote")["id"].as_str().unwrap().to_string();
+    let sup_dir = muster_server::agent::attempt_dirs(&a.dir.0.join("agent"))
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains(&remote))
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || sup_dir
+        .join("exit.json")
+        .exists()
+        || muster_server::agent::done_dir(&sup_dir)
+            .join("exit.json")
+            .exists()));
+    assert_eq!(s.job(&remote)["state"], "failed");
+}
+
+#[test]
+fn a_lost_node_s_retryable_job_moves_to_another_node() {
+    let s = Server::start_with(fast_nodes);
+    let mut a = Agent::join(&s, "first", &["pool=x"]);
+    wait_node(&s, "first", "ready", Duration::from_secs(10));
+    let marks = s.dir.0.join("marks");
+    let (id, _) = s.create(
+        json!({"name": "mover", "node_selector": {"pool": "x"}, "retries": 1,
+        "shell": format!("echo $MUSTER_ATTEMPT >> {}; sleep 2", marks.display())}),
+    );
+    assert!(wait_until(Duration::from_secs(10), || marks.exists()));
+    a.kill9();
+    let _b = Agent::join(&s, "second", &["pool=x"]);
+    let t = s.wait_tree(&id, Duration::from_secs(20));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    assert_eq!(
+        (t["attempt"].as_u64(), t["node"].as_str()),
+        (Some(2), Some("second"))
+    );
+}
+
+#[test]
+fn an_agent_restart_keeps_its_jobs() {
+    let s = Server::start_with(fast_nodes);
+    let mut a = Agent::join(&s, "steady", &[]);
+    wait_node(&s, "steady", "ready", Duration::from_secs(10));
+    let (gate, marks) = (s.dir.0.join("gate"), s.dir.0.join("marks"));
+    let (id, _) = s.create(json!({"name": "survivor", "node": "steady",
+        "shell": format!("echo run >> {}; while [ ! -e {} ]; do sleep 0.02; done", marks.display(), gate.display())}));
+    assert!(wait_until(Duration::from_secs(10), || marks.exists()));
+    a.kill9();
+    a.start(None, &[]);
+    std::fs::write(&gate, b"").unwrap();
+    let t = s.wait_tree(&id, Duration::from_secs(20));
+    assert_eq!(t["tree_state"], "succeeded");
+    assert_eq!(
+        std::fs::read_to_string(&marks).unwrap(),
+        "run\n",
+        "ran once"
+    );
+}
+
+#[test]
+fn draining_nodes_get_no_new_jobs_and_workspaces_limit_placement() {
+    let s = Server::start_with(fast_nodes);
+    let _a = Agent::join(&s, "team-node", &["workspaces=team"]);
+    wait_node(&s, "team-node", "ready", Duration::from_secs(10));
+    let (st, n) = s.call(
+        "PATCH",
+        "/api/v1/nodes/team-node",
+        Some(json!({"state": "draining", "labels": {"rack": "2"}})),
+    );
+    assert_eq!(st, 200, "{n}");
+    assert_eq!(
+        (n["state"].as_str(), n["labels"]["rack"].as_str()),
+        (Some("draining"), Some("2"))
+    );
+    let (id, _) = s.create(json!({"name": "waits", "node": "team-node", "exec": ["true"]}));
+    assert!(
+        !wait_until(Duration::from_millis(700), || s.tree(&id)["tree_state"]
+            != "running"),
+        "a draining node took a job"
+    );
+    assert_eq!(
+        s.call(
+            "PATCH",
+            "/api/v1/nodes/team-node",
+            Some(json!({"state": "ready"}))
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        s.wait_tree(&id, Duration::from_secs(10))["tree_state"],
+        "succeeded"
+    );
+    // A non-admin's jobs run only on nodes that allow their workspace.
+    let (st, _) = s.call(
+        "POST",
+        "/api/v1/users",
+        Some(json!({"username": "tina", "password": "a long password 1"})),
+    );
+    assert_eq!(st, 201);
+    let (_, login) = s.call_as(
+        None,
+        "POST",
+        "/api/v1/login",
+        Some(json!({"username": "tina", "password": "a long password 1"}).to_string()),
+        &[],
+    );
+    let tina = login["token"].as_str().unwrap();
+    let (st, body) = s.call_as(
+        Some(tina),
+        "POST",
+        "/api/v1/jobs",
+        Some(json!({"name": "t", "node": "team-node", "exec": ["true"]}).to_string()),
+        &[],
+    );
+    assert_eq!(st, 201, "{body}");
+    let tid = body["id"].as_str().unwrap().to_string();
+    let t = s.wait_tree(&tid, Duration::from_secs(10));
+    assert!(
+        t["error"].as_str().unwrap().contains("allows workspace"),
+        "{t:#}"
+    );
+}
