@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
+/// The longest `timeout_s`: a year.
+pub const MAX_TIMEOUT_S: u64 = 365 * 86_400;
+
 /// The most jobs one tree may hold.
 pub const MAX_TREE_JOBS: usize = 100_000;
 
@@ -167,8 +170,11 @@ pub fn build_tree(
         {
             return Err(format!("{}: a grouping job runs nothing, so node, node_selector, timeout_s and retries make no sense on it", here()));
         }
-        if s.timeout_s == Some(0) {
-            return Err(format!("{}: timeout_s must be at least 1", here()));
+        if s.timeout_s.is_some_and(|t| t == 0 || t > MAX_TIMEOUT_S) {
+            return Err(format!(
+                "{}: timeout_s must be 1 to {MAX_TIMEOUT_S} (a year)",
+                here()
+            ));
         }
         let retries = s.retries.unwrap_or(0);
         if retries > 100 {

@@ -221,3 +221,28 @@ pub fn delete_user(store: &dyn Store, name: &str) -> Result<(), AccountError> {
     store.delete_user(name)?;
     Ok(())
 }
+
+/// A token for the jobs of one tree (`MUSTER_TOKEN`): `read` and `operate` in the tree's
+/// workspace only, as the tree's creator, for at most `ttl_ms`. Returns its id and text.
+pub fn issue_job_token(
+    store: &dyn Store,
+    user: &str,
+    workspace: &str,
+    tree: &str,
+    ttl_ms: i64,
+) -> Result<(String, String), StoreError> {
+    let text = crate::auth::new_token();
+    let t = muster_store::Token {
+        id: muster_core::Uuid::now_v7().to_string(),
+        hash: crate::auth::sha256_hex(&text),
+        prefix: text[..12].to_string(),
+        user: user.to_string(),
+        name: format!("jobs of tree {tree}"),
+        scopes: vec!["read".into(), "operate".into()],
+        created_at: now(),
+        expires_at: Some(now().plus_ms(ttl_ms)),
+        workspace: Some(workspace.to_string()),
+    };
+    store.put_token(&t)?;
+    Ok((t.id, text))
+}

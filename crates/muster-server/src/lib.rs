@@ -11,10 +11,13 @@
 
 pub mod accounts;
 pub mod agent;
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod blobs;
 pub mod config;
+pub mod dashboard;
+pub mod discovery;
 pub mod manager;
 pub mod metrics;
 pub mod nodes;
@@ -53,6 +56,8 @@ pub struct App {
     /// The perf log of this run, with `[perf] enabled`.
     pub perf: Option<perf::PerfLog>,
     pub login_limiter: api::LoginLimiter,
+    /// Where alerts go (`[alerts] webhook_url`).
+    pub alerts: Arc<alerts::Alerts>,
 }
 
 impl App {
@@ -84,8 +89,10 @@ impl App {
             lost_after: config.nodes.lost_after,
         };
         let metrics = metrics::Metrics::default();
-        let (manager, handle) = Manager::start(store.clone(), mc, metrics.jobs.clone())
-            .map_err(|e| format!("job manager: {e}"))?;
+        let alerts = Arc::new(alerts::Alerts::start(&config.alerts.webhook_url)?);
+        let (manager, handle) =
+            Manager::start(store.clone(), mc, metrics.jobs.clone(), alerts.clone())
+                .map_err(|e| format!("job manager: {e}"))?;
         let perf = if config.perf.enabled {
             Some(perf::PerfLog::start(&config.data_dir).map_err(|e| format!("perf log: {e}"))?)
         } else {
@@ -103,6 +110,7 @@ impl App {
             metrics,
             perf,
             login_limiter: api::LoginLimiter::default(),
+            alerts,
         });
         Ok((app, handle))
     }
@@ -134,6 +142,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let reaper = tokio::spawn(reaper(app.clone()));
+    let watch = tokio::spawn(watch_store(app.clone()));
     let router = api::router(app);
     let res = axum::serve(
         listener,
@@ -142,6 +151,7 @@ pub async fn run(
     .with_graceful_shutdown(shutdown)
     .await;
     reaper.abort();
+    watch.abort();
     res
 }
 
@@ -153,6 +163,43 @@ async fn reaper(app: Arc<App>) {
         tick.tick().await;
         let app = app.clone();
         let _ = tokio::task::spawn_blocking(move || reap_once(&app)).await;
+    }
+}
+
+/// Pings the store every second and tells the operators (`[alerts]`) when it becomes
+/// unavailable and when it is back.
+async fn watch_store(app: Arc<App>) {
+    let mut up = true;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let store = app.store.clone();
+        let ok = tokio::task::spawn_blocking(move || store.ping())
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false);
+        if ok != up {
+            up = ok;
+            let (kind, url) = (
+                if ok {
+                    "store_available"
+                } else {
+                    "store_unavailable"
+                },
+                app.config.store_url(),
+            );
+            eprintln!("muster: {kind}: {url}");
+            app.alerts
+                .send(kind, serde_json::json!({"store": redact(&url)}));
+        }
+    }
+}
+
+/// A store URL without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(i), Some(j)) if j > i => format!("{}://***{}", &url[..i], &url[j..]),
+        _ => url.to_string(),
     }
 }
 

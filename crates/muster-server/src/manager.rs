@@ -58,7 +58,7 @@ pub enum Cmd {
     Create {
         new: NewTree,
         idempotency_key: Option<String>,
-        reply: oneshot::Sender<Result<Created, String>>,
+        reply: oneshot::Sender<Result<Created, muster_store::StoreError>>,
     },
     Abort {
         tree: Uuid,
@@ -118,6 +118,7 @@ impl Manager {
         store: Arc<dyn Store>,
         config: ManagerConfig,
         stats: Arc<JobStats>,
+        alerts: Arc<crate::alerts::Alerts>,
     ) -> std::io::Result<(Manager, std::thread::JoinHandle<()>)> {
         let (tx, rx) = std::sync::mpsc::channel();
         let alive = Arc::new(AtomicBool::new(true));
@@ -125,7 +126,7 @@ impl Manager {
         let handle = std::thread::Builder::new()
             .name("job-manager".into())
             .spawn(move || {
-                let mut m = State::new(store, config, stats);
+                let mut m = State::new(store, config, stats, alerts);
                 m.run(rx);
                 flag.store(false, Ordering::SeqCst);
             })?;
@@ -145,17 +146,17 @@ impl Manager {
         &self,
         new: NewTree,
         idempotency_key: Option<String>,
-    ) -> Result<Created, String> {
+    ) -> Result<Created, muster_store::StoreError> {
+        let stopped = || muster_store::StoreError::Other("the job manager has stopped".into());
         let (reply, rx) = oneshot::channel();
         if !self.send(Cmd::Create {
             new,
             idempotency_key,
             reply,
         }) {
-            return Err("the job manager has stopped".into());
+            return Err(stopped());
         }
-        rx.await
-            .map_err(|_| "the job manager has stopped".to_string())?
+        rx.await.map_err(|_| stopped())?
     }
 
     pub async fn abort(&self, tree: Uuid) -> Result<(), AbortError> {
@@ -214,6 +215,9 @@ struct State {
     stats: Arc<JobStats>,
     /// When each ready job became ready (for the start-latency histogram).
     ready_since: HashMap<(Uuid, u32), std::time::Instant>,
+    alerts: Arc<crate::alerts::Alerts>,
+    /// The `MUSTER_TOKEN` of each active tree's jobs: (token id, text).
+    job_tokens: HashMap<Uuid, (String, String)>,
     /// Nodes not connected now, since when (for `lost`).
     away: HashMap<String, std::time::Instant>,
     /// Nodes an operator set to drain.
@@ -223,13 +227,20 @@ struct State {
 }
 
 impl State {
-    fn new(store: Arc<dyn Store>, config: ManagerConfig, stats: Arc<JobStats>) -> State {
+    fn new(
+        store: Arc<dyn Store>,
+        config: ManagerConfig,
+        stats: Arc<JobStats>,
+        alerts: Arc<crate::alerts::Alerts>,
+    ) -> State {
         State {
+            alerts,
             store,
             config,
             stats,
             ready_since: HashMap::new(),
             away: HashMap::new(),
+            job_tokens: HashMap::new(),
             draining: HashSet::new(),
             started: std::time::Instant::now(),
             last_liveness: std::time::Instant::now(),
@@ -314,6 +325,7 @@ impl State {
                     self.job_tree.insert(j.id, id);
                 }
             }
+            self.issue_token(&tree);
             let persisted: Vec<JobState> = jobs.iter().map(|j| j.state).collect();
             for st in persisted.iter().filter(|s| !s.is_final()) {
                 count_states(&self.stats, None, Some(*st));
@@ -321,6 +333,27 @@ impl State {
             let (run, fx) = TreeRun::new(tree, jobs, t);
             self.trees.insert(id, Entry { run, persisted });
             self.absorb(id, fx);
+        }
+    }
+
+    /// Gives a tree's jobs their workspace token (made again after a restart: only its hash was
+    /// stored).
+    fn issue_token(&mut self, tree: &muster_core::Tree) {
+        let user = tree.created_by.clone().unwrap_or_default();
+        if user.is_empty() {
+            return;
+        }
+        match crate::accounts::issue_job_token(
+            &*self.store,
+            &user,
+            &tree.tags.workspace,
+            &tree.id.to_string(),
+            7 * 86_400_000,
+        ) {
+            Ok(t) => {
+                self.job_tokens.insert(tree.id, t);
+            }
+            Err(e) => eprintln!("muster: no job token for tree {}: {e}", tree.id),
         }
     }
 
@@ -338,6 +371,7 @@ impl State {
                 match res {
                     Ok(Created::New) => {
                         let id = new.tree.id;
+                        self.issue_token(&new.tree);
                         let persisted = new.jobs.iter().map(|j| j.state).collect();
                         self.stats
                             .waiting
@@ -353,7 +387,7 @@ impl State {
                         let _ = reply.send(Ok(existing));
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(e.to_string()));
+                        let _ = reply.send(Err(e));
                     }
                 }
             }
@@ -940,6 +974,12 @@ impl State {
         let job = self.trees[&tid].run.job(i);
         let mut env = BTreeMap::new();
         env.insert("MUSTER_URL".to_string(), self.config.url.clone());
+        if let Some((_, text)) = self.job_tokens.get(&tid) {
+            env.insert("MUSTER_TOKEN".to_string(), text.clone());
+        }
+        if let Some(n) = &job.node {
+            env.insert("MUSTER_NODE_NAME".to_string(), n.clone());
+        }
         Assignment {
             job: job.id,
             tree: tid,
@@ -987,6 +1027,25 @@ impl State {
             };
             changes.push(Change::Tree(entry.run.tree.clone()));
             if entry.run.tree.state != TreeState::Running {
+                if entry.run.tree.state == TreeState::Failed {
+                    let failed: Vec<String> = entry
+                        .run
+                        .jobs
+                        .iter()
+                        .filter(|j| j.state == JobState::Failed)
+                        .map(|j| {
+                            format!(
+                                "{}: {}",
+                                j.key,
+                                j.error.clone().unwrap_or_else(|| format!(
+                                    "exit code {}",
+                                    j.exit_code.unwrap_or(-1)
+                                ))
+                            )
+                        })
+                        .collect();
+                    self.alerts.send("tree_failed", serde_json::json!({"tree": tid, "name": entry.run.tree.name, "workspace": entry.run.tree.tags.workspace, "failed": failed}));
+                }
                 events.push(Event::Tree {
                     id: tid,
                     workspace: entry.run.tree.tags.workspace.clone(),
@@ -1002,8 +1061,20 @@ impl State {
                 eprintln!("muster: job manager: a stored state moved under us ({:?}); the store wins at the next start", changes[k].summary());
             }
         }
+        let mut freed = 0;
         for tid in finished {
-            self.trees.remove(&tid);
+            if let Some(e) = self.trees.remove(&tid) {
+                freed += e.run.jobs.len();
+            }
+            if let Some((id, _)) = self.job_tokens.remove(&tid) {
+                let _ = self.store.delete_token(&id);
+            }
+        }
+        if freed >= 1000 {
+            // A big tree's memory goes back to the system rather than staying in malloc's
+            // arenas (glibc keeps freed memory otherwise).
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe { libc::malloc_trim(0) };
         }
         for (node, jobs) in self.outbox.drain() {
             if let Some(c) = self.conns.get(&node) {

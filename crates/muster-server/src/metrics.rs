@@ -78,6 +78,60 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     latency: Mutex<BTreeMap<String, Histogram>>,
     pub jobs: Arc<JobStats>,
+    /// Beacons heard by the discovery listener.
+    pub discovery: Arc<DiscoveryStats>,
+}
+
+/// What the discovery listener heard: beacons by verdict, and when each node was last heard.
+#[derive(Default)]
+pub struct DiscoveryStats {
+    pub ok: AtomicU64,
+    pub unsigned: AtomicU64,
+    pub bad_signature: AtomicU64,
+    pub stale: AtomicU64,
+    pub replayed: AtomicU64,
+    pub malformed: AtomicU64,
+    /// node id → the last valid beacon's arrival (Unix ms). A hint, never an identity.
+    last_heard: Mutex<BTreeMap<String, i64>>,
+}
+
+impl DiscoveryStats {
+    /// Records a valid beacon of `node` at `at_ms` (ids beyond 10 000 are not recorded).
+    pub fn heard(&self, node: &str, at_ms: i64) {
+        let mut m = self.last_heard.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() < 10_000 || m.contains_key(node) {
+            m.insert(node.to_string(), at_ms);
+        }
+    }
+
+    /// When a valid beacon of `node` last arrived (Unix ms).
+    pub fn last_heard(&self, node: &str) -> Option<i64> {
+        self.last_heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .copied()
+    }
+
+    /// `muster_discovery_beacons_total{result=...}`.
+    pub fn render(&self) -> String {
+        let mut out = String::from("# HELP muster_discovery_beacons_total Discovery beacons heard, by verdict.\n# TYPE muster_discovery_beacons_total counter\n");
+        for (k, v) in [
+            ("ok", &self.ok),
+            ("unsigned", &self.unsigned),
+            ("bad_signature", &self.bad_signature),
+            ("stale", &self.stale),
+            ("replayed", &self.replayed),
+            ("malformed", &self.malformed),
+        ] {
+            let _ = writeln!(
+                out,
+                "muster_discovery_beacons_total{{result=\"{k}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
 }
 
 impl Metrics {
@@ -170,6 +224,7 @@ impl Metrics {
                 .unwrap_or(0);
             let _ = writeln!(out, "muster_nodes{{state=\"{state}\"}} {n}");
         }
+        out.push_str(&self.discovery.render());
         out
     }
 }

@@ -21,13 +21,19 @@ struct JoinToken {
 /// Serializes redemptions in this process, so a token's use count cannot be overspent.
 static REDEEM: Mutex<()> = Mutex::new(());
 
-/// A new join token: `mjt_` + 128 random bits.
+/// A new join token: `mjt_` + 128 random bits, then `.` and the server's Ed25519 public key in
+/// hex when given (an agent with no `--server` trusts only server beacons signed by it; see
+/// [`crate::discovery`]). Only the SHA-256 of the whole text is stored.
 pub fn create_join_token(
     store: &dyn Store,
     ttl_ms: i64,
     uses: u32,
+    server_key: Option<&[u8; 32]>,
 ) -> Result<(String, Ts), StoreError> {
-    let text = format!("mjt_{}", random_hex(16));
+    let mut text = format!("mjt_{}", random_hex(16));
+    if let Some(k) = server_key {
+        text = format!("{text}.{}", crate::discovery::hex(k));
+    }
     let expires_at = now().plus_ms(ttl_ms);
     let doc = serde_json::to_string(&JoinToken {
         expires_at,

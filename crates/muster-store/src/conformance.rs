@@ -1052,6 +1052,7 @@ pub fn tokens_crud(s: &dyn Store) {
         } else {
             None
         },
+        workspace: (id == "t3").then(|| "acme".to_string()),
     };
     let (t1, t2, t3) = (
         token("t1", "alice"),

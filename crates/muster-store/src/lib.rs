@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 pub mod conformance;
 mod memory;
+pub mod migrate;
 mod redis;
 mod resp;
 mod sqlite;
@@ -107,6 +108,9 @@ pub struct Token {
     pub scopes: Vec<String>,
     pub created_at: Ts,
     pub expires_at: Option<Ts>,
+    /// Limits the token to one workspace (the tokens given to jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
 }
 
 /// A node as the registry knows it.

@@ -147,3 +147,48 @@ fn sqlite_stores_a_100k_job_tree() {
         "100k-job tree: create {created:?}, read {read:?}, apply 100k job changes {applied:?}"
     );
 }
+
+#[test]
+fn migrate_copies_everything_and_is_idempotent() {
+    use muster_store::conformance::{fixture, tags};
+    use muster_store::migrate::migrate;
+    use muster_store::{Change, User};
+    let from = open("memory://").unwrap();
+    let dir = TempDir::new("migrate");
+    let to = open(&dir.url("to.db")).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..1203 {
+        let (tree, jobs) = fixture(tags(if i % 2 == 0 { "a" } else { "b" }), 3);
+        from.create_tree(&tree, &jobs, None).unwrap();
+        ids.push((tree.id, jobs[1].id));
+    }
+    from.apply(&[Change::Log {
+        job: ids[7].1,
+        attempt: 1,
+        blob: "ab".repeat(32),
+    }])
+    .unwrap();
+    from.put_user(&User {
+        name: "ann".into(),
+        password_hash: "$argon2id$x".into(),
+        admin: true,
+        created_at: muster_core::Ts(1),
+    })
+    .unwrap();
+    from.put_doc("member", "a/ann", Some("\"admin\"")).unwrap();
+    from.set_meta("cluster_name", Some("prod")).unwrap();
+    let m = migrate(&*from, &*to, |_| {}).unwrap();
+    assert_eq!(
+        (m.trees, m.jobs, m.logs, m.users, m.docs),
+        (1203, 3609, 1, 1, 1)
+    );
+    assert_eq!(to.tree_jobs(ids[1000].0).unwrap().len(), 3);
+    assert_eq!(to.log_blob(ids[7].1, 1).unwrap(), Some("ab".repeat(32)));
+    assert_eq!(to.meta("cluster_name").unwrap().as_deref(), Some("prod"));
+    assert_eq!(
+        to.doc("member", "a/ann").unwrap().as_deref(),
+        Some("\"admin\"")
+    );
+    let again = migrate(&*from, &*to, |_| {}).unwrap();
+    assert_eq!((again.trees, again.skipped_trees), (0, 1203));
+}

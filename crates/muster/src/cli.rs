@@ -53,6 +53,11 @@ pub enum ClientCmd {
         #[command(subcommand)]
         cmd: NodesCmd,
     },
+    /// List node control scripts and run one on every matching node.
+    Scripts {
+        #[command(subcommand)]
+        cmd: ScriptsCmd,
+    },
     /// Read the perf logs of a data dir on this machine (no server needed).
     Perf {
         #[command(subcommand)]
@@ -336,6 +341,34 @@ pub struct JoinTokenArgs {
 }
 
 #[derive(Subcommand)]
+pub enum ScriptsCmd {
+    /// List the scripts (the executables in the server's scripts directory).
+    Ls(ListArgs),
+    /// Run a script on every ready node matching --nodes, as one job tree.
+    Run(ScriptRunArgs),
+}
+
+#[derive(Args)]
+pub struct ScriptRunArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// The script's name.
+    name: String,
+    /// A node selector, KEY=VALUE[,KEY=VALUE...] (default: every ready node).
+    #[arg(long, default_value = "")]
+    nodes: String,
+    /// The tree's workspace (default: your own).
+    #[arg(long)]
+    workspace: Option<String>,
+    /// Print the JSON answer.
+    #[arg(long)]
+    json: bool,
+    /// Arguments for the script.
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+#[derive(Subcommand)]
 pub enum PerfCmd {
     /// Count, p50, p95, p99 and max per route of one server run's perf logs.
     Summary(PerfSummaryArgs),
@@ -469,6 +502,10 @@ pub fn run(cmd: ClientCmd) -> Result<()> {
         ClientCmd::Perf {
             cmd: PerfCmd::Summary(a),
         } => perf_summary(a),
+        ClientCmd::Scripts { cmd } => match cmd {
+            ScriptsCmd::Ls(a) => scripts_ls(a),
+            ScriptsCmd::Run(a) => scripts_run(a),
+        },
         ClientCmd::Nodes { cmd } => match cmd {
             NodesCmd::Ls(a) => nodes_ls(a),
             NodesCmd::Show(a) => nodes_show(a),
@@ -1880,6 +1917,50 @@ fn nodes_join_token(a: JoinTokenArgs) -> Result<()> {
             text(&v["expires_at"])
         );
         println!("{}", text(&v["command"]));
+    }
+    Ok(())
+}
+
+fn scripts_ls(a: ListArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let v = client.get_json("/api/v1/scripts", &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for s in items(&v) {
+        println!("{}", text(&s["name"]));
+    }
+    Ok(())
+}
+
+fn scripts_run(a: ScriptRunArgs) -> Result<()> {
+    let mut nodes = serde_json::Map::new();
+    for kv in a.nodes.split(',').filter(|s| !s.is_empty()) {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--nodes: {kv:?} is not KEY=VALUE"))?;
+        nodes.insert(k.to_string(), json!(v));
+    }
+    let mut body = json!({"nodes": nodes, "args": a.args});
+    if let Some(ws) = &a.workspace {
+        body["workspace"] = json!(ws);
+    }
+    let client = authed_client(&a.server)?;
+    let (_, v) = client.post_json(&format!("/api/v1/scripts/{}/run", seg(&a.name)), &body, &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let n = v["jobs"]
+            .as_array()
+            .map(|j| j.len().saturating_sub(1))
+            .unwrap_or(0);
+        eprintln!(
+            "script {} runs on {n} node(s); follow it with `muster jobs tree -f {}`",
+            a.name,
+            text(&v["id"])
+        );
+        println!("{}", text(&v["id"]));
     }
     Ok(())
 }

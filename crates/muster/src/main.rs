@@ -29,6 +29,11 @@ enum Cmd {
     Server(ServeArgs),
     /// Run a node agent that takes jobs from muster servers.
     Agent(AgentArgs),
+    /// Move the store's contents to another engine (stop the servers first).
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCmd,
+    },
     /// Show the effective configuration.
     Config {
         #[command(subcommand)]
@@ -61,6 +66,20 @@ struct AgentArgs {
     /// How many jobs run at once (default: agent.slots, else twice the cores).
     #[arg(long)]
     slots: Option<u32>,
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Copy every tree, job, log record, user, token, node and workspace from one store to
+    /// another, e.g. --from sqlite://muster-data/muster.db --to redis://127.0.0.1:6379/0.
+    Migrate {
+        /// The store to read.
+        #[arg(long)]
+        from: String,
+        /// The store to write.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -119,6 +138,9 @@ fn main() {
         Cmd::Up(a) => serve(a, true),
         Cmd::Server(a) => serve(a, false),
         Cmd::Agent(a) => agent_main(a),
+        Cmd::Store {
+            cmd: StoreCmd::Migrate { from, to },
+        } => store_migrate(&from, &to),
         Cmd::Config {
             cmd: ConfigCmd::Show(a),
         } => load_config(&a).map(|c| print!("{}", c.to_toml())),
@@ -174,6 +196,18 @@ fn serve(a: ServeArgs, embedded_agent: bool) -> Result<()> {
         let setup = setup_code(&app)?;
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // The server's Ed25519 key is made at first start: join tokens carry its public half.
+        let server_key = muster_server::discovery::server_key(&app.config.data_dir)
+            .context("cannot make the server key")?;
+        // `muster up` broadcasts nothing: its agent is embedded.
+        let discovery = if app.config.discovery.enabled && !embedded_agent {
+            server_discovery(&app, server_key, &url, stop_rx.clone())?
+        } else {
+            if app.config.discovery.enabled {
+                eprintln!("muster: `muster up` broadcasts nothing: discovery stays off (it runs with `muster server`)");
+            }
+            Vec::new()
+        };
         let server = {
             let mut rx = stop_rx.clone();
             tokio::spawn(muster_server::run(app.clone(), listener, async move {
@@ -221,6 +255,9 @@ fn serve(a: ServeArgs, embedded_agent: bool) -> Result<()> {
         if let Some(a) = agent_task {
             let _ = a.await;
         }
+        for d in discovery {
+            let _ = d.await;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
         app.stop();
         let _ = tokio::task::spawn_blocking(move || manager.join()).await;
@@ -228,8 +265,48 @@ fn serve(a: ServeArgs, embedded_agent: bool) -> Result<()> {
     })
 }
 
+/// Starts the server's side of discovery (SPEC §5): the listener that judges and counts node
+/// beacons (hints only: nothing here ever calls an address a beacon gave), and the server's own
+/// signed beacon of its URL.
+fn server_discovery(
+    app: &Arc<App>,
+    key: muster_server::discovery::SigningKey,
+    url: &str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    use muster_server::discovery as d;
+    let c = &app.config.discovery;
+    let cluster_key = d::cluster_key(&app.config).context("cannot make the cluster key")?;
+    let dest = d::destination(c)?;
+    let socket = d::bind_listener(c.port)
+        .with_context(|| format!("cannot listen for beacons on udp port {}", c.port))?;
+    let sender = d::bind_sender().context("cannot open the beacon socket")?;
+    let listener = d::Listener::new(cluster_key, app.metrics.discovery.clone());
+    let announcer = d::ServerAnnouncer {
+        key,
+        url: url.to_string(),
+        interval: c.interval,
+        dest,
+    };
+    eprintln!(
+        "muster: discovery: hearing beacons on udp port {}, beaconing {url} to {dest}",
+        c.port
+    );
+    Ok(vec![
+        tokio::spawn(listener.run(socket, stopped(stop.clone()))),
+        tokio::spawn(announcer.run(sender, stopped(stop))),
+    ])
+}
+
+async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
 /// `muster agent`: joins with a join token on first start (the node's credential is kept in
-/// `<data-dir>/agent/credential`), then serves its servers over the agent protocol.
+/// `<data-dir>/agent/credential`, the server it joined in `<data-dir>/agent/servers`, the
+/// cluster key in `<data-dir>/agent/cluster-key`), then serves its servers over the agent
+/// protocol. With no server given or saved, it finds the server by its beacon, signed by the key
+/// the join token carries.
 fn agent_main(a: AgentArgs) -> Result<()> {
     let mut config = load_config(&a.serve)?;
     if !a.servers.is_empty() {
@@ -247,11 +324,6 @@ fn agent_main(a: AgentArgs) -> Result<()> {
             .with_context(|| format!("--label {l:?} is not KEY=VALUE"))?;
         config.agent.labels.insert(k.to_string(), v.to_string());
     }
-    if config.agent.servers.is_empty() {
-        anyhow::bail!(
-            "give the server to join: muster agent --server http://HOST:7070 --join-token TOKEN"
-        );
-    }
     let name = if config.agent.name.is_empty() {
         hostname()
     } else {
@@ -260,6 +332,20 @@ fn agent_main(a: AgentArgs) -> Result<()> {
     muster_core::names::check_name("node name", &name).map_err(anyhow::Error::msg)?;
     let dir = config.data_dir.join("agent");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    let servers_path = dir.join("servers");
+    if config.agent.servers.is_empty() {
+        // The server this agent joined, when it was found by its beacon.
+        config.agent.servers = std::fs::read_to_string(&servers_path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let cred_path = dir.join("credential");
     let credential = match std::fs::read_to_string(&cred_path) {
         Ok(c) => c.trim().to_string(),
@@ -267,7 +353,16 @@ fn agent_main(a: AgentArgs) -> Result<()> {
             let token = a.join_token.clone().context(
                 "this agent has not joined yet: give --join-token (make one with `muster nodes join-token` on the server)",
             )?;
-            let (node_id, credential) = join(&config.agent.servers, &token, &name)?;
+            if config.agent.servers.is_empty() {
+                let key = muster_server::discovery::token_server_key(&token).context(
+                    "give the server to join: muster agent --server http://HOST:7070 --join-token TOKEN (this token carries no server key to find it by its beacon)",
+                )?;
+                let url = rt.block_on(find_server_by_beacon(&config.discovery, key))?;
+                eprintln!("muster agent: found the server {url} by its beacon");
+                config.agent.servers = vec![url];
+            }
+            let (node_id, credential, cluster_key, joined) =
+                join(&config.agent.servers, &token, &name)?;
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
             let mut f = std::fs::OpenOptions::new()
@@ -277,6 +372,13 @@ fn agent_main(a: AgentArgs) -> Result<()> {
                 .open(&cred_path)?;
             writeln!(f, "{credential}")?;
             std::fs::write(dir.join("node-id"), &node_id)?;
+            std::fs::write(&servers_path, format!("{joined}\n"))?;
+            if let Some(k) = cluster_key {
+                let path = dir.join("cluster-key");
+                let _ = std::fs::remove_file(&path);
+                muster_server::discovery::write_secret(&path, &k)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
             eprintln!("muster agent: joined as node {name:?} ({node_id})");
             credential
         }
@@ -291,11 +393,23 @@ fn agent_main(a: AgentArgs) -> Result<()> {
         retention: config.jobs.retention,
         lost_after: config.nodes.lost_after,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    if config.agent.servers.is_empty() {
+        anyhow::bail!(
+            "give the server to connect to: muster agent --server http://HOST:7070 (no server is configured or saved in {})",
+            servers_path.display()
+        );
+    }
     rt.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let beacon = if config.discovery.enabled {
+            agent_beacon(&config, &opts, stop_rx.clone())
+        } else {
+            None
+        };
         let link = agent::ws_link(config.agent.servers.clone(), credential);
         println!(
             "muster agent {} is running (servers: {})",
@@ -304,14 +418,81 @@ fn agent_main(a: AgentArgs) -> Result<()> {
         );
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        agent::run(opts, link, shutdown_signal())
+        let res = agent::run(opts, link, stopped(stop_rx))
             .await
-            .context("agent")
+            .context("agent");
+        if let Some(b) = beacon {
+            b.abort();
+        }
+        res
     })
 }
 
-/// Trades a join token for the node's credential at the first server that answers.
-fn join(servers: &[String], token: &str, name: &str) -> Result<(String, String)> {
+/// Waits for a fresh beacon signed by the server's key (from the join token); its URL.
+async fn find_server_by_beacon(
+    c: &config::DiscoveryConfig,
+    key: muster_server::discovery::VerifyingKey,
+) -> Result<String> {
+    let socket = muster_server::discovery::bind_listener(c.port)
+        .with_context(|| format!("cannot listen for server beacons on udp port {}", c.port))?;
+    eprintln!(
+        "muster agent: no --server given: waiting for the server's beacon on udp port {}",
+        c.port
+    );
+    muster_server::discovery::find_server(&socket, &key, shutdown_signal())
+        .await
+        .context("stopped before a server beacon was heard")
+}
+
+/// The agent's own beacon (with `discovery.enabled`), signed with the cluster key it got when
+/// it joined; `None` (with a note) when it has no key or node id yet.
+fn agent_beacon(
+    config: &Config,
+    opts: &AgentOptions,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    use muster_server::discovery as d;
+    let dir = &opts.dir;
+    let key = match d::read_key(&dir.join("cluster-key")) {
+        Ok(Some(k)) => k,
+        Ok(None) => {
+            eprintln!(
+                "muster agent: no cluster key (joined before discovery?): sending no beacons"
+            );
+            return None;
+        }
+        Err(e) => {
+            eprintln!("muster agent: {e}: sending no beacons");
+            return None;
+        }
+    };
+    let node_id = std::fs::read_to_string(dir.join("node-id")).unwrap_or_default();
+    let (dest, socket) = match (d::destination(&config.discovery), d::bind_sender()) {
+        (Ok(dest), Ok(s)) => (dest, s),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("muster agent: cannot send beacons: {e}");
+            return None;
+        }
+    };
+    let announcer = d::NodeAnnouncer {
+        cluster_key: key,
+        node_id: node_id.trim().to_string(),
+        name: opts.name.clone(),
+        api: String::new(),
+        labels: opts.labels.clone(),
+        interval: config.discovery.interval,
+        dest,
+    };
+    Some(tokio::spawn(announcer.run(socket, stopped(stop))))
+}
+
+/// Trades a join token for the node's credential at the first server that answers: the node id,
+/// the credential, the cluster key (hex) and the server that answered.
+fn join(
+    servers: &[String],
+    token: &str,
+    name: &str,
+) -> Result<(String, String, Option<String>, String)> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
@@ -333,7 +514,8 @@ fn join(servers: &[String], token: &str, name: &str) -> Result<(String, String)>
                 if status == 201 {
                     let id = v["node_id"].as_str().unwrap_or_default().to_string();
                     let cred = v["credential"].as_str().unwrap_or_default().to_string();
-                    return Ok((id, cred));
+                    let key = v["cluster_key"].as_str().map(str::to_string);
+                    return Ok((id, cred, key, s.clone()));
                 }
                 anyhow::bail!(
                     "{s} refused the join: {} (HTTP {status})",
@@ -344,6 +526,24 @@ fn join(servers: &[String], token: &str, name: &str) -> Result<(String, String)>
         }
     }
     Err(last)
+}
+
+fn store_migrate(from: &str, to: &str) -> Result<()> {
+    if from == to {
+        anyhow::bail!("--from and --to name the same store");
+    }
+    let src = muster_store::open(from).with_context(|| format!("cannot open {from}"))?;
+    let dst = muster_store::open(to).with_context(|| format!("cannot open {to}"))?;
+    let m = muster_store::migrate::migrate(&*src, &*dst, |m| {
+        eprint!("\rmigrating: {} trees, {} jobs", m.trees, m.jobs)
+    })?;
+    eprintln!();
+    println!(
+        "migrated {} trees ({} jobs, {} log records), {} users, {} tokens, {} nodes, {} workspace records; {} trees were there already",
+        m.trees, m.jobs, m.logs, m.users, m.tokens, m.nodes, m.docs, m.skipped_trees
+    );
+    println!("the blob store (logs) stays in the data dir; point the servers at {to} with --store or [store] url");
+    Ok(())
 }
 
 /// While no user exists, writes a fresh one-time setup code (mode 0600) and stores its hash.

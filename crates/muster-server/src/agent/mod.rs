@@ -692,11 +692,20 @@ async fn stream_log(
     let mut buf = vec![0u8; 64 * 1024];
     let mut carry: Vec<u8> = Vec::new();
     let done = done_dir(&dir);
+    let mut waited_for_dir = Duration::ZERO;
     loop {
         // The directory is renamed `.done` once the server acknowledged the end: follow it.
         let dir = if dir.exists() { &dir } else { &done };
         let path = dir.join("log");
-        let ended = dir.join("exit.json").exists() || !dir.exists();
+        // A follow may arrive just before the assignment it is about (the server commits, then
+        // sends both); a directory that does not exist yet is waited for, a while.
+        let missing = !dir.exists();
+        if missing && follow && waited_for_dir < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited_for_dir += Duration::from_millis(10);
+            continue;
+        }
+        let ended = dir.join("exit.json").exists() || missing;
         let mut progressed = false;
         if let Ok(mut f) = tokio::fs::File::open(&path).await {
             if f.seek(std::io::SeekFrom::Start(pos)).await.is_ok() {

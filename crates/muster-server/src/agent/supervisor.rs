@@ -277,7 +277,7 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
     let mut err = Lines::new("err");
     let deadline = spec
         .timeout_s
-        .map(|s| Instant::now() + Duration::from_secs(s));
+        .and_then(|s| Instant::now().checked_add(Duration::from_secs(s)));
     let grace = Duration::from_millis(spec.kill_grace_ms);
     let mut term_sent: Option<Instant> = None;
     let mut killed = false;

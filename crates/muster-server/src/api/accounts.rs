@@ -212,6 +212,7 @@ fn issue_token(
         scopes: scopes.iter().map(|s| s.to_string()).collect(),
         created_at: now(),
         expires_at: ttl.map(|d| now().plus_ms(d.as_millis() as i64)),
+        workspace: None,
     };
     app.store.put_token(&t)?;
     Ok((text, t))
@@ -511,6 +512,9 @@ async fn list_tokens(
     Ok(axum::Json(json!({"items": items})).into_response())
 }
 
+/// The longest life of an API token: 10 years.
+const MAX_TOKEN_TTL_S: u64 = 10 * 365 * 86_400;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NewToken {
@@ -550,8 +554,12 @@ async fn create_token(
             scopes.push(known);
         }
     }
-    if b.expires_in_s == Some(0) {
-        return Err(ApiError::bad("expires_in_s must be at least 1"));
+    if b.expires_in_s
+        .is_some_and(|s| s == 0 || s > MAX_TOKEN_TTL_S)
+    {
+        return Err(ApiError::bad(format!(
+            "expires_in_s must be 1 to {MAX_TOKEN_TTL_S} (10 years)"
+        )));
     }
     let ttl = b.expires_in_s.map(Duration::from_secs);
     let user = caller.user.name.clone();

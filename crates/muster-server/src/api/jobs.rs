@@ -32,6 +32,11 @@ pub(super) fn routes(r: Routes) -> Routes {
     .add("/api/v1/events/ws", &["GET"], get(events_ws))
 }
 
+/// A job in a creation answer.
+fn job_brief(j: &Job) -> Value {
+    json!({"id": j.id, "key": j.key, "name": j.name, "parent": j.parent, "state": j.state})
+}
+
 /// A job as the API shows it: the stored job plus its tree's tags.
 fn job_json(job: &Job, tree: &Tree) -> Value {
     let mut v = serde_json::to_value(job).unwrap_or(Value::Null);
@@ -87,18 +92,17 @@ async fn create_jobs(
     .await
     .map_err(ApiError::internal)?
     .map_err(ApiError::bad)?;
+    // While the store is down, refuse at once (503) rather than queue behind the outage.
+    let store = app.store.clone();
+    blocking(move || Ok(store.ping()?)).await?;
     // Running anything needs `operator` in the tree's workspace (SPEC §13).
     caller.need_role(&new.tree.tags.workspace, Role::Operator)?;
     let mut new = new;
     new.tree.admin = caller.user.admin;
     let tree = new.tree.clone();
-    let jobs: Vec<Value> = new.jobs.iter().map(|j| job_json(j, &tree)).collect();
-    match app
-        .manager
-        .create(new, key)
-        .await
-        .map_err(ApiError::internal)?
-    {
+    // The answer names every job (id, key, name, parent); GET the tree for the rest.
+    let jobs: Vec<Value> = new.jobs.iter().map(job_brief).collect();
+    match app.manager.create(new, key).await? {
         Created::New => Ok((
             StatusCode::CREATED,
             axum::Json(json!({"id": tree.id, "jobs": jobs})),
@@ -113,7 +117,7 @@ async fn create_jobs(
                 Ok((tree, app.store.tree_jobs(id)?))
             })
             .await?;
-            let jobs: Vec<Value> = jobs.iter().map(|j| job_json(j, &tree)).collect();
+            let jobs: Vec<Value> = jobs.iter().map(job_brief).collect();
             Ok((
                 StatusCode::OK,
                 axum::Json(json!({"id": tree.id, "jobs": jobs})),

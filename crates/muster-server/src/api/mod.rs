@@ -11,6 +11,7 @@ pub use accounts::LoginLimiter;
 mod jobs;
 mod nodes;
 pub mod openapi;
+mod scripts;
 
 use crate::accounts::Role;
 use crate::auth;
@@ -266,13 +267,28 @@ impl FromRequestParts<Arc<App>> for Caller {
             let Some(u) = store.user(&t.user)? else {
                 return Ok(None);
             };
-            let roles = if u.admin {
+            let mut u = u;
+            let mut roles: HashMap<String, Role> = if u.admin {
                 HashMap::new()
             } else {
                 crate::accounts::memberships(&*store, &u.name)?
                     .into_iter()
                     .collect()
             };
+            if let Some(ws) = &t.workspace {
+                // A workspace token (the one given to jobs) acts in that one workspace, at
+                // most as an operator, whoever its user is.
+                let role = if u.admin {
+                    Some(Role::Admin)
+                } else {
+                    roles.get(ws).copied()
+                };
+                roles = role
+                    .map(|r| (ws.clone(), r.min(Role::Operator)))
+                    .into_iter()
+                    .collect();
+                u.admin = false;
+            }
             Ok(Some((t, u, roles)))
         })
         .await?;
@@ -344,13 +360,15 @@ impl Routes {
 /// Every route, recorded.
 pub fn routes() -> Routes {
     let r = Routes::new()
-        .add("/", &["GET"], get(index))
+        .add("/", &["GET"], get(crate::dashboard::index))
+        .add("/assets/{file}", &["GET"], get(crate::dashboard::asset))
         .add("/healthz", &["GET"], get(healthz))
         .add("/readyz", &["GET"], get(readyz))
         .add("/metrics", &["GET"], get(crate::metrics::serve))
         .add("/api/v1/openapi.json", &["GET"], get(openapi::serve));
     let r = accounts::routes(r);
     let r = nodes::routes(r);
+    let r = scripts::routes(r);
     jobs::routes(r)
 }
 
@@ -382,20 +400,6 @@ async fn observe(State(app): AppState, req: Request, next: Next) -> Response {
         perf.record(&label, status, elapsed);
     }
     resp
-}
-
-async fn index(State(app): AppState) -> ApiResult<Response> {
-    let users = blocking({
-        let app = app.clone();
-        move || Ok(app.store.users()?.len())
-    })
-    .await?;
-    let body = if users == 0 {
-        "<!doctype html><title>muster setup</title><h1>muster</h1><p>No user exists yet. Create the admin with the one-time code from <code>&lt;data-dir&gt;/setup-code</code>: <code>muster setup</code> or <code>POST /api/v1/setup</code>.</p>".to_string()
-    } else {
-        "<!doctype html><title>muster</title><h1>muster</h1><p>The API is at <code>/api/v1</code>; log in with <code>muster login</code>.</p>".to_string()
-    };
-    Ok(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response())
 }
 
 async fn healthz() -> impl IntoResponse {

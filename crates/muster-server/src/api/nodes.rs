@@ -28,6 +28,18 @@ fn node_json(n: &Node) -> Value {
     json!({"id": n.id, "name": n.name, "state": n.state, "labels": n.labels, "slots": n.slots, "last_seen": n.last_seen, "version": n.version})
 }
 
+/// Adds when the node's last valid discovery beacon arrived (`beacon_at`), if one did: a hint
+/// only, never what the node's state or identity rests on.
+fn with_beacon(app: &App, mut v: Value) -> Value {
+    let heard = v["id"]
+        .as_str()
+        .and_then(|id| app.metrics.discovery.last_heard(id));
+    if let Some(t) = heard {
+        v["beacon_at"] = json!(muster_core::Ts(t));
+    }
+    v
+}
+
 async fn find_node(app: &Arc<App>, id: &str) -> ApiResult<Node> {
     let (store, id) = (app.store.clone(), id.to_string());
     blocking(move || {
@@ -44,7 +56,10 @@ async fn list_nodes(State(app): AppState, caller: Caller) -> ApiResult<Response>
     caller.need_scope("read")?;
     let store = app.store.clone();
     let nodes = blocking(move || Ok(store.nodes()?)).await?;
-    let items: Vec<Value> = nodes.iter().map(node_json).collect();
+    let items: Vec<Value> = nodes
+        .iter()
+        .map(|n| with_beacon(&app, node_json(n)))
+        .collect();
     Ok(axum::Json(json!({"items": items})).into_response())
 }
 
@@ -54,7 +69,8 @@ async fn get_node(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     caller.need_scope("read")?;
-    Ok(axum::Json(node_json(&find_node(&app, &id).await?)).into_response())
+    let node = node_json(&find_node(&app, &id).await?);
+    Ok(axum::Json(with_beacon(&app, node)).into_response())
 }
 
 fn need_cluster_admin(caller: &Caller) -> ApiResult<()> {
@@ -171,9 +187,19 @@ async fn join_token(
             "ttl_s must be 1 s to 30 days and uses 1-10000",
         ));
     }
-    let store = app.store.clone();
-    let (token, expires_at) =
-        blocking(move || Ok(n::create_join_token(&*store, ttl as i64 * 1000, uses)?)).await?;
+    let (store, data_dir) = (app.store.clone(), app.config.data_dir.clone());
+    let (token, expires_at) = blocking(move || {
+        let key = crate::discovery::server_key(&data_dir)
+            .map_err(|e| ApiError::internal(format!("the server key: {e}")))?;
+        let public = key.verifying_key().to_bytes();
+        Ok(n::create_join_token(
+            &*store,
+            ttl as i64 * 1000,
+            uses,
+            Some(&public),
+        )?)
+    })
+    .await?;
     let command = format!("muster agent --server {} --join-token {token}", app.url);
     Ok((
         StatusCode::CREATED,
@@ -194,8 +220,11 @@ struct JoinBody {
 /// An agent trades a join token for its own credential.
 async fn join(State(app): AppState, JsonBody(b): JsonBody<JoinBody>) -> ApiResult<Response> {
     muster_core::names::check_name("node name", &b.name).map_err(ApiError::bad)?;
-    let store = app.store.clone();
-    let (id, credential) = blocking(move || {
+    let (store, config) = (app.store.clone(), app.config.clone());
+    let (id, credential, cluster_key) = blocking(move || {
+        // The key the node signs its discovery beacons with.
+        let cluster_key = crate::discovery::cluster_key(&config)
+            .map_err(|e| ApiError::internal(format!("the cluster key: {e}")))?;
         if store.nodes()?.iter().any(|n| n.name == b.name) {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -206,12 +235,12 @@ async fn join(State(app): AppState, JsonBody(b): JsonBody<JoinBody>) -> ApiResul
         n::redeem_join_token(&*store, &b.join_token)?.map_err(|m| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m))?;
         let id = muster_core::Uuid::now_v7().to_string();
         let credential = n::issue_credential(&*store, &id)?;
-        Ok((id, credential))
+        Ok((id, credential, crate::discovery::hex(&cluster_key)))
     })
     .await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({"node_id": id, "credential": credential})),
+        axum::Json(json!({"node_id": id, "credential": credential, "cluster_key": cluster_key})),
     )
         .into_response())
 }

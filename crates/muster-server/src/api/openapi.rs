@@ -100,7 +100,7 @@ pub fn document() -> Value {
         "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"}, "key": name(),
         "exec": {"type": "array", "items": {"type": "string"}, "minItems": 1}, "shell": {"type": "string"}, "noop": {"type": "boolean"},
         "node": name(), "node_selector": {"type": "object", "additionalProperties": {"type": "string"}},
-        "timeout_s": {"type": "integer", "minimum": 1}, "retries": {"type": "integer", "minimum": 0, "maximum": 100},
+        "timeout_s": {"type": "integer", "minimum": 1, "maximum": 31536000}, "retries": {"type": "integer", "minimum": 0, "maximum": 100},
         "needs": {"type": "array", "items": {"type": "string"}}, "children": {"type": "array", "items": r("JobSpec")},
         "tags": r("Tags"), "on_failure": {"type": "string", "enum": ["abort", "continue"]}
     }});
@@ -151,6 +151,18 @@ pub fn document() -> Value {
             true,
         ),
         vec![],
+    );
+    add(
+        "/assets/{file}",
+        "get",
+        op(
+            "An embedded dashboard asset (script, style, icon)",
+            None,
+            "200",
+            text("application/octet-stream"),
+            true,
+        ),
+        vec![path_param("file")],
     );
     add(
         "/healthz",
@@ -328,7 +340,7 @@ pub fn document() -> Value {
         vec![query("all", "boolean")],
     );
     let new_token = json!({"type": "object", "additionalProperties": false, "required": ["name", "scopes"], "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 100}, "scopes": {"type": "array", "minItems": 1, "items": {"type": "string", "enum": SCOPES}}, "expires_in_s": {"type": "integer", "minimum": 1}}});
+        "name": {"type": "string", "minLength": 1, "maxLength": 100}, "scopes": {"type": "array", "minItems": 1, "items": {"type": "string", "enum": SCOPES}}, "expires_in_s": {"type": "integer", "minimum": 1, "maximum": 315360000, "nullable": true}}});
     add(
         "/api/v1/tokens",
         "post",
@@ -438,6 +450,38 @@ pub fn document() -> Value {
     agent_ws["security"] = json!([{"bearer": []}]);
     add("/api/v1/agent/ws", "get", agent_ws, vec![]);
     add(
+        "/api/v1/scripts",
+        "get",
+        op(
+            "Node control scripts",
+            None,
+            "200",
+            Some(obj(
+                json!({"items": {"type": "array", "items": obj(json!({"name": {"type": "string"}}), &["name"])}, "dir": {"type": "string"}}),
+                &["items"],
+            )),
+            false,
+        ),
+        vec![],
+    );
+    let run_body = json!({"type": "object", "additionalProperties": false, "properties": {
+        "nodes": {"type": "object", "additionalProperties": {"type": "string"}}, "args": {"type": "array", "items": {"type": "string"}}, "workspace": {"type": "string"}}});
+    add(
+        "/api/v1/scripts/{name}/run",
+        "post",
+        op(
+            "Run a script on every matching node, as a job tree (on_failure = continue)",
+            Some(run_body),
+            "201",
+            Some(obj(
+                json!({"id": {"type": "string"}, "jobs": {"type": "array", "items": r("JobBrief")}}),
+                &["id", "jobs"],
+            )),
+            false,
+        ),
+        vec![path_param("name")],
+    );
+    add(
         "/api/v1/tokens/{id}",
         "delete",
         op("Revoke a token", None, "204", None, false),
@@ -448,13 +492,13 @@ pub fn document() -> Value {
         Some(r("JobSpec")),
         "201",
         Some(obj(
-            json!({"id": {"type": "string"}, "jobs": {"type": "array", "items": r("Job")}}),
+            json!({"id": {"type": "string"}, "jobs": {"type": "array", "items": r("JobBrief")}}),
             &["id", "jobs"],
         )),
         false,
     );
     create["parameters"] = json!([{"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "minLength": 1, "maxLength": 200}}]);
-    create["responses"]["200"] = json!({"description": "the tree made earlier with this Idempotency-Key", "content": {"application/json": {"schema": obj(json!({"id": {"type": "string"}, "jobs": {"type": "array", "items": r("Job")}}), &["id", "jobs"])}}});
+    create["responses"]["200"] = json!({"description": "the tree made earlier with this Idempotency-Key", "content": {"application/json": {"schema": obj(json!({"id": {"type": "string"}, "jobs": {"type": "array", "items": r("JobBrief")}}), &["id", "jobs"])}}});
     add("/api/v1/jobs", "post", create, vec![]);
     let list_params = [
         "workspace",
@@ -522,7 +566,7 @@ pub fn document() -> Value {
     let log_params = || {
         vec![
             job_id_param(),
-            query("attempt", "integer"),
+            json!({"name": "attempt", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 4294967295u64}}),
             query("follow", "boolean"),
         ]
     };
@@ -580,6 +624,7 @@ pub fn document() -> Value {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
                 "Error": obj(json!({"error": obj(json!({"code": {"type": "string"}, "message": {"type": "string"}}), &["code", "message"])}), &["error"]),
+                "JobBrief": obj(json!({"id": {"type": "string"}, "key": {"type": "string"}, "name": {"type": "string"}, "parent": nullable("string"), "state": {"type": "string"}}), &["id", "key", "name", "state"]),
                 "Tags": tags, "Job": job, "JobSpec": job_spec, "TreeSummary": tree_summary, "User": user,
                 "ApiToken": api_token, "Workspace": workspace,
             }

@@ -6,6 +6,7 @@ mod harness;
 
 mod access;
 mod api;
+mod cluster;
 mod crash;
 mod jobs;
 mod logs;

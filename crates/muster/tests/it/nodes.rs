@@ -351,3 +351,70 @@ fn draining_nodes_get_no_new_jobs_and_workspaces_limit_placement() {
         "{t:#}"
     );
 }
+
+#[test]
+fn node_control_scripts_run_once_per_matching_node_with_a_workspace_token() {
+    let s = Server::start_with(fast_nodes);
+    let _a = Agent::join(&s, "web-1", &["role=web"]);
+    let _b = Agent::join(&s, "web-2", &["role=web"]);
+    let _c = Agent::join(&s, "db-1", &["role=db"]);
+    for n in ["web-1", "web-2", "db-1"] {
+        wait_node(&s, n, "ready", Duration::from_secs(10));
+    }
+    let dir = s.dir.0.join("scripts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = format!(
+        "#!/bin/sh\necho \"hello $1 from $MUSTER_NODE_NAME\"\n{} jobs ls --json > /dev/null && echo cli-works\n[ \"$MUSTER_NODE_NAME\" != web-2 ] || exit 4\n",
+        env!("CARGO_BIN_EXE_muster")
+    );
+    std::fs::write(dir.join("greet"), script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("greet"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (st, list) = s.call("GET", "/api/v1/scripts", None);
+    assert_eq!(st, 200);
+    assert_eq!(list["items"][0]["name"], "greet");
+    let (st, body) = s.call(
+        "POST",
+        "/api/v1/scripts/greet/run",
+        Some(json!({"nodes": {"role": "web"}, "args": ["world"]})),
+    );
+    assert_eq!(st, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let t = s.wait_tree(&id, Duration::from_secs(20));
+    let kids = t["children"].as_array().unwrap();
+    assert_eq!(kids.len(), 2, "one child per matching node: {t:#}");
+    assert_eq!(t["on_failure"], "continue");
+    let one = child(&t, "greet on web-1");
+    assert_eq!(one["state"], "succeeded", "{one:#}");
+    let log = s.log(one["id"].as_str().unwrap());
+    assert!(
+        log.contains("out hello world from web-1") && log.contains("out cli-works"),
+        "{log}"
+    );
+    let two = child(&t, "greet on web-2");
+    assert_eq!(
+        (two["state"].as_str(), two["exit_code"].as_i64()),
+        (Some("failed"), Some(4))
+    );
+    assert_eq!(t["tree_state"], "failed");
+    assert_eq!(
+        s.call("POST", "/api/v1/scripts/nope/run", Some(json!({})))
+            .0,
+        404
+    );
+    assert_eq!(
+        s.call(
+            "POST",
+            "/api/v1/scripts/greet/run",
+            Some(json!({"nodes": {"role": "none"}}))
+        )
+        .0,
+        409
+    );
+    // The job token is gone once the tree ended.
+    let (_, tokens) = s.call("GET", "/api/v1/tokens?all=true", None);
+    assert!(
+        !tokens.to_string().contains(&format!("jobs of tree {id}")),
+        "{tokens}"
+    );
+}

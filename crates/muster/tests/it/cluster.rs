@@ -1,0 +1,178 @@
+//! The Redis store under a real server (SPEC §3, issue 5 in part): a server on `redis://`, the
+//! store going away and coming back with nothing lost, and `muster store migrate`.
+
+use crate::harness::*;
+use serde_json::json;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A `redis-server` of the test's own on a free loopback port (AOF, fsync always).
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = TempDir::new("redis");
+        let mut r = Redis {
+            child: None,
+            port,
+            dir,
+        };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+            ])
+            .arg(&self.dir.0)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect(
+                "redis-server is needed: scripts/test installs it (apt-get install redis-server)",
+            );
+        self.child = Some(child);
+        let port = self.port;
+        assert!(wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        }));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[test]
+fn a_server_on_redis_rides_out_a_redis_outage() {
+    let mut redis = Redis::start();
+    let url = redis.url();
+    let s = Server::start_with(|c| c.store.url = url.clone());
+    let (id, _) = s.create(json!({"name": "before", "shell": "echo ok"}));
+    assert_eq!(
+        s.wait_tree(&id, Duration::from_secs(10))["tree_state"],
+        "succeeded"
+    );
+    // A tree whose job runs through the outage.
+    let gate = s.dir.0.join("gate");
+    let (long, _) = s.create(json!({"name": "through", "shell": format!("while [ ! -e {} ]; do sleep 0.02; done; echo done", gate.display())}));
+    assert!(wait_until(Duration::from_secs(10), || s.job(&long)
+        ["state"]
+        == "running"));
+    redis.stop();
+    // Writes get 503 with a clear error; health stays up; readiness goes down.
+    let (st, body) = s.call(
+        "POST",
+        "/api/v1/jobs",
+        Some(json!({"name": "during", "noop": true})),
+    );
+    assert_eq!(
+        (st, body["error"]["message"].as_str()),
+        (503, Some("store unavailable")),
+        "{body}"
+    );
+    assert_eq!(s.call_as(None, "GET", "/healthz", None, &[]).0, 200);
+    assert!(wait_until(Duration::from_secs(5), || s
+        .call_as(None, "GET", "/readyz", None, &[])
+        .0
+        == 503));
+    // The job ends while Redis is down: the agent keeps the report until it can be stored.
+    std::fs::write(&gate, b"").unwrap();
+    let agent_dir = s.dir.0.join("agent");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            muster_server::agent::attempt_dirs(&agent_dir)
+                .iter()
+                .any(|d| d.to_string_lossy().contains(&long) && d.join("exit.json").exists())
+        }),
+        "the job ends while the store is down"
+    );
+    redis.restart();
+    assert!(wait_until(Duration::from_secs(10), || s
+        .call_as(None, "GET", "/readyz", None, &[])
+        .0
+        == 200));
+    let t = s.wait_tree(&long, Duration::from_secs(15));
+    assert_eq!(t["tree_state"], "succeeded", "nothing lost: {t:#}");
+    assert!(s.log(&long).contains("out done"));
+    let (id2, _) = s.create(json!({"name": "after", "noop": true}));
+    assert_eq!(
+        s.wait_tree(&id2, Duration::from_secs(10))["tree_state"],
+        "succeeded"
+    );
+}
+
+#[test]
+fn store_migrate_moves_a_sqlite_install_to_redis() {
+    let redis = Redis::start();
+    let dir = TempDir::new("migrate");
+    let db = format!("sqlite://{}", dir.0.join("muster.db").display());
+    {
+        let src = muster_store::open(&db).unwrap();
+        for i in 0..30 {
+            let (tree, jobs) = muster_store::conformance::fixture(
+                muster_store::conformance::tags(if i % 3 == 0 { "a" } else { "b" }),
+                4,
+            );
+            src.create_tree(&tree, &jobs, None).unwrap();
+        }
+        src.set_meta("cluster_name", Some("prod")).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_muster"))
+        .args(["store", "migrate", "--from", &db, "--to", &redis.url()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("migrated 30 trees (120 jobs"), "{stdout}");
+    let dst = muster_store::open(&redis.url()).unwrap();
+    let filter = muster_store::TreeFilter {
+        workspace: Some("a".into()),
+        ..Default::default()
+    };
+    assert_eq!(dst.list_trees(&filter, None, 100).unwrap().len(), 10);
+    assert_eq!(dst.meta("cluster_name").unwrap().as_deref(), Some("prod"));
+    // Running it again changes nothing.
+    let again = Command::new(env!("CARGO_BIN_EXE_muster"))
+        .args(["store", "migrate", "--from", &db, "--to", &redis.url()])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&again.stdout).contains("30 trees were there already"));
+}
