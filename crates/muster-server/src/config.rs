@@ -51,6 +51,9 @@ pub struct ServerConfig {
     pub advertise_url: String,
     /// Proxies whose `X-Forwarded-For` is believed (addresses).
     pub trusted_proxies: Vec<String>,
+    /// The leader lease's lifetime: a dead leader is replaced after at most this long.
+    #[serde(with = "dur")]
+    pub lease_ttl: Duration,
 }
 
 /// `[store]`
@@ -59,6 +62,9 @@ pub struct ServerConfig {
 pub struct StoreConfig {
     /// `memory://`, `sqlite://PATH` or `redis://HOST:PORT/DB`; empty: `sqlite://<data_dir>/muster.db`.
     pub url: String,
+    /// The blob store's directory (logs, bundles); empty: `<data_dir>/blobs`. Servers of one
+    /// cluster share it (a shared path).
+    pub blob_dir: String,
 }
 
 /// `[auth]`
@@ -229,6 +235,7 @@ impl Default for ServerConfig {
             workers: 0,
             advertise_url: String::new(),
             trusted_proxies: Vec::new(),
+            lease_ttl: Duration::from_secs(6),
         }
     }
 }

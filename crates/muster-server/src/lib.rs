@@ -15,6 +15,7 @@ pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod blobs;
+pub mod cluster;
 pub mod config;
 pub mod dashboard;
 pub mod discovery;
@@ -58,6 +59,12 @@ pub struct App {
     pub login_limiter: api::LoginLimiter,
     /// Where alerts go (`[alerts] webhook_url`).
     pub alerts: Arc<alerts::Alerts>,
+    /// This server's id in the leader election.
+    pub server_id: String,
+    /// Whether this server holds the leader lease (see [`cluster`]).
+    pub leading: std::sync::atomic::AtomicBool,
+    /// The leader's URL, as its lease says.
+    pub leader_url: std::sync::RwLock<Option<String>>,
 }
 
 impl App {
@@ -75,8 +82,12 @@ impl App {
         url: String,
         store: Arc<dyn Store>,
     ) -> Result<(Arc<App>, std::thread::JoinHandle<()>), String> {
-        let blobs =
-            Blobs::new(&config.data_dir.join("blobs")).map_err(|e| format!("blob store: {e}"))?;
+        let blob_dir = if config.store.blob_dir.is_empty() {
+            config.data_dir.join("blobs")
+        } else {
+            std::path::PathBuf::from(&config.store.blob_dir)
+        };
+        let blobs = Blobs::new(&blob_dir).map_err(|e| format!("blob store: {e}"))?;
         let mc = ManagerConfig {
             backoff: Backoff {
                 base_ms: config.jobs.backoff_base.as_millis() as u64,
@@ -90,6 +101,16 @@ impl App {
         };
         let metrics = metrics::Metrics::default();
         let alerts = Arc::new(alerts::Alerts::start(&config.alerts.webhook_url)?);
+        // Stable across restarts, so a restarted server renews its own lease at once.
+        let id_file = config.data_dir.join("server-id");
+        let server_id = match std::fs::read_to_string(&id_file) {
+            Ok(id) if !id.trim().is_empty() => id.trim().to_string(),
+            _ => {
+                let id = muster_core::Uuid::now_v7().to_string();
+                std::fs::write(&id_file, &id).map_err(|e| format!("{}: {e}", id_file.display()))?;
+                id
+            }
+        };
         let (manager, handle) =
             Manager::start(store.clone(), mc, metrics.jobs.clone(), alerts.clone())
                 .map_err(|e| format!("job manager: {e}"))?;
@@ -111,6 +132,9 @@ impl App {
             perf,
             login_limiter: api::LoginLimiter::default(),
             alerts,
+            server_id,
+            leading: std::sync::atomic::AtomicBool::new(false),
+            leader_url: std::sync::RwLock::new(None),
         });
         Ok((app, handle))
     }
@@ -143,6 +167,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let reaper = tokio::spawn(reaper(app.clone()));
     let watch = tokio::spawn(watch_store(app.clone()));
+    let lead = tokio::spawn(cluster::lead(app.clone()));
     let router = api::router(app);
     let res = axum::serve(
         listener,
@@ -152,6 +177,7 @@ pub async fn run(
     .await;
     reaper.abort();
     watch.abort();
+    lead.abort();
     res
 }
 

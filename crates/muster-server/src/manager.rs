@@ -96,6 +96,9 @@ pub enum Cmd {
         id: String,
         reply: oneshot::Sender<bool>,
     },
+    /// This server gained (`true`) or lost the cluster's leader lease: only the leader
+    /// schedules; a server that loses the lease forgets its running trees and its agents.
+    Lead(bool),
     /// The log of an attempt is in the blob store under `blob`.
     Log {
         job: Uuid,
@@ -216,6 +219,8 @@ struct State {
     /// When each ready job became ready (for the start-latency histogram).
     ready_since: HashMap<(Uuid, u32), std::time::Instant>,
     alerts: Arc<crate::alerts::Alerts>,
+    /// Whether this server holds the leader lease.
+    leading: bool,
     /// The `MUSTER_TOKEN` of each active tree's jobs: (token id, text).
     job_tokens: HashMap<Uuid, (String, String)>,
     /// Nodes not connected now, since when (for `lost`).
@@ -235,6 +240,7 @@ impl State {
     ) -> State {
         State {
             alerts,
+            leading: false,
             store,
             config,
             stats,
@@ -263,8 +269,6 @@ impl State {
     }
 
     fn run(&mut self, rx: Receiver<Cmd>) {
-        self.recover();
-        self.commit();
         loop {
             let wait = match self.timers.peek() {
                 Some(Reverse((at, _, _))) => {
@@ -360,6 +364,11 @@ impl State {
     /// Handles one command; `true` means stop.
     fn handle(&mut self, cmd: Cmd) -> bool {
         match cmd {
+            Cmd::Create { reply, .. } if !self.leading => {
+                let _ = reply.send(Err(muster_store::StoreError::Unavailable(
+                    "this server does not lead the cluster now".into(),
+                )));
+            }
             Cmd::Create {
                 new,
                 idempotency_key,
@@ -476,6 +485,32 @@ impl State {
                 }
                 let _ = reply.send(known);
             }
+            Cmd::Lead(on) if on == self.leading => {}
+            Cmd::Lead(true) => {
+                eprintln!("muster: this server leads the cluster now");
+                self.leading = true;
+                self.started = std::time::Instant::now();
+                self.recover();
+            }
+            Cmd::Lead(false) => {
+                eprintln!("muster: this server no longer leads the cluster");
+                self.leading = false;
+                for c in self.conns.values() {
+                    let _ = c.tx.send(ToAgent::Reconnect);
+                }
+                self.conns.clear();
+                self.trees.clear();
+                self.job_tree.clear();
+                self.ready_noop.clear();
+                self.ready_work.clear();
+                self.timers.clear();
+                self.away.clear();
+                self.job_tokens.clear();
+                self.dirty_jobs.clear();
+                self.dirty_set.clear();
+                self.dirty_trees.clear();
+                self.outbox.clear();
+            }
             Cmd::Shutdown => return true,
         }
         false
@@ -495,6 +530,10 @@ impl State {
         known: Vec<Known>,
         seq: u64,
     ) {
+        if !self.leading {
+            let _ = tx.send(ToAgent::Reconnect);
+            return;
+        }
         let id = node.id.clone();
         let mut node = node;
         self.away.remove(&id);
@@ -1020,6 +1059,7 @@ impl State {
         }
         self.dirty_set.clear();
         changes.append(&mut self.extra);
+        let mut lost_race: HashSet<Uuid> = HashSet::new();
         let mut finished = Vec::new();
         for tid in self.dirty_trees.drain() {
             let Some(entry) = self.trees.get(&tid) else {
@@ -1057,8 +1097,17 @@ impl State {
         }
         if !changes.is_empty() {
             let applied = retry_store(|| self.store.apply(&changes));
-            if let Some(k) = applied.iter().position(|ok| !ok) {
-                eprintln!("muster: job manager: a stored state moved under us ({:?}); the store wins at the next start", changes[k].summary());
+            for (k, ok) in applied.iter().enumerate() {
+                if !ok {
+                    // Another server moved this job (a race over the lease): never send it.
+                    eprintln!(
+                        "muster: job manager: a stored state moved under us ({})",
+                        changes[k].summary()
+                    );
+                    if let Change::Job { job, .. } = &changes[k] {
+                        lost_race.insert(job.id);
+                    }
+                }
             }
         }
         let mut freed = 0;
@@ -1076,7 +1125,11 @@ impl State {
             // SAFETY: malloc_trim has no preconditions.
             unsafe { libc::malloc_trim(0) };
         }
-        for (node, jobs) in self.outbox.drain() {
+        for (node, mut jobs) in self.outbox.drain() {
+            jobs.retain(|a| !lost_race.contains(&a.job));
+            if jobs.is_empty() {
+                continue;
+            }
             if let Some(c) = self.conns.get(&node) {
                 let _ = c.tx.send(ToAgent::Assign {
                     epoch: self.epoch,

@@ -41,6 +41,8 @@ pub enum ToAgent {
     StopLog { stream: u64 },
     /// The server will not talk to this agent again (its node was removed).
     Goodbye { reason: String },
+    /// This server stopped leading the cluster: connect again (to the leader).
+    Reconnect,
 }
 
 /// One job for an agent to run.

@@ -34,6 +34,7 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("meta_values", meta_values),
     ("nodes_crud", nodes_crud),
     ("documents", documents),
+    ("leases", leases),
     ("events_in_order", events_in_order),
     ("ping", ping),
 ];
@@ -1255,4 +1256,33 @@ pub fn documents(s: &dyn Store) {
     s.put_doc("member", "acme/bob", None).unwrap();
     assert_eq!(s.doc("member", "acme/bob").unwrap(), None);
     assert_eq!(s.docs("member", "acme/").unwrap().len(), 1);
+}
+
+/// Leases: one holder at a time; the holder renews; another takes it only after it expires.
+pub fn leases(s: &dyn Store) {
+    assert_eq!(s.lease("leader", "a", 300).unwrap(), "a");
+    assert_eq!(s.lease("leader", "b", 300).unwrap(), "a", "held by a");
+    assert_eq!(
+        s.lease("other", "b", 300).unwrap(),
+        "b",
+        "leases are by name"
+    );
+    assert_eq!(s.lease("leader", "a", 300).unwrap(), "a", "a renews");
+    let t0 = std::time::Instant::now();
+    loop {
+        let h = s.lease("leader", "b", 300).unwrap();
+        if h == "b" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "the lease never expired"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_millis(250),
+        "b took it before it expired"
+    );
+    assert_eq!(s.lease("leader", "a", 300).unwrap(), "b");
 }

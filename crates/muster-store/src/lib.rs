@@ -242,6 +242,10 @@ pub trait Store: Send + Sync + 'static {
         ))
     }
 
+    /// Takes or renews a lease: when `name` is free, expired, or held by `holder`, `holder`
+    /// holds it for `ttl_ms` from now. Returns the holder after the call (atomic).
+    fn lease(&self, name: &str, holder: &str, ttl_ms: u64) -> Result<String>;
+
     fn put_node(&self, node: &Node) -> Result<()>;
     fn nodes(&self) -> Result<Vec<Node>>;
     fn delete_node(&self, id: &str) -> Result<bool>;

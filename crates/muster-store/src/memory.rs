@@ -39,6 +39,7 @@ struct Inner {
     tokens: BTreeMap<String, Token>,
     meta: BTreeMap<String, String>,
     docs: BTreeMap<(String, String), String>,
+    leases: BTreeMap<String, (String, std::time::Instant)>,
     nodes: BTreeMap<String, Node>,
 }
 
@@ -381,6 +382,25 @@ impl Store for MemoryStore {
             .take_while(|((k, key), _)| k == kind && key.starts_with(prefix))
             .map(|((_, key), v)| (key.clone(), v.clone()))
             .collect())
+    }
+
+    fn lease(&self, name: &str, holder: &str, ttl_ms: u64) -> Result<String> {
+        let mut g = self.lock();
+        let now = std::time::Instant::now();
+        let free = match g.leases.get(name) {
+            Some((h, until)) => h == holder || *until <= now,
+            None => true,
+        };
+        if free {
+            g.leases.insert(
+                name.to_string(),
+                (
+                    holder.to_string(),
+                    now + std::time::Duration::from_millis(ttl_ms),
+                ),
+            );
+        }
+        Ok(g.leases[name].0.clone())
     }
 
     fn put_node(&self, node: &Node) -> Result<()> {

@@ -272,6 +272,16 @@ redis.call('ZADD', z, 0, key)
 return 1
 "#;
 
+/// Takes or renews a lease: ARGV: key, holder, ttl ms. Returns the holder after the call.
+const LEASE: &str = r#"
+local cur = redis.call('GET', ARGV[1])
+if not cur or cur == ARGV[2] then
+  redis.call('SET', ARGV[1], ARGV[2], 'PX', ARGV[3])
+  return ARGV[2]
+end
+return cur
+"#;
+
 /// A Lua script and its SHA-1 once loaded.
 struct Script {
     src: &'static str,
@@ -322,6 +332,7 @@ struct Scripts {
     put_token: Script,
     delete_token: Script,
     put_doc: Script,
+    lease: Script,
 }
 
 /// What the subscriber thread and `subscribe` share.
@@ -439,6 +450,7 @@ impl RedisStore {
                 put_token: Script::new(PUT_TOKEN),
                 delete_token: Script::new(DELETE_TOKEN),
                 put_doc: Script::new(PUT_DOC),
+                lease: Script::new(LEASE),
             },
             events,
             sub: Arc::new(SubShared {
@@ -1117,6 +1129,16 @@ impl Store for RedisStore {
             None => self.pool.call(&["HDEL", &meta, key])?,
         };
         Ok(())
+    }
+
+    fn lease(&self, name: &str, holder: &str, ttl_ms: u64) -> Result<String> {
+        let args = [
+            arg(self.key(&format!("lease:{name}"))),
+            arg(holder),
+            arg(ttl_ms.to_string()),
+        ];
+        let r = self.pool.with(|c| self.scripts.lease.eval(c, &args))?;
+        Ok(r.opt_string()?.unwrap_or_default())
     }
 
     fn put_doc(&self, kind: &str, key: &str, value: Option<&str>) -> Result<()> {

@@ -725,6 +725,34 @@ impl Store for SqliteStore {
         Ok(rows.collect::<std::result::Result<Vec<(String, String)>, _>>()?)
     }
 
+    fn lease(&self, name: &str, holder: &str, ttl_ms: u64) -> Result<String> {
+        // Wall-clock expiry, so several processes sharing the file agree.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let key = format!("lease:{name}");
+        self.write(|tx| {
+            let cur: Option<String> = tx
+                .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+                .query_row([&key], |r| r.get(0))
+                .optional()?;
+            let (h, until) = cur
+                .as_deref()
+                .and_then(|v| v.rsplit_once('\n'))
+                .map(|(h, u)| (h.to_string(), u.parse::<i64>().unwrap_or(0)))
+                .unwrap_or_default();
+            if h.is_empty() || h == holder || until <= now {
+                let value = format!("{holder}\n{}", now + ttl_ms as i64);
+                tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
+                    .execute([key.as_str(), value.as_str()])?;
+                Ok(holder.to_string())
+            } else {
+                Ok(h)
+            }
+        })
+    }
+
     fn put_node(&self, node: &Node) -> Result<()> {
         let doc = to_json(node)?;
         self.write(|tx| {

@@ -69,6 +69,8 @@ struct Agent {
     running: HashMap<(Uuid, u32), bool>,
     /// Set when a server said goodbye: the agent stops.
     goodbye: Option<String>,
+    /// Set when the server asks the agent to connect again (it no longer leads).
+    reconnect: bool,
     /// Ended attempts not yet acknowledged by a server.
     ended: HashMap<(Uuid, u32), ExitReport>,
     /// Report seq → the exec attempts it ended, marked `acked` once acknowledged.
@@ -122,6 +124,7 @@ pub async fn run(
         internal_tx,
         streams: HashMap::new(),
         goodbye: None,
+        reconnect: false,
     };
     agent.adopt().await?;
     let sweep_dir = agent.opts.dir.clone();
@@ -184,7 +187,7 @@ pub async fn run(
                     while let Ok(msg) = rx.try_recv() {
                         agent.on_message(msg, &tx, &mut pending);
                     }
-                    if agent.goodbye.is_some() {
+                    if agent.goodbye.is_some() || std::mem::take(&mut agent.reconnect) {
                         break;
                     }
                 }
@@ -217,6 +220,11 @@ pub async fn run(
         cut_off_since = std::time::Instant::now();
         if agent.goodbye.is_none() {
             eprintln!("muster agent: lost the server; reconnecting");
+            // A breath before the next server (a follower sends us on our way at once).
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
         }
     }
 }
@@ -373,6 +381,9 @@ impl Agent {
                 let h = tokio::spawn(stream_log(dir, stream, from, follow, tx));
                 self.streams.retain(|_, h| !h.is_finished());
                 self.streams.insert(stream, h);
+            }
+            ToAgent::Reconnect => {
+                self.reconnect = true;
             }
             ToAgent::Goodbye { reason } => {
                 eprintln!("muster agent: {reason}");

@@ -377,6 +377,10 @@ pub fn router(app: Arc<App>) -> Router {
     routes()
         .router
         .fallback(|| async { ApiError::not_found("route") })
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            crate::cluster::forward,
+        ))
         .layer(axum::middleware::from_fn_with_state(app.clone(), observe))
         .layer(DefaultBodyLimit::max(64 << 20))
         .with_state(app)

@@ -305,7 +305,7 @@ async fn bridge(app: Arc<App>, mut socket: WebSocket, node: String) {
                     if socket.send(Message::Text(text.into())).await.is_err() {
                         break;
                     }
-                    if matches!(m, ToAgent::Goodbye { .. }) {
+                    if matches!(m, ToAgent::Goodbye { .. } | ToAgent::Reconnect) {
                         break;
                     }
                 }

@@ -176,3 +176,107 @@ fn store_migrate_moves_a_sqlite_install_to_redis() {
         .unwrap();
     assert!(String::from_utf8_lossy(&again.stdout).contains("30 trees were there already"));
 }
+
+#[test]
+fn two_servers_one_cluster_survive_the_leader_s_death() {
+    use crate::nodes::{fast_nodes, wait_node, Agent};
+    use std::io::{BufRead, BufReader};
+    let redis = Redis::start();
+    let blobs = TempDir::new("blobs");
+    let tweak = |c: &mut muster_server::config::Config| {
+        c.store.url = redis.url();
+        c.store.blob_dir = blobs.0.display().to_string();
+        c.server.lease_ttl = Duration::from_secs(1);
+        fast_nodes(c);
+    };
+    let a = Server::start_bare(tweak);
+    assert!(
+        wait_until(Duration::from_secs(5), || a
+            .app
+            .leading
+            .load(std::sync::atomic::Ordering::SeqCst)),
+        "the first server leads"
+    );
+    let b = Server::start_bare(tweak);
+    assert!(!b.app.leading.load(std::sync::atomic::Ordering::SeqCst));
+    let _agent = Agent::join_cluster(&a, &[&b], "worker", &[]);
+    wait_node(&b, "worker", "ready", Duration::from_secs(10));
+    // Every server sees the cluster's events (Redis pub/sub).
+    let mut events = {
+        use tungstenite::client::IntoClientRequest;
+        let mut req = format!("{}/api/v1/events/ws", b.url.replace("http://", "ws://"))
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", b.token).parse().unwrap(),
+        );
+        tungstenite::connect(req).unwrap().0
+    };
+    // A tree made through B (a follower) runs; its log is followed live through B.
+    let work = TempDir::new("work");
+    let gate = work.0.join("gate");
+    let marks = work.0.join("marks");
+    let (id, _) = b.create(json!({"name": "via-b", "shell": format!("echo start >> {m}; echo first-line; while [ ! -e {g} ]; do sleep 0.02; done; echo end >> {m}; echo last-line", m = marks.display(), g = gate.display())}));
+    let resp = http()
+        .get(&format!("{}/api/v1/jobs/{id}/log?follow=true", b.url))
+        .header("authorization", &format!("Bearer {}", b.token))
+        .call()
+        .unwrap();
+    let mut reader = BufReader::new(resp.into_body().into_reader());
+    let mut line = String::new();
+    while !line.contains("first-line") {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "the follow through B ended early"
+        );
+    }
+    assert_eq!(a.job(&id)["state"], "running", "A sees the tree B made");
+    let mut saw_running = false;
+    while !saw_running {
+        if let tungstenite::Message::Text(t) = events.read().unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            saw_running = v["type"] == "job" && v["id"] == id.as_str() && v["state"] == "running";
+        }
+    }
+    // An abort through B reaches the leader.
+    let (other, _) = b.create(json!({"name": "to-abort", "shell": "sleep 30"}));
+    assert!(wait_until(Duration::from_secs(10), || b.job(&other)
+        ["state"]
+        == "running"));
+    assert_eq!(
+        b.call("POST", &format!("/api/v1/jobs/{other}/abort"), None)
+            .0,
+        202
+    );
+    assert_eq!(
+        b.wait_tree(&other, Duration::from_secs(10))["tree_state"],
+        "aborted"
+    );
+    // The leader dies in the middle of the first tree: B takes over, the agent follows, and
+    // the tree completes without running its job twice.
+    drop(a);
+    assert!(
+        wait_until(Duration::from_secs(10), || b
+            .app
+            .leading
+            .load(std::sync::atomic::Ordering::SeqCst)),
+        "B took over the lease"
+    );
+    wait_node(&b, "worker", "ready", Duration::from_secs(15));
+    std::fs::write(&gate, b"").unwrap();
+    let t = b.wait_tree(&id, Duration::from_secs(20));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    assert_eq!(
+        std::fs::read_to_string(&marks).unwrap(),
+        "start\nend\n",
+        "ran once"
+    );
+    assert!(b.log(&id).contains("last-line"));
+    let (late, _) = b.create(json!({"name": "after-failover", "exec": ["true"]}));
+    assert_eq!(
+        b.wait_tree(&late, Duration::from_secs(10))["tree_state"],
+        "succeeded"
+    );
+}

@@ -74,6 +74,15 @@ impl Server {
     }
 
     pub fn start_with(tweak: impl FnOnce(&mut Config)) -> Server {
+        Self::start_opts(tweak, true)
+    }
+
+    /// A server without an embedded agent (cluster mode: agents are remote).
+    pub fn start_bare(tweak: impl FnOnce(&mut Config)) -> Server {
+        Self::start_opts(tweak, false)
+    }
+
+    fn start_opts(tweak: impl FnOnce(&mut Config), embedded_agent: bool) -> Server {
         let dir = TempDir::new("srv");
         let mut config = Config {
             data_dir: dir.0.clone(),
@@ -109,15 +118,15 @@ impl Server {
                 lost_after: config.nodes.lost_after,
             };
             let mut rx = stop_rx.clone();
-            tokio::spawn(agent::run(opts, app.local_link(), async move {
-                let _ = rx.wait_for(|s| *s).await;
-            }));
+            if embedded_agent {
+                tokio::spawn(agent::run(opts, app.local_link(), async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                }));
+            }
             (url, app)
         });
         let code = "test-setup-code";
-        app.store
-            .set_meta("setup_code_hash", Some(&auth::sha256_hex(code)))
-            .unwrap();
+        let first = app.store.users().unwrap().is_empty();
         let mut s = Server {
             url,
             token: String::new(),
@@ -126,6 +135,23 @@ impl Server {
             rt: Some(rt),
             dir,
         };
+        if !first {
+            // Another server of a cluster made the admin already: log in.
+            let (st, body) = s.call_as(
+                None,
+                "POST",
+                "/api/v1/login",
+                Some(json!({"username": "admin", "password": "correct horse battery"}).to_string()),
+                &[],
+            );
+            assert_eq!(st, 200, "{body}");
+            s.token = body["token"].as_str().unwrap().to_string();
+            return s;
+        }
+        s.app
+            .store
+            .set_meta("setup_code_hash", Some(&auth::sha256_hex(code)))
+            .unwrap();
         let (st, body) = s.call("POST", "/api/v1/setup", Some(json!({"setup_code": code, "username": "admin", "password": "correct horse battery"})));
         assert_eq!(st, 201, "{body}");
         s.token = body["token"].as_str().unwrap().to_string();

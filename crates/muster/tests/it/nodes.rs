@@ -13,19 +13,26 @@ pub struct Agent {
     child: Option<Child>,
     pub dir: TempDir,
     name: String,
-    server: String,
+    servers: Vec<String>,
 }
 
 impl Agent {
     pub fn join(s: &Server, name: &str, labels: &[&str]) -> Agent {
+        Self::join_cluster(s, &[], name, labels)
+    }
+
+    /// Joins through `s`, knowing the `more` servers too.
+    pub fn join_cluster(s: &Server, more: &[&Server], name: &str, labels: &[&str]) -> Agent {
         let (st, t) = s.call("POST", "/api/v1/nodes/join-token", Some(json!({"uses": 1})));
         assert_eq!(st, 201, "{t}");
         let dir = TempDir::new("agent");
+        let mut servers = vec![s.url.clone()];
+        servers.extend(more.iter().map(|m| m.url.clone()));
         let mut a = Agent {
             child: None,
             dir,
             name: name.into(),
-            server: s.url.clone(),
+            servers,
         };
         a.start(Some(t["token"].as_str().unwrap()), labels);
         a
@@ -33,19 +40,15 @@ impl Agent {
 
     pub fn start(&mut self, token: Option<&str>, labels: &[&str]) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_muster"));
-        cmd.args([
-            "agent",
-            "--server",
-            &self.server,
-            "--name",
-            &self.name,
-            "--data-dir",
-        ])
-        .arg(&self.dir.0)
-        .env("MUSTER_DISCOVERY__INTERVAL", "300ms")
-        .env("MUSTER_NODES__LOST_AFTER", "3s")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        cmd.args(["agent", "--name", &self.name, "--data-dir"])
+            .arg(&self.dir.0);
+        for s in &self.servers {
+            cmd.args(["--server", s]);
+        }
+        cmd.env("MUSTER_DISCOVERY__INTERVAL", "300ms")
+            .env("MUSTER_NODES__LOST_AFTER", "3s")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         if let Some(t) = token {
             cmd.args(["--join-token", t]);
         }
@@ -98,7 +101,7 @@ fn node(s: &Server, name: &str) -> Value {
     n
 }
 
-fn wait_node(s: &Server, name: &str, state: &str, within: Duration) {
+pub fn wait_node(s: &Server, name: &str, state: &str, within: Duration) {
     let mut last = Value::Null;
     let ok = wait_until(within, || {
         last = s.call("GET", &format!("/api/v1/nodes/{name}"), None).1;
@@ -107,7 +110,7 @@ fn wait_node(s: &Server, name: &str, state: &str, within: Duration) {
     assert!(ok, "node {name} never became {state}: {last}");
 }
 
-fn fast_nodes(c: &mut muster_server::config::Config) {
+pub fn fast_nodes(c: &mut muster_server::config::Config) {
     c.discovery.interval = Duration::from_millis(300);
     c.nodes.lost_after = Duration::from_secs(3);
 }
