@@ -797,6 +797,10 @@ impl State {
                 "muster: node {} is lost; failing its running jobs",
                 node.name
             );
+            self.alerts.send(
+                "node_lost",
+                serde_json::json!({"node": node.name, "id": node.id}),
+            );
             let t = now();
             let mut hits = Vec::new();
             for (tid, entry) in &self.trees {

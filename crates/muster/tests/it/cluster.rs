@@ -280,3 +280,108 @@ fn two_servers_one_cluster_survive_the_leader_s_death() {
         "succeeded"
     );
 }
+
+/// A tiny webhook receiver: collects the JSON bodies POSTed to it.
+struct Hook {
+    pub url: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Hook {
+    fn start() -> Hook {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", l.local_addr().unwrap());
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let g = got.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Read the head, then Content-Length bytes of body.
+                let body = loop {
+                    let Ok(n) = c.read(&mut chunk) else {
+                        break None;
+                    };
+                    if n == 0 {
+                        break None;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(i) = text.find("\r\n\r\n") {
+                        let len: usize = text[..i]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= i + 4 + len {
+                            break Some(buf[i + 4..i + 4 + len].to_vec());
+                        }
+                    }
+                };
+                let _ = c.write_all(
+                    b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                if let Some(b) = body {
+                    if let Ok(v) = serde_json::from_slice(&b) {
+                        g.lock().unwrap().push(v);
+                    }
+                }
+            }
+        });
+        Hook { url, got }
+    }
+
+    fn wait_for(&self, alert: &str) -> serde_json::Value {
+        let mut found = None;
+        let ok = wait_until(Duration::from_secs(15), || {
+            found = self
+                .got
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|v| v["alert"] == alert)
+                .cloned();
+            found.is_some()
+        });
+        assert!(ok, "no {alert} alert; got {:?}", self.got.lock().unwrap());
+        found.unwrap()
+    }
+}
+
+#[test]
+fn alerts_reach_the_webhook() {
+    use crate::nodes::{fast_nodes, wait_node, Agent};
+    let hook = Hook::start();
+    let mut redis = Redis::start();
+    let (url, hook_url) = (redis.url(), hook.url.clone());
+    let s = Server::start_with(|c| {
+        c.store.url = url.clone();
+        c.alerts.webhook_url = hook_url.clone();
+        fast_nodes(c);
+    });
+    // A failed tree.
+    let (id, _) = s.create(json!({"name": "broken", "exec": ["false"]}));
+    s.wait_tree(&id, Duration::from_secs(10));
+    let a = hook.wait_for("tree_failed");
+    assert_eq!(
+        (a["tree"].as_str(), a["name"].as_str()),
+        (Some(id.as_str()), Some("broken"))
+    );
+    // A lost node.
+    let mut agent = Agent::join(&s, "mortal", &[]);
+    wait_node(&s, "mortal", "ready", Duration::from_secs(10));
+    agent.kill9();
+    wait_node(&s, "mortal", "lost", Duration::from_secs(15));
+    assert_eq!(hook.wait_for("node_lost")["node"], "mortal");
+    // The store going away and coming back.
+    redis.stop();
+    let down = hook.wait_for("store_unavailable");
+    assert!(!down["store"].as_str().unwrap().is_empty());
+    redis.restart();
+    hook.wait_for("store_available");
+}
