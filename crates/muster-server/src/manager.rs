@@ -404,6 +404,8 @@ impl State {
                 let res = match self.trees.get_mut(&tree) {
                     Some(entry) => match entry.run.abort(now()) {
                         Ok(fx) => {
+                            // The tree's abort flag is written with (before) the aborted jobs.
+                            self.dirty_trees.insert(tree);
                             self.absorb(tree, fx);
                             Ok(())
                         }
@@ -1036,6 +1038,36 @@ impl State {
         }
     }
 
+    /// Applies a batch: in one atomic step when it is small; a big one (a halt of a 100,000-job
+    /// tree) in chunks, so no single store call holds the store (a Redis script blocks every
+    /// other client while it runs). The order keeps recovery right if a crash falls between
+    /// chunks: records of running trees (their abort flag) and failed jobs first, so a restart
+    /// halts the tree again; the records of finished trees last, so a tree is never finished in
+    /// the store while jobs of it are not.
+    fn apply_in_chunks(&self, changes: &[Change]) -> Vec<bool> {
+        const CHUNK: usize = 1000;
+        if changes.len() <= CHUNK {
+            return retry_store(|| self.store.apply(changes));
+        }
+        let rank = |c: &Change| match c {
+            Change::Tree(t) if t.state == TreeState::Running => 0,
+            Change::Job { job, .. } if job.state == JobState::Failed => 1,
+            Change::Tree(_) => 3,
+            _ => 2,
+        };
+        let mut order: Vec<usize> = (0..changes.len()).collect();
+        order.sort_by_key(|&i| rank(&changes[i]));
+        let mut applied = vec![false; changes.len()];
+        for chunk in order.chunks(CHUNK) {
+            let batch: Vec<Change> = chunk.iter().map(|&i| changes[i].clone()).collect();
+            let res = retry_store(|| self.store.apply(&batch));
+            for (k, &i) in chunk.iter().enumerate() {
+                applied[i] = res.get(k).copied().unwrap_or(false);
+            }
+        }
+        applied
+    }
+
     /// Group commit: one store transaction for the batch, then every message that depends on it.
     fn commit(&mut self) {
         let mut changes = Vec::with_capacity(self.dirty_jobs.len() + self.dirty_trees.len());
@@ -1100,7 +1132,7 @@ impl State {
             }
         }
         if !changes.is_empty() {
-            let applied = retry_store(|| self.store.apply(&changes));
+            let applied = self.apply_in_chunks(&changes);
             for (k, ok) in applied.iter().enumerate() {
                 if !ok {
                     // Another server moved this job (a race over the lease): never send it.

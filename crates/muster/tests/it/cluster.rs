@@ -385,3 +385,71 @@ fn alerts_reach_the_webhook() {
     redis.restart();
     hook.wait_for("store_available");
 }
+
+#[test]
+fn aborting_a_100k_job_tree_does_not_block_redis() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let s = Server::start_with(|c| c.store.url = url.clone());
+    // 99,999 jobs wait behind one that runs until told.
+    let gate = s.dir.0.join("gate");
+    let mut children = vec![
+        json!({"name": "first", "key": "first", "shell": format!("while [ ! -e {} ]; do sleep 0.05; done", gate.display())}),
+    ];
+    children.extend(
+        (0..99_998).map(|i| json!({"name": format!("w{i}"), "noop": true, "needs": ["first"]})),
+    );
+    let (id, _) = s.create(json!({"name": "huge", "children": children}));
+    let first = s.tree(&id)["children"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(wait_until(Duration::from_secs(30), || s.job(&first)
+        ["state"]
+        == "running"));
+    // Redis's own slow log times every command it runs: none of the abort's may hold it long.
+    let cli = |args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli (redis-tools) is installed with redis-server");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    cli(&["CONFIG", "SET", "slowlog-log-slower-than", "50000"]);
+    cli(&["CONFIG", "SET", "slowlog-max-len", "1000"]);
+    cli(&["SLOWLOG", "RESET"]);
+    let (st, body) = s.call("POST", &format!("/api/v1/jobs/{id}/abort"), None);
+    assert_eq!(st, 202, "{body}");
+    let t = s.wait_tree(&id, Duration::from_secs(60));
+    // `SLOWLOG GET` in redis-cli's plain output: per entry, id, time, microseconds, command...
+    let log = cli(&["SLOWLOG", "GET", "1000"]);
+    let lines: Vec<&str> = log.lines().collect();
+    let mut worst = 0u64;
+    for w in lines.windows(3) {
+        if let (Ok(_id), Ok(ts), Ok(us)) = (
+            w[0].trim().parse::<u64>(),
+            w[1].trim().parse::<u64>(),
+            w[2].trim().parse::<u64>(),
+        ) {
+            if ts > 1_000_000_000 {
+                worst = worst.max(us);
+            }
+        }
+    }
+    // In chunks of 1,000 changes a command takes milliseconds on a quiet machine; one script
+    // over all 100,000 jobs would take 100 times as long as a chunk. 2 s leaves room for a busy
+    // machine and still tells the two apart.
+    assert!(
+        worst < 2_000_000,
+        "a Redis command ran {worst} µs during the abort:\n{log}"
+    );
+    let probe = muster_store::open(&redis.url()).unwrap();
+    assert_eq!(t["tree_state"], "aborted");
+    let waiting = muster_store::TreeFilter {
+        state: Some(muster_core::TreeState::Running),
+        ..Default::default()
+    };
+    assert!(probe.list_trees(&waiting, None, 10).unwrap().is_empty());
+    std::fs::write(&gate, b"").unwrap();
+}
