@@ -731,10 +731,17 @@ impl Client {
         req.call().map_err(|e| self.transport_error(e))
     }
 
-    fn post(&self, path: &str, body: &Value, headers: &[(&str, String)]) -> Result<Resp> {
-        let mut req = self
-            .agent
-            .post(self.url(path))
+    /// A request with a JSON body (POST, PUT, PATCH), the token and extra headers.
+    fn send_json(
+        &self,
+        method: &str,
+        path: &str,
+        body: &Value,
+        headers: &[(&str, String)],
+    ) -> Result<Resp> {
+        let mut req = ureq::http::Request::builder()
+            .method(method)
+            .uri(self.url(path))
             .header("Content-Type", "application/json");
         for (k, v) in headers {
             req = req.header(*k, v);
@@ -742,32 +749,20 @@ impl Client {
         if let Some(t) = &self.token {
             req = req.header("Authorization", format!("Bearer {t}"));
         }
-        req.send(serde_json::to_string(body)?)
-            .map_err(|e| self.transport_error(e))
+        let req = req.body(serde_json::to_string(body)?)?;
+        self.agent.run(req).map_err(|e| self.transport_error(e))
+    }
+
+    fn post(&self, path: &str, body: &Value, headers: &[(&str, String)]) -> Result<Resp> {
+        self.send_json("POST", path, body, headers)
     }
 
     fn put(&self, path: &str, body: &Value) -> Result<Resp> {
-        let mut req = self
-            .agent
-            .put(self.url(path))
-            .header("Content-Type", "application/json");
-        if let Some(t) = &self.token {
-            req = req.header("Authorization", format!("Bearer {t}"));
-        }
-        req.send(serde_json::to_string(body)?)
-            .map_err(|e| self.transport_error(e))
+        self.send_json("PUT", path, body, &[])
     }
 
     fn patch(&self, path: &str, body: &Value) -> Result<Resp> {
-        let mut req = self
-            .agent
-            .patch(self.url(path))
-            .header("Content-Type", "application/json");
-        if let Some(t) = &self.token {
-            req = req.header("Authorization", format!("Bearer {t}"));
-        }
-        req.send(serde_json::to_string(body)?)
-            .map_err(|e| self.transport_error(e))
+        self.send_json("PATCH", path, body, &[])
     }
 
     fn delete(&self, path: &str) -> Result<Resp> {
