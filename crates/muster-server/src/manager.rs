@@ -887,11 +887,16 @@ impl State {
     /// exec and shell jobs wait for a free slot on a matching node.
     fn schedule(&mut self) {
         let t = now();
+        // Noop jobs that found no node now wait for the next round, in order.
+        let mut parked = VecDeque::new();
         loop {
             let mut progressed = false;
             while let Some((tid, i)) = self.ready_noop.pop_front() {
-                progressed = true;
-                self.try_start(tid, i, t);
+                if self.try_start(tid, i, t) {
+                    progressed = true;
+                } else {
+                    parked.push_back((tid, i));
+                }
             }
             let n = self.ready_work.len();
             for _ in 0..n {
@@ -912,6 +917,8 @@ impl State {
                 break;
             }
         }
+        parked.append(&mut self.ready_noop);
+        self.ready_noop = parked;
     }
 
     /// `false`: the job must wait for a slot.
@@ -983,7 +990,13 @@ impl State {
                     .iter()
                     .all(|(k, v)| n.labels.get(k) == Some(v))
         };
+        // Just after this server started leading, nodes are still connecting: a job that fits no
+        // known node waits out that grace rather than failing.
+        let settling = self.started.elapsed() < self.config.down_after.max(Duration::from_secs(2));
         if !self.known_nodes.values().any(fits) {
+            if settling {
+                return Placement::Wait;
+            }
             let want = match (&job.want_node, job.node_selector.is_empty()) {
                 (Some(n), _) => format!("no node named {n:?}"),
                 (None, false) => format!("no node matches the selector {:?}", job.node_selector),
@@ -999,7 +1012,7 @@ impl State {
                     .get("workspaces")
                     .is_some_and(|w| w.split(',').any(|x| x.trim() == ws || x.trim() == "*"))
         };
-        if !self.known_nodes.values().any(|n| fits(n) && allows(n)) {
+        if !settling && !self.known_nodes.values().any(|n| fits(n) && allows(n)) {
             return Placement::Never(format!(
                 "no node allows workspace {ws:?} (node label workspaces=...)"
             ));
@@ -1008,7 +1021,10 @@ impl State {
         self.conns
             .iter()
             .filter(|(_, c)| {
-                c.node.state == "ready" && fits(&c.node) && (!slot || c.used < c.node.slots)
+                c.node.state == "ready"
+                    && fits(&c.node)
+                    && allows(&c.node)
+                    && (!slot || c.used < c.node.slots)
             })
             .max_by_key(|(_, c)| c.node.slots.saturating_sub(c.used))
             .map(|(id, _)| Placement::Node(id.clone()))

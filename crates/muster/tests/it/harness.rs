@@ -155,6 +155,17 @@ impl Server {
         let (st, body) = s.call("POST", "/api/v1/setup", Some(json!({"setup_code": code, "username": "admin", "password": "correct horse battery"})));
         assert_eq!(st, 201, "{body}");
         s.token = body["token"].as_str().unwrap().to_string();
+        if embedded_agent {
+            // Tests start from a ready cluster: the embedded node has registered.
+            let ok = wait_until(Duration::from_secs(10), || {
+                let (_, nodes) = s.call("GET", "/api/v1/nodes", None);
+                nodes["items"].as_array().is_some_and(|n| {
+                    n.iter()
+                        .any(|n| n["name"] == "node-1" && n["state"] == "ready")
+                })
+            });
+            assert!(ok, "the embedded node never became ready");
+        }
         s
     }
 

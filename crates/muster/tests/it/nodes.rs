@@ -350,7 +350,10 @@ fn draining_nodes_get_no_new_jobs_and_workspaces_limit_placement() {
     let tid = body["id"].as_str().unwrap().to_string();
     let t = s.wait_tree(&tid, Duration::from_secs(10));
     assert!(
-        t["error"].as_str().unwrap().contains("allows workspace"),
+        t["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("allows workspace"),
         "{t:#}"
     );
 }
@@ -419,5 +422,28 @@ fn node_control_scripts_run_once_per_matching_node_with_a_workspace_token() {
     assert!(
         !tokens.to_string().contains(&format!("jobs of tree {id}")),
         "{tokens}"
+    );
+}
+
+#[test]
+fn jobs_for_an_absent_node_wait_for_it() {
+    let s = Server::start_with(fast_nodes);
+    let mut a = Agent::join(&s, "sleepy", &[]);
+    wait_node(&s, "sleepy", "ready", Duration::from_secs(10));
+    a.kill9();
+    wait_node(&s, "sleepy", "down", Duration::from_secs(5));
+    let (id, _) = s.create(json!({"name": "patient", "children": [
+        {"name": "probe", "node": "sleepy", "noop": true},
+        {"name": "work", "node": "sleepy", "exec": ["true"]}
+    ]}));
+    assert!(
+        !wait_until(Duration::from_millis(500), || s.tree(&id)["tree_state"]
+            != "running"),
+        "jobs for a down node must wait"
+    );
+    a.start(None, &[]);
+    assert_eq!(
+        s.wait_tree(&id, Duration::from_secs(15))["tree_state"],
+        "succeeded"
     );
 }
