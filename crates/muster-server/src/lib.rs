@@ -57,6 +57,8 @@ pub struct App {
     /// The perf log of this run, with `[perf] enabled`.
     pub perf: Option<perf::PerfLog>,
     pub login_limiter: api::LoginLimiter,
+    /// Who each recently seen token is (see [`api::CallerCache`]).
+    pub callers: api::CallerCache,
     /// Where alerts go (`[alerts] webhook_url`).
     pub alerts: Arc<alerts::Alerts>,
     /// This server's id in the leader election.
@@ -131,6 +133,7 @@ impl App {
             metrics,
             perf,
             login_limiter: api::LoginLimiter::default(),
+            callers: api::CallerCache::default(),
             alerts,
             server_id,
             leading: std::sync::atomic::AtomicBool::new(false),

@@ -463,8 +463,19 @@ impl State {
             }
             Cmd::Log { job, attempt, blob } => self.extra.push(Change::Log { job, attempt, blob }),
             Cmd::Heartbeat { session } => {
+                let mut save = None;
                 if let Some(c) = self.conns.values_mut().find(|c| c.session == session) {
                     c.last_beat = std::time::Instant::now();
+                    // `last_seen` in the registry moves with the heartbeats, written at most
+                    // every 5 s per node.
+                    if now().0 - c.node.last_seen.0 >= 5_000 {
+                        c.node.last_seen = now();
+                        save = Some(c.node.clone());
+                    }
+                }
+                if let Some(n) = save {
+                    let _ = self.store.put_node(&n);
+                    self.known_nodes.insert(n.id.clone(), n);
                 }
             }
             Cmd::UpdateNode {

@@ -201,6 +201,59 @@ impl Caller {
     }
 }
 
+/// Who a token is, for a couple of seconds: a request then costs no store read to authenticate.
+/// Every change of tokens, users or memberships through this server clears it; other servers of
+/// a cluster see such a change within [`CallerCache::TTL`].
+#[derive(Default)]
+pub struct CallerCache {
+    map: std::sync::Mutex<HashMap<String, (Instant, (Token, User, HashMap<String, Role>))>>,
+}
+
+type CallerEntry = (Token, User, HashMap<String, Role>);
+
+impl CallerCache {
+    pub const TTL: std::time::Duration = std::time::Duration::from_secs(2);
+
+    fn get(&self, hash: &str) -> Option<CallerEntry> {
+        let g = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        g.get(hash)
+            .filter(|(at, _)| at.elapsed() < Self::TTL)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn put(&self, hash: String, v: CallerEntry) {
+        let mut g = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if g.len() > 10_000 {
+            g.retain(|_, (at, _)| at.elapsed() < Self::TTL);
+        }
+        g.insert(hash, (Instant::now(), v));
+    }
+
+    /// Forgets everything (after a token, user or membership changed).
+    pub fn clear(&self) {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+/// Clears the caller cache once the response is ready, for routes that change who is who.
+async fn forget_callers(State(app): AppState, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let changes = !matches!(*req.method(), Method::GET | Method::HEAD)
+        && [
+            "/api/v1/users",
+            "/api/v1/workspaces",
+            "/api/v1/tokens",
+            "/api/v1/logout",
+        ]
+        .iter()
+        .any(|p| path.starts_with(p));
+    let resp = next.run(req).await;
+    if changes {
+        app.callers.clear();
+    }
+    resp
+}
+
 /// The session cookie's name, and the CSRF cookie's (readable by the page's script).
 pub const SESSION_COOKIE: &str = "muster_session";
 pub const CSRF_COOKIE: &str = "muster_csrf";
@@ -259,7 +312,18 @@ impl FromRequestParts<Arc<App>> for Caller {
             }
         }
         let hash = auth::sha256_hex(&token_text);
+        if let Some(found) = app.callers.get(&hash) {
+            return match found {
+                (token, user, roles) if token.expires_at.is_none_or(|e| e > now()) => {
+                    Ok(Caller { user, token, roles })
+                }
+                _ => Err(unauthorized(
+                    "the token has expired: log in again, or make a new API token",
+                )),
+            };
+        }
         let store = app.store.clone();
+        let key = hash.clone();
         let found = blocking(move || {
             let Some(t) = store.token_by_hash(&hash)? else {
                 return Ok(None);
@@ -292,6 +356,9 @@ impl FromRequestParts<Arc<App>> for Caller {
             Ok(Some((t, u, roles)))
         })
         .await?;
+        if let Some((t, u, r)) = &found {
+            app.callers.put(key, (t.clone(), u.clone(), r.clone()));
+        }
         match found {
             Some((token, user, roles)) if token.expires_at.is_none_or(|e| e > now()) => {
                 Ok(Caller { user, token, roles })
@@ -380,6 +447,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             crate::cluster::forward,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            forget_callers,
         ))
         .layer(axum::middleware::from_fn_with_state(app.clone(), observe))
         .layer(DefaultBodyLimit::max(64 << 20))
