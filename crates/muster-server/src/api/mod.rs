@@ -206,7 +206,7 @@ impl Caller {
 /// a cluster see such a change within [`CallerCache::TTL`].
 #[derive(Default)]
 pub struct CallerCache {
-    map: std::sync::Mutex<HashMap<String, (Instant, (Token, User, HashMap<String, Role>))>>,
+    map: std::sync::Mutex<HashMap<String, (Instant, CallerEntry)>>,
 }
 
 type CallerEntry = (Token, User, HashMap<String, Role>);
