@@ -147,9 +147,8 @@ fn algo(app: &App) -> auth::Algo {
 
 async fn hash(app: &App, password: String) -> ApiResult<String> {
     let a = algo(app);
-    tokio::task::spawn_blocking(move || auth::hash_password_with(a, &password))
+    auth::hashing(move || auth::hash_password_with(a, &password))
         .await
-        .map_err(ApiError::internal)?
         .map_err(ApiError::internal)
 }
 
@@ -260,16 +259,15 @@ async fn login(
         b.password.clone(),
         user.as_ref().map(|u| u.password_hash.clone()),
     );
-    // Hashing runs off the async threads; an unknown user costs the same as a wrong password.
-    let ok = tokio::task::spawn_blocking(move || match phc {
+    // Hashing runs on its own low-priority thread; an unknown user costs the same as a wrong password.
+    let ok = auth::hashing(move || match phc {
         Some(phc) => auth::verify_password(&pw, &phc),
         None => {
             let _ = auth::hash_password("timing equaliser");
             false
         }
     })
-    .await
-    .map_err(ApiError::internal)?;
+    .await;
     let Some(mut user) = user.filter(|_| ok) else {
         app.login_limiter.failed(&keys);
         return Err(refused());
