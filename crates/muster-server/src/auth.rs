@@ -140,6 +140,36 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+type HashJob = Box<dyn FnOnce() + Send>;
+
+/// Runs password hashing on one dedicated thread at the lowest CPU priority (nice 19), off the
+/// async threads: logins take their time, but never steal CPU from requests that need it.
+pub async fn hashing<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::sync::{mpsc, Mutex, OnceLock};
+    static POOL: OnceLock<Mutex<mpsc::Sender<HashJob>>> = OnceLock::new();
+    let tx = POOL.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<HashJob>();
+        std::thread::Builder::new()
+            .name("password-hashing".into())
+            .spawn(move || {
+                // SAFETY: lowers this thread's own priority (tid 0: the calling thread).
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+            .expect("a thread for password hashing");
+        Mutex::new(tx)
+    });
+    let (done, wait) = tokio::sync::oneshot::channel();
+    let job: HashJob = Box::new(move || {
+        let _ = done.send(f());
+    });
+    let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(job);
+    wait.await
+        .expect("the password hashing thread runs for the life of the process")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,34 +209,4 @@ mod tests {
         assert!(verify_password("password", passlib));
         assert!(needs_rehash(passlib, Algo::Argon2id));
     }
-}
-
-type HashJob = Box<dyn FnOnce() + Send>;
-
-/// Runs password hashing on one dedicated thread at the lowest CPU priority (nice 19), off the
-/// async threads: logins take their time, but never steal CPU from requests that need it.
-pub async fn hashing<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    use std::sync::{mpsc, Mutex, OnceLock};
-    static POOL: OnceLock<Mutex<mpsc::Sender<HashJob>>> = OnceLock::new();
-    let tx = POOL.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<HashJob>();
-        std::thread::Builder::new()
-            .name("password-hashing".into())
-            .spawn(move || {
-                // SAFETY: lowers this thread's own priority (tid 0: the calling thread).
-                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
-                while let Ok(job) = rx.recv() {
-                    job();
-                }
-            })
-            .expect("a thread for password hashing");
-        Mutex::new(tx)
-    });
-    let (done, wait) = tokio::sync::oneshot::channel();
-    let job: HashJob = Box::new(move || {
-        let _ = done.send(f());
-    });
-    let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(job);
-    wait.await
-        .expect("the password hashing thread runs for the life of the process")
 }
