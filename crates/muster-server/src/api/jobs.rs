@@ -442,6 +442,42 @@ fn futures_stream(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// Carries the leader's log websocket to a client of this follower.
+async fn relay_ws(mut socket: WebSocket, url: String, headers: Vec<(String, String)>) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message as TMessage;
+    let Ok(mut req) = url.into_client_request() else {
+        return;
+    };
+    for (k, v) in headers {
+        if let (Ok(k), Ok(v)) = (axum::http::HeaderName::from_bytes(k.as_bytes()), v.parse()) {
+            req.headers_mut().insert(k, v);
+        }
+    }
+    let Ok((mut upstream, _)) = tokio_tungstenite::connect_async(req).await else {
+        let _ = socket.send(Message::Close(None)).await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            m = upstream.next() => match m {
+                Some(Ok(TMessage::Text(t))) => {
+                    if socket.send(Message::Text(t.as_str().into())).await.is_err() { break; }
+                }
+                Some(Ok(TMessage::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            m = socket.recv() => match m {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                _ => {}
+            },
+        }
+    }
+    let _ = upstream.close(None).await;
+    let _ = socket.send(Message::Close(None)).await;
+}
+
 async fn job_log_ws(
     State(app): AppState,
     caller: Caller,
@@ -452,6 +488,34 @@ async fn job_log_ws(
 ) -> ApiResult<Response> {
     check_origin(&headers)?;
     let Query(mut q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
+    if !app.leading.load(Ordering::SeqCst) {
+        // A follower relays the leader's log websocket (the agent is connected there).
+        load_job(&app, &caller, &id).await?;
+        let leader = app
+            .leader_url
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(leader) = leader else {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_leader",
+                "no server leads the cluster right now; try again",
+            ));
+        };
+        let mut url = format!(
+            "{}/api/v1/jobs/{id}/log/ws",
+            leader.trim_end_matches('/').replacen("http", "ws", 1)
+        );
+        if let Some(a) = q.attempt {
+            url.push_str(&format!("?attempt={a}"));
+        }
+        let auth: Vec<(String, String)> = ["authorization", "cookie"]
+            .iter()
+            .filter_map(|h| Some((h.to_string(), headers.get(*h)?.to_str().ok()?.to_string())))
+            .collect();
+        return Ok(ws.on_upgrade(move |socket| relay_ws(socket, url, auth)));
+    }
     q.follow = true;
     let source = open_log(&app, &caller, &id, &q).await?;
     Ok(ws.on_upgrade(move |mut socket: WebSocket| async move {

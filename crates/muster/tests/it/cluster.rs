@@ -233,6 +233,29 @@ fn two_servers_one_cluster_survive_the_leader_s_death() {
         );
     }
     assert_eq!(a.job(&id)["state"], "running", "A sees the tree B made");
+    // ... and over the log websocket through B too.
+    {
+        use tungstenite::client::IntoClientRequest;
+        let mut req = format!(
+            "{}/api/v1/jobs/{id}/log/ws",
+            b.url.replace("http://", "ws://")
+        )
+        .into_client_request()
+        .unwrap();
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", b.token).parse().unwrap(),
+        );
+        let mut ws = tungstenite::connect(req).unwrap().0;
+        let mut text = String::new();
+        while !text.contains("first-line") {
+            match ws.read().unwrap() {
+                tungstenite::Message::Text(t) => text.push_str(&t),
+                tungstenite::Message::Close(_) => panic!("closed early: {text}"),
+                _ => {}
+            }
+        }
+    }
     let mut saw_running = false;
     while !saw_running {
         if let tungstenite::Message::Text(t) = events.read().unwrap() {
