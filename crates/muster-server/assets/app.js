@@ -14,6 +14,7 @@
     jobs: { query: '', cursors: [null], idx: 0, next: null, ids: new Set() },
     nodes: new Map(),
     tree: null, // {id, root, jobs: Map(id -> job)}
+    recent: [], // {tree, t}: when job/tree events arrived (a view loaded meanwhile reloads once)
     log: null, // {id, attempt, sock}
     refreshTimers: {},
   };
@@ -371,6 +372,10 @@
   }
 
   function onEvent(ev) {
+    if (ev.type === 'job' || ev.type === 'tree') {
+      st.recent.push({ kind: ev.type, tree: ev.type === 'job' ? ev.tree : ev.id, t: performance.now() });
+      if (st.recent.length > 1000) st.recent.splice(0, 500);
+    }
     if (ev.type === 'job') onJobEvent(ev);
     else if (ev.type === 'tree') onTreeEvent(ev);
     else if (ev.type === 'node') onNodeEvent(ev);
@@ -528,6 +533,7 @@
     const cursor = st.jobs.cursors[st.jobs.idx];
     if (cursor) q.set('cursor', cursor);
     hideMsg('jobs-error');
+    const asked = performance.now();
     let r;
     try {
       r = await api('GET', '/api/v1/jobs?' + q);
@@ -536,6 +542,10 @@
       return;
     }
     st.jobs.next = r.next_cursor || null;
+    // A tree event that came while the answer was on its way: look once more.
+    if (st.recent.some((e) => e.kind === 'tree' && e.t >= asked && r.items.some((t) => t.id === e.tree))) {
+      soon('jobs', () => loadJobs(parseHash().query, true), 100);
+    }
     $('jobs-body').replaceChildren(...r.items.map((t) => el('tr', {
       class: 'clickable', dataset: { tree: t.id },
       onclick: () => { location.hash = '#/tree/' + t.id; },
@@ -618,6 +628,7 @@
 
   async function openTree(id, jobId, refresh) {
     hideMsg('tree-error');
+    const asked = performance.now();
     let root;
     try {
       root = await api('GET', '/api/v1/jobs/' + encodeURIComponent(id) + '/tree');
@@ -635,6 +646,11 @@
     $('tree-id').textContent = treeId;
     $('tree-abort').hidden = root.tree_state !== 'running';
     $('tree').replaceChildren(jobItem(root));
+    // Events of this tree that came while the answer was on its way were not applied to it:
+    // look once more, so no state change is missed.
+    if (st.recent.some((e) => e.tree === treeId && e.t >= asked)) {
+      soon('tree', () => openTree(treeId, st.log && st.log.id, true), 50);
+    }
     if (refresh && st.log) {
       const j = st.tree.jobs.get(st.log.id);
       if (j && !st.log.sock && j.state !== 'waiting' && st.log.ended !== j.attempt) followLog(j);
