@@ -307,19 +307,24 @@
     } catch (e) {
       $('join-command').textContent = '(no join token: ' + e.message + ')';
     }
-    try {
-      await api('POST', '/api/v1/logout', undefined, { token });
-    } catch (_) { /* it expires anyway */ }
-    try {
-      await login(username, password);
-    } catch (e) {
-      showMsg('setup-done-error', 'Logging in failed (' + e.message + '): log in on the next page.');
-    }
+    // "Go to the dashboard" waits for this login, however early it is clicked.
+    st.setupLogin = (async () => {
+      try {
+        await api('POST', '/api/v1/logout', undefined, { token });
+      } catch (_) { /* it expires anyway */ }
+      try {
+        await login(username, password);
+      } catch (e) {
+        showMsg('setup-done-error', 'Logging in failed (' + e.message + '): log in on the next page.');
+      }
+    })();
+    await st.setupLogin;
     $('setup-password').value = '';
     $('setup-password2').value = '';
   });
 
   $('setup-continue').addEventListener('click', async () => {
+    if (st.setupLogin) await st.setupLogin;
     document.body.dataset.mode = 'app';
     location.hash = '#/nodes';
     await boot();

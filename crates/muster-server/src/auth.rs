@@ -142,7 +142,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 type HashJob = Box<dyn FnOnce() + Send>;
 
-/// Runs password hashing on one dedicated thread at the lowest CPU priority (nice 19), off the
+/// Runs password hashing on one dedicated thread at a low CPU priority (nice 10), off the
 /// async threads: logins take their time, but never steal CPU from requests that need it.
 pub async fn hashing<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     use std::sync::{mpsc, Mutex, OnceLock};
@@ -152,8 +152,9 @@ pub async fn hashing<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) 
         std::thread::Builder::new()
             .name("password-hashing".into())
             .spawn(move || {
-                // SAFETY: lowers this thread's own priority (tid 0: the calling thread).
-                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+                // SAFETY: lowers this thread's own priority (tid 0: the calling thread). Nice 10:
+                // requests win the CPU, and hashing still gets a tenth of a busy core.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
                 while let Ok(job) = rx.recv() {
                     job();
                 }

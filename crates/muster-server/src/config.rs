@@ -76,6 +76,10 @@ pub struct AuthConfig {
     /// How long a login token lasts.
     #[serde(with = "dur")]
     pub session_ttl: Duration,
+    /// After a failed login the next attempt from that user or address waits this long, doubling
+    /// with each further failure (at most 30 s).
+    #[serde(with = "dur")]
+    pub login_delay: Duration,
 }
 
 /// `[perf]`
@@ -245,6 +249,7 @@ impl Default for AuthConfig {
         AuthConfig {
             password_hash: "argon2id".into(),
             session_ttl: Duration::from_secs(30 * 86_400),
+            login_delay: Duration::from_millis(250),
         }
     }
 }

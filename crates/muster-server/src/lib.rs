@@ -103,6 +103,7 @@ impl App {
         };
         let metrics = metrics::Metrics::default();
         let alerts = Arc::new(alerts::Alerts::start(&config.alerts.webhook_url)?);
+        let login_delay = config.auth.login_delay;
         // Stable across restarts, so a restarted server renews its own lease at once.
         let id_file = config.data_dir.join("server-id");
         let server_id = match std::fs::read_to_string(&id_file) {
@@ -132,7 +133,7 @@ impl App {
             url,
             metrics,
             perf,
-            login_limiter: api::LoginLimiter::default(),
+            login_limiter: api::LoginLimiter::new(login_delay),
             callers: api::CallerCache::default(),
             alerts,
             server_id,

@@ -84,43 +84,63 @@ impl FromRequestParts<Arc<App>> for ClientAddr {
 }
 
 /// Login failures per user and per client address, for growing delays (not a lockout): after
-/// the n-th failure in a row, the next attempt must wait 2^(n-1) × 250 ms, at most 30 s; earlier
-/// attempts get 429 with `Retry-After`. A success clears both counters.
-#[derive(Default)]
+/// the n-th failure in a row, the next attempt must wait 2^(n-1) × `auth.login_delay` (default
+/// 250 ms), at most 30 s; earlier attempts get 429 with `Retry-After`. A success clears both
+/// counters.
 pub struct LoginLimiter {
+    base: Duration,
     failures: std::sync::Mutex<HashMap<String, (u32, Instant)>>,
 }
 
 impl LoginLimiter {
-    fn delay(n: u32) -> Duration {
-        if n == 0 {
-            Duration::ZERO
-        } else {
-            (Duration::from_millis(250) * 2u32.saturating_pow(n.min(16) - 1))
-                .min(Duration::from_secs(30))
+    pub fn new(base: Duration) -> LoginLimiter {
+        LoginLimiter {
+            base,
+            failures: Default::default(),
         }
     }
 
-    /// How long the caller must still wait, if at all.
-    pub fn wait(&self, keys: &[String]) -> Option<Duration> {
+    fn delay(&self, n: u32) -> Duration {
+        if n == 0 {
+            Duration::ZERO
+        } else {
+            (self.base * 2u32.saturating_pow(n.min(16) - 1)).min(Duration::from_secs(30))
+        }
+    }
+
+    /// How long the caller must still wait at `now`, if at all.
+    pub fn wait_at(&self, keys: &[String], now: Instant) -> Option<Duration> {
         let g = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         keys.iter()
             .filter_map(|k| g.get(k))
-            .filter_map(|(n, last)| Self::delay(*n).checked_sub(last.elapsed()))
+            .filter_map(|(n, last)| {
+                self.delay(*n)
+                    .checked_sub(now.saturating_duration_since(*last))
+            })
             .filter(|d| !d.is_zero())
             .max()
     }
 
-    pub fn failed(&self, keys: &[String]) {
+    pub fn wait(&self, keys: &[String]) -> Option<Duration> {
+        self.wait_at(keys, Instant::now())
+    }
+
+    pub fn failed_at(&self, keys: &[String], now: Instant) {
         let mut g = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         if g.len() > 100_000 {
-            g.retain(|_, (_, last)| last.elapsed() < Duration::from_secs(3600));
+            g.retain(|_, (_, last)| {
+                now.saturating_duration_since(*last) < Duration::from_secs(3600)
+            });
         }
         for k in keys {
-            let e = g.entry(k.clone()).or_insert((0, Instant::now()));
+            let e = g.entry(k.clone()).or_insert((0, now));
             e.0 += 1;
-            e.1 = Instant::now();
+            e.1 = now;
         }
+    }
+
+    pub fn failed(&self, keys: &[String]) {
+        self.failed_at(keys, Instant::now())
     }
 
     pub fn succeeded(&self, keys: &[String]) {
@@ -128,6 +148,56 @@ impl LoginLimiter {
         for k in keys {
             g.remove(k);
         }
+    }
+}
+
+#[cfg(test)]
+mod limiter_tests {
+    use super::*;
+
+    #[test]
+    fn delays_grow_per_key_and_a_success_clears_them() {
+        let l = LoginLimiter::new(Duration::from_millis(250));
+        let t = Instant::now();
+        let ks = |k: &str| vec![k.to_string()];
+        assert_eq!(l.wait_at(&ks("a"), t), None);
+        l.failed_at(&ks("a"), t);
+        assert_eq!(l.wait_at(&ks("a"), t), Some(Duration::from_millis(250)));
+        assert_eq!(
+            l.wait_at(&ks("a"), t + Duration::from_millis(100)),
+            Some(Duration::from_millis(150))
+        );
+        assert_eq!(
+            l.wait_at(&ks("a"), t + Duration::from_millis(250)),
+            None,
+            "a delay, not a lockout"
+        );
+        l.failed_at(&ks("a"), t + Duration::from_millis(300));
+        assert_eq!(
+            l.wait_at(&ks("a"), t + Duration::from_millis(300)),
+            Some(Duration::from_millis(500))
+        );
+        l.failed_at(&ks("a"), t + Duration::from_millis(900));
+        assert_eq!(
+            l.wait_at(&ks("a"), t + Duration::from_millis(900)),
+            Some(Duration::from_secs(1))
+        );
+        for i in 0..30 {
+            l.failed_at(&ks("a"), t + Duration::from_secs(i));
+        }
+        assert_eq!(
+            l.wait_at(&ks("a"), t + Duration::from_secs(29)),
+            Some(Duration::from_secs(30)),
+            "capped"
+        );
+        assert_eq!(l.wait_at(&ks("b"), t), None, "per key");
+        assert!(
+            l.wait_at(&["b".into(), "a".into()], t + Duration::from_secs(29))
+                .is_some(),
+            "the longest of the keys"
+        );
+        l.succeeded(&ks("a"));
+        assert_eq!(l.wait_at(&ks("a"), t + Duration::from_secs(29)), None);
     }
 }
 
