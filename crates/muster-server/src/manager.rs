@@ -221,6 +221,8 @@ struct State {
     alerts: Arc<crate::alerts::Alerts>,
     /// Whether this server holds the leader lease.
     leading: bool,
+    /// The round-robin turn for placing noop jobs.
+    noop_turn: std::cell::Cell<usize>,
     /// The `MUSTER_TOKEN` of each active tree's jobs: (token id, text).
     job_tokens: HashMap<Uuid, (String, String)>,
     /// Nodes not connected now, since when (for `lost`).
@@ -241,6 +243,7 @@ impl State {
         State {
             alerts,
             leading: false,
+            noop_turn: std::cell::Cell::new(0),
             store,
             config,
             stats,
@@ -1029,7 +1032,8 @@ impl State {
             ));
         }
         let slot = takes_slot(&job.run);
-        self.conns
+        let mut fitting: Vec<(&String, &Conn)> = self
+            .conns
             .iter()
             .filter(|(_, c)| {
                 c.node.state == "ready"
@@ -1037,6 +1041,19 @@ impl State {
                     && allows(&c.node)
                     && (!slot || c.used < c.node.slots)
             })
+            .collect();
+        if fitting.is_empty() {
+            return Placement::Wait;
+        }
+        if !slot {
+            // Noop jobs take no slot: spread them round-robin instead.
+            fitting.sort_by(|a, b| a.0.cmp(b.0));
+            let k = self.noop_turn.get();
+            self.noop_turn.set(k.wrapping_add(1));
+            return Placement::Node(fitting[k % fitting.len()].0.clone());
+        }
+        fitting
+            .into_iter()
             .max_by_key(|(_, c)| c.node.slots.saturating_sub(c.used))
             .map(|(id, _)| Placement::Node(id.clone()))
             .unwrap_or(Placement::Wait)

@@ -447,3 +447,32 @@ fn jobs_for_an_absent_node_wait_for_it() {
         "succeeded"
     );
 }
+
+#[test]
+fn noop_jobs_are_spread_over_the_nodes() {
+    let s = Server::start_with(fast_nodes);
+    let _a = Agent::join(&s, "left", &["pool=z"]);
+    let _b = Agent::join(&s, "right", &["pool=z"]);
+    wait_node(&s, "left", "ready", Duration::from_secs(10));
+    wait_node(&s, "right", "ready", Duration::from_secs(10));
+    let children: Vec<Value> = (0..20)
+        .map(|i| json!({"name": format!("n{i}"), "noop": true, "node_selector": {"pool": "z"}}))
+        .collect();
+    let (id, _) = s.create(json!({"name": "spread", "children": children}));
+    let t = s.wait_tree(&id, Duration::from_secs(10));
+    let on = |n: &str| {
+        t["children"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["node"] == n)
+            .count()
+    };
+    assert_eq!(on("left") + on("right"), 20);
+    assert!(
+        on("left") >= 5 && on("right") >= 5,
+        "left {} right {}",
+        on("left"),
+        on("right")
+    );
+}
