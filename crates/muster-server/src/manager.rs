@@ -660,10 +660,7 @@ impl State {
             job,
             attempt,
             outcome,
-        } = r
-        else {
-            return;
-        };
+        } = r;
         let Some(&tid) = self.job_tree.get(&job) else {
             return;
         };
@@ -1182,7 +1179,7 @@ impl State {
                     // Another server moved this job (a race over the lease): never send it.
                     eprintln!(
                         "muster: job manager: a stored state moved under us ({})",
-                        changes[k].summary()
+                        summary(&changes[k])
                     );
                     if let Change::Job { job, .. } = &changes[k] {
                         lost_race.insert(job.id);
@@ -1229,17 +1226,12 @@ impl State {
     }
 }
 
-trait Summary {
-    fn summary(&self) -> String;
-}
-
-impl Summary for Change {
-    fn summary(&self) -> String {
-        match self {
-            Change::Job { job, expect } => format!("job {} expected {}", job.id, expect.as_str()),
-            Change::Tree(t) => format!("tree {}", t.id),
-            Change::Log { job, attempt, .. } => format!("log of {job} attempt {attempt}"),
-        }
+/// A change in a log line.
+fn summary(change: &Change) -> String {
+    match change {
+        Change::Job { job, expect } => format!("job {} expected {}", job.id, expect.as_str()),
+        Change::Tree(t) => format!("tree {}", t.id),
+        Change::Log { job, attempt, .. } => format!("log of {job} attempt {attempt}"),
     }
 }
 

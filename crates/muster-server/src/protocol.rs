@@ -126,8 +126,6 @@ pub enum FromAgent {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "r", rename_all = "snake_case")]
 pub enum Report {
-    /// The supervisor recorded the start durably.
-    Started { job: Uuid, attempt: u32, at: Ts },
     /// The attempt ended.
     Exited {
         job: Uuid,

@@ -482,6 +482,12 @@ impl RedisStore {
         )
     }
 
+    /// Every JSON record kept as a value of the hash `name` (users, tokens, nodes).
+    fn hash_docs<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Vec<T>> {
+        let docs = bulks(self.pool.call(&["HVALS", &self.key(name)])?)?;
+        docs.into_iter().flatten().map(|d| from_json(&d)).collect()
+    }
+
     fn write_doc(&self, kind: &str, key: &str, mode: &str, value: &str) -> Result<bool> {
         let (h, z) = self.doc_keys(kind);
         let args = [arg(h), arg(z), arg(key), arg(mode), arg(value)];
@@ -1053,12 +1059,7 @@ impl Store for RedisStore {
     }
 
     fn users(&self) -> Result<Vec<User>> {
-        let docs = bulks(self.pool.call(&["HVALS", &self.key("users")])?)?;
-        let mut users: Vec<User> = docs
-            .into_iter()
-            .flatten()
-            .map(|d| from_json(&d))
-            .collect::<Result<_>>()?;
+        let mut users: Vec<User> = self.hash_docs("users")?;
         users.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(users)
     }
@@ -1092,14 +1093,8 @@ impl Store for RedisStore {
     }
 
     fn tokens(&self, user: Option<&str>) -> Result<Vec<Token>> {
-        let docs = bulks(self.pool.call(&["HVALS", &self.key("tokens")])?)?;
-        let mut tokens = Vec::with_capacity(docs.len());
-        for d in docs.into_iter().flatten() {
-            let t: Token = from_json(&d)?;
-            if user.is_none_or(|u| t.user == u) {
-                tokens.push(t);
-            }
-        }
+        let mut tokens: Vec<Token> = self.hash_docs("tokens")?;
+        tokens.retain(|t| user.is_none_or(|u| t.user == u));
         tokens.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(tokens)
     }
@@ -1204,12 +1199,7 @@ impl Store for RedisStore {
     }
 
     fn nodes(&self) -> Result<Vec<Node>> {
-        let docs = bulks(self.pool.call(&["HVALS", &self.key("nodes")])?)?;
-        let mut nodes: Vec<Node> = docs
-            .into_iter()
-            .flatten()
-            .map(|d| from_json(&d))
-            .collect::<Result<_>>()?;
+        let mut nodes: Vec<Node> = self.hash_docs("nodes")?;
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(nodes)
     }

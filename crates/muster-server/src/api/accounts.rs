@@ -401,15 +401,6 @@ fn user_json(u: &User) -> Value {
     json!({"name": u.name, "admin": u.admin, "created_at": u.created_at})
 }
 
-fn need_cluster_admin(caller: &Caller) -> ApiResult<()> {
-    caller.need_scope("admin")?;
-    if caller.user.admin {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden("only cluster admins manage users"))
-    }
-}
-
 async fn list_users(State(app): AppState, caller: Caller) -> ApiResult<Response> {
     caller.need_scope("read")?;
     let store = app.store.clone();
@@ -436,7 +427,7 @@ async fn create_user(
     caller: Caller,
     JsonBody(b): JsonBody<NewUser>,
 ) -> ApiResult<Response> {
-    need_cluster_admin(&caller)?;
+    caller.need_cluster_admin("manage users")?;
     muster_core::names::check_name("user name", &b.username).map_err(ApiError::bad)?;
     auth::check_password(&b.username, &b.password).map_err(ApiError::bad)?;
     let h = hash(&app, b.password.clone()).await?;
@@ -450,7 +441,7 @@ async fn delete_user(
     caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
-    need_cluster_admin(&caller)?;
+    caller.need_cluster_admin("manage users")?;
     let store = app.store.clone();
     blocking(move || Ok(acc::delete_user(&*store, &name)?)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())

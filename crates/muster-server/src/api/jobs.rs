@@ -33,7 +33,7 @@ pub(super) fn routes(r: Routes) -> Routes {
 }
 
 /// A job in a creation answer.
-fn job_brief(j: &Job) -> Value {
+pub(super) fn job_brief(j: &Job) -> Value {
     json!({"id": j.id, "key": j.key, "name": j.name, "parent": j.parent, "state": j.state})
 }
 

@@ -196,6 +196,17 @@ impl Caller {
         }
     }
 
+    /// Refuses unless the caller is a cluster admin with the `admin` scope; `what` names the
+    /// task for the error ("manage users").
+    pub fn need_cluster_admin(&self, what: &str) -> ApiResult<()> {
+        self.need_scope("admin")?;
+        if self.user.admin {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!("only cluster admins {what}")))
+        }
+    }
+
     pub fn may_see(&self, ws: &str) -> bool {
         self.has_scope("read") && self.role(ws).is_some()
     }

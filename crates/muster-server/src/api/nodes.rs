@@ -73,15 +73,6 @@ async fn get_node(
     Ok(axum::Json(with_beacon(&app, node)).into_response())
 }
 
-fn need_cluster_admin(caller: &Caller) -> ApiResult<()> {
-    caller.need_scope("admin")?;
-    if caller.user.admin {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden("only cluster admins manage nodes"))
-    }
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NodePatch {
@@ -99,7 +90,7 @@ async fn patch_node(
     Path(id): Path<String>,
     JsonBody(b): JsonBody<NodePatch>,
 ) -> ApiResult<Response> {
-    need_cluster_admin(&caller)?;
+    caller.need_cluster_admin("manage nodes")?;
     for (k, v) in &b.labels {
         muster_core::names::check_name("label", k).map_err(ApiError::bad)?;
         if v.as_ref().is_some_and(|v| v.is_empty() || v.len() > 200) {
@@ -138,7 +129,7 @@ async fn delete_node(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    need_cluster_admin(&caller)?;
+    caller.need_cluster_admin("manage nodes")?;
     let node = find_node(&app, &id).await?;
     let (store, nid) = (app.store.clone(), node.id.clone());
     blocking(move || {
@@ -169,7 +160,7 @@ async fn join_token(
     caller: Caller,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    need_cluster_admin(&caller)?;
+    caller.need_cluster_admin("manage nodes")?;
     // The body is optional: an empty one takes the defaults.
     let b: JoinTokenBody = if body.iter().all(|c| c.is_ascii_whitespace()) {
         JoinTokenBody {

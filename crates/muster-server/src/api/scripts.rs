@@ -142,7 +142,7 @@ async fn run_script(
     caller.need_role(&new.tree.tags.workspace, Role::Operator)?;
     new.tree.admin = caller.user.admin;
     let id = new.tree.id;
-    let jobs: Vec<Value> = new.jobs.iter().map(|j| json!({"id": j.id, "key": j.key, "name": j.name, "parent": j.parent, "state": j.state})).collect();
+    let jobs: Vec<Value> = new.jobs.iter().map(super::jobs::job_brief).collect();
     app.manager.create(new, None).await?;
     Ok((
         StatusCode::CREATED,
