@@ -126,7 +126,7 @@ pub struct DiscoveryConfig {
 }
 
 /// `[agent]`
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// The node's name; empty: the host name.
@@ -139,6 +139,23 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     /// An unprivileged user to run jobs as; empty: the agent's own user.
     pub run_as: String,
+    /// Where the agent serves its job logs to the servers (TLS under the cluster CA; port 0: any
+    /// free port, told to the server over the agent's connection); empty: no endpoint (logs then
+    /// travel over the agent's own connection).
+    pub listen: String,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            name: String::new(),
+            servers: Vec::new(),
+            slots: 0,
+            labels: BTreeMap::new(),
+            run_as: String::new(),
+            listen: "0.0.0.0:0".into(),
+        }
+    }
 }
 
 /// `[nodes]`
@@ -302,6 +319,14 @@ impl Config {
             return Err(format!(
                 "server.listen = {:?} is not an address like 127.0.0.1:7070",
                 self.server.listen
+            ));
+        }
+        if !self.agent.listen.is_empty()
+            && self.agent.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(format!(
+                "agent.listen = {:?} is not an address like 0.0.0.0:7071 (or empty for no log endpoint)",
+                self.agent.listen
             ));
         }
         if self.jobs.log_max < 1024 {

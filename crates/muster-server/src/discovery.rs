@@ -561,10 +561,16 @@ pub fn write_secret(path: &Path, text: &str) -> io::Result<()> {
     res
 }
 
-/// The public key hex a join token carries (`mjt_<secret>.<public key hex>`).
+/// The server's public key a join token carries (`mjt_<secret>.<public key>.<CA fingerprint>`,
+/// both hex).
 pub fn token_server_key(token: &str) -> Option<VerifyingKey> {
-    let (_, k) = token.trim().rsplit_once('.')?;
+    let k = token.trim().split('.').nth(1)?;
     VerifyingKey::from_bytes(&parse_key(k)?).ok()
+}
+
+/// The SHA-256 fingerprint of the cluster CA a join token carries (see [`crate::tls`]).
+pub fn token_ca_fingerprint(token: &str) -> Option<[u8; 32]> {
+    parse_key(token.trim().split('.').nth(2)?)
 }
 
 /// Lower-case hex.
@@ -672,11 +678,14 @@ mod tests {
             Err(Verdict::Malformed)
         );
         let token = format!(
-            "mjt_{}.{}",
+            "mjt_{}.{}.{}",
             hex(&[1; 16]),
-            hex(&sk.verifying_key().to_bytes())
+            hex(&sk.verifying_key().to_bytes()),
+            hex(&[7; 32])
         );
         assert_eq!(token_server_key(&token), Some(sk.verifying_key()));
+        assert_eq!(token_ca_fingerprint(&token), Some([7; 32]));
+        assert_eq!(token_ca_fingerprint("mjt_00.11"), None);
         assert_eq!(token_server_key("mjt_0011"), None);
         assert_eq!(token_server_key("mjt_00.zz"), None);
     }

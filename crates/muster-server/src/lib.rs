@@ -25,6 +25,7 @@ pub mod nodes;
 pub mod perf;
 pub mod protocol;
 pub mod session;
+pub mod tls;
 
 use crate::agent::Link;
 use crate::blobs::Blobs;
@@ -67,6 +68,20 @@ pub struct App {
     pub leading: std::sync::atomic::AtomicBool,
     /// The leader's URL, as its lease says.
     pub leader_url: std::sync::RwLock<Option<String>>,
+    /// The cluster CA (shared by the servers through the store) and this server's TLS.
+    pub ca: tls::ClusterCa,
+    pub tls: tls::ServerTls,
+    /// Where connected agents serve their log files (see [`agent::logs`]), by node name.
+    pub log_endpoints: Mutex<HashMap<String, LogEndpoint>>,
+}
+
+/// A node's log endpoint, as its authenticated connection told it.
+#[derive(Clone, Debug)]
+pub struct LogEndpoint {
+    pub node_id: String,
+    pub addr: std::net::SocketAddr,
+    /// The connection that told it.
+    pub session: u64,
 }
 
 impl App {
@@ -117,6 +132,8 @@ impl App {
         let (manager, handle) =
             Manager::start(store.clone(), mc, metrics.jobs.clone(), alerts.clone())
                 .map_err(|e| format!("job manager: {e}"))?;
+        let ca = tls::ClusterCa::load_or_create(&*store)?;
+        let tls = ca.server_tls()?;
         let perf = if config.perf.enabled {
             Some(perf::PerfLog::start(&config.data_dir).map_err(|e| format!("perf log: {e}"))?)
         } else {
@@ -139,6 +156,9 @@ impl App {
             server_id,
             leading: std::sync::atomic::AtomicBool::new(false),
             leader_url: std::sync::RwLock::new(None),
+            ca,
+            tls,
+            log_endpoints: Mutex::new(HashMap::new()),
         });
         Ok((app, handle))
     }
@@ -172,10 +192,11 @@ pub async fn run(
     let reaper = tokio::spawn(reaper(app.clone()));
     let watch = tokio::spawn(watch_store(app.clone()));
     let lead = tokio::spawn(cluster::lead(app.clone()));
+    let listener = tls::Sniff::new(listener, app.tls.acceptor.clone())?;
     let router = api::router(app);
     let res = axum::serve(
         listener,
-        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        router.into_make_service_with_connect_info::<tls::Peer>(),
     )
     .with_graceful_shutdown(shutdown)
     .await;

@@ -80,6 +80,10 @@ pub struct Metrics {
     pub jobs: Arc<JobStats>,
     /// Beacons heard by the discovery listener.
     pub discovery: Arc<DiscoveryStats>,
+    /// Remote logs streamed straight from the node's log endpoint, and relayed over the agent's
+    /// connection (no endpoint, or it could not be reached).
+    pub log_streams_direct: AtomicU64,
+    pub log_streams_relayed: AtomicU64,
 }
 
 /// What the discovery listener heard: beacons by verdict, and when each node was last heard.
@@ -223,6 +227,17 @@ impl Metrics {
                 .map(|(_, n)| *n)
                 .unwrap_or(0);
             let _ = writeln!(out, "muster_nodes{{state=\"{state}\"}} {n}");
+        }
+        out.push_str("# HELP muster_remote_log_streams_total Logs of jobs on other nodes streamed, by path.\n# TYPE muster_remote_log_streams_total counter\n");
+        for (path, v) in [
+            ("endpoint", &self.log_streams_direct),
+            ("connection", &self.log_streams_relayed),
+        ] {
+            let _ = writeln!(
+                out,
+                "muster_remote_log_streams_total{{via=\"{path}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
         out.push_str(&self.discovery.render());
         out

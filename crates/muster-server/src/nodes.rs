@@ -21,19 +21,23 @@ struct JoinToken {
 /// Serializes redemptions in this process, so a token's use count cannot be overspent.
 static REDEEM: Mutex<()> = Mutex::new(());
 
-/// A new join token: `mjt_` + 128 random bits, then `.` and the server's Ed25519 public key in
-/// hex when given (an agent with no `--server` trusts only server beacons signed by it; see
-/// [`crate::discovery`]). Only the SHA-256 of the whole text is stored.
+/// A new join token: `mjt_` + 128 random bits, `.` the server's Ed25519 public key, `.` the
+/// SHA-256 fingerprint of the cluster CA, both in hex. An agent with no `--server` trusts only
+/// server beacons signed by that key (see [`crate::discovery`]), and only servers whose TLS
+/// certificate chains to that CA (see [`crate::tls`]). Only the SHA-256 of the whole text is
+/// stored.
 pub fn create_join_token(
     store: &dyn Store,
     ttl_ms: i64,
     uses: u32,
-    server_key: Option<&[u8; 32]>,
+    server_key: &[u8; 32],
+    ca_fingerprint: &str,
 ) -> Result<(String, Ts), StoreError> {
-    let mut text = format!("mjt_{}", random_hex(16));
-    if let Some(k) = server_key {
-        text = format!("{text}.{}", crate::discovery::hex(k));
-    }
+    let text = format!(
+        "mjt_{}.{}.{ca_fingerprint}",
+        random_hex(16),
+        crate::discovery::hex(server_key)
+    );
     let expires_at = now().plus_ms(ttl_ms);
     let doc = serde_json::to_string(&JoinToken {
         expires_at,

@@ -43,6 +43,9 @@ pub enum ToAgent {
     Goodbye { reason: String },
     /// This server stopped leading the cluster: connect again (to the leader).
     Reconnect,
+    /// The answer to a `Hello` with a `log_endpoint`: the certificate the cluster CA made for the
+    /// node's key, and the CA certificate (both DER in hex). The agent serves its logs with it.
+    Certificate { cert: String, ca: String },
 }
 
 /// One job for an agent to run.
@@ -103,6 +106,9 @@ pub enum FromAgent {
         version: String,
         known: Vec<Known>,
         seq: u64,
+        /// Where the agent serves its log files, if it does.
+        #[serde(default)]
+        log_endpoint: Option<LogOffer>,
     },
     /// Numbered state reports.
     Report { seq: u64, reports: Vec<Report> },
@@ -120,6 +126,16 @@ pub enum FromAgent {
         attempt: u32,
         data: String,
     },
+}
+
+/// An agent's log endpoint (see [`crate::agent::logs`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogOffer {
+    /// The address it listens on; an unspecified one (`0.0.0.0`, `::`) means "the address you
+    /// see me connect from".
+    pub addr: std::net::SocketAddr,
+    /// Its P-256 public key (uncompressed point, hex), for the server to certify.
+    pub key: String,
 }
 
 /// One state report.

@@ -224,6 +224,7 @@ fn serve(a: ServeArgs, embedded_agent: bool) -> Result<()> {
                 heartbeat: Duration::from_secs(2),
                 retention,
                 lost_after,
+                log_endpoint: None,
             };
             let mut rx = stop_rx.clone();
             let link = app.local_link();
@@ -309,6 +310,12 @@ async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
 /// the join token carries.
 fn agent_main(a: AgentArgs) -> Result<()> {
     let mut config = load_config(&a.serve)?;
+    // For an agent, --listen is where it serves its job logs (agent.listen).
+    if let Some(l) = &a.serve.listen {
+        l.parse::<std::net::SocketAddr>()
+            .with_context(|| format!("--listen {l:?} is not an address like 0.0.0.0:7071"))?;
+        config.agent.listen = l.clone();
+    }
     if !a.servers.is_empty() {
         config.agent.servers = a.servers.clone();
     }
@@ -361,8 +368,11 @@ fn agent_main(a: AgentArgs) -> Result<()> {
                 eprintln!("muster agent: found the server {url} by its beacon");
                 config.agent.servers = vec![url];
             }
+            let fingerprint = muster_server::discovery::token_ca_fingerprint(&token).context(
+                "this join token carries no cluster CA fingerprint: make a new one with `muster nodes join-token`",
+            )?;
             let (node_id, credential, cluster_key, joined) =
-                join(&config.agent.servers, &token, &name)?;
+                rt.block_on(join(&config.agent.servers, &token, fingerprint, &name))?;
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
             let mut f = std::fs::OpenOptions::new()
@@ -372,6 +382,10 @@ fn agent_main(a: AgentArgs) -> Result<()> {
                 .open(&cred_path)?;
             writeln!(f, "{credential}")?;
             std::fs::write(dir.join("node-id"), &node_id)?;
+            std::fs::write(
+                dir.join("ca-fingerprint"),
+                format!("{}\n", muster_server::discovery::hex(&fingerprint)),
+            )?;
             std::fs::write(&servers_path, format!("{joined}\n"))?;
             if let Some(k) = cluster_key {
                 let path = dir.join("cluster-key");
@@ -383,7 +397,25 @@ fn agent_main(a: AgentArgs) -> Result<()> {
             credential
         }
     };
+    let fp_path = dir.join("ca-fingerprint");
+    let fingerprint = std::fs::read_to_string(&fp_path)
+        .ok()
+        .and_then(|s| muster_server::discovery::unhex(s.trim()))
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .with_context(|| {
+            format!(
+                "{} is missing or damaged: this agent joined before TLS; remove {} and join again with a new join token",
+                fp_path.display(),
+                cred_path.display()
+            )
+        })?;
+    let log_endpoint = if config.agent.listen.is_empty() {
+        None
+    } else {
+        Some((config.agent.listen.parse()?, fingerprint))
+    };
     let opts = AgentOptions {
+        log_endpoint,
         dir,
         name,
         slots: config.agent.slots,
@@ -410,7 +442,7 @@ fn agent_main(a: AgentArgs) -> Result<()> {
         } else {
             None
         };
-        let link = agent::ws_link(config.agent.servers.clone(), credential);
+        let link = agent::ws_link(config.agent.servers.clone(), credential, fingerprint);
         println!(
             "muster agent {} is running (servers: {})",
             opts.name,
@@ -486,31 +518,22 @@ fn agent_beacon(
     Some(tokio::spawn(announcer.run(socket, stopped(stop))))
 }
 
-/// Trades a join token for the node's credential at the first server that answers: the node id,
-/// the credential, the cluster key (hex) and the server that answered.
-fn join(
+/// Trades a join token for the node's credential at the first server that answers, over TLS
+/// under the cluster CA the token names: the node id, the credential, the cluster key (hex) and
+/// the server that answered.
+async fn join(
     servers: &[String],
     token: &str,
+    fingerprint: [u8; 32],
     name: &str,
 ) -> Result<(String, String, Option<String>, String)> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
     let mut last = anyhow::anyhow!("no server");
     for s in servers {
-        let url = format!("{}/api/v1/nodes/join", s.trim_end_matches('/'));
         let body = serde_json::json!({"join_token": token, "name": name}).to_string();
-        match agent
-            .post(&url)
-            .header("content-type", "application/json")
-            .send(body)
+        match muster_server::tls::request(s, fingerprint, "POST", "/api/v1/nodes/join", body).await
         {
-            Ok(mut resp) => {
-                let status = resp.status().as_u16();
-                let v: serde_json::Value =
-                    serde_json::from_str(&resp.body_mut().read_to_string().unwrap_or_default())
-                        .unwrap_or_default();
+            Ok((status, body)) => {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                 if status == 201 {
                     let id = v["node_id"].as_str().unwrap_or_default().to_string();
                     let cred = v["credential"].as_str().unwrap_or_default().to_string();

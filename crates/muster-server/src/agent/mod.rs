@@ -7,6 +7,7 @@
 //! can restart at any time: on start it re-adopts attempts whose supervisor still runs, reports
 //! those that ended meanwhile, and never starts an attempt twice.
 
+pub mod logs;
 pub mod supervisor;
 
 use crate::protocol::{Assignment, ExitReport, FromAgent, Known, Report, ToAgent};
@@ -51,6 +52,9 @@ pub struct AgentOptions {
     /// Cut off from every server this long, the agent kills its retryable jobs itself (the
     /// server retries them elsewhere), so a partition never runs a job twice.
     pub lost_after: Duration,
+    /// Where to serve job logs to the servers ([`logs`]), with the fingerprint of the cluster CA
+    /// the agent joined under; `None`: no endpoint (the embedded agent).
+    pub log_endpoint: Option<(std::net::SocketAddr, [u8; 32])>,
 }
 
 enum Internal {
@@ -78,6 +82,7 @@ struct Agent {
     next_seq: u64,
     internal_tx: UnboundedSender<Internal>,
     streams: HashMap<u64, JoinHandle<()>>,
+    logs: Option<logs::LogServer>,
 }
 
 fn attempt_dir(dir: &Path, job: Uuid, attempt: u32) -> PathBuf {
@@ -114,7 +119,20 @@ pub async fn run(
     let node_id = std::fs::read_to_string(opts.dir.join("node-id"))
         .ok()
         .map(|s| s.trim().to_string());
+    let logs = match opts.log_endpoint {
+        Some((addr, fingerprint)) => {
+            match logs::LogServer::start(addr, opts.dir.clone(), fingerprint).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    eprintln!("muster agent: cannot serve logs on {addr}: {e}; logs go over the server connection");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let mut agent = Agent {
+        logs,
         opts,
         node_id,
         running: HashMap::new(),
@@ -326,6 +344,7 @@ impl Agent {
             version: env!("CARGO_PKG_VERSION").to_string(),
             known,
             seq,
+            log_endpoint: self.logs.as_ref().map(|l| l.offer()),
         });
         // Logs of attempts that ended while no server listened.
         for &(job, attempt) in self.ended.keys() {
@@ -392,6 +411,13 @@ impl Agent {
             ToAgent::StopLog { stream } => {
                 if let Some(h) = self.streams.remove(&stream) {
                     h.abort();
+                }
+            }
+            ToAgent::Certificate { cert, ca } => {
+                if let Some(l) = &self.logs {
+                    if let Err(e) = l.certify(&cert, &ca) {
+                        eprintln!("muster agent: log endpoint certificate refused: {e}");
+                    }
                 }
             }
         }
@@ -762,21 +788,24 @@ async fn stream_log(
     }
 }
 
-/// A [`Link`] to remote servers over websockets (`/api/v1/agent/ws`), authenticated by the
-/// node's credential. Each connection tries the servers in turn, starting after the last one
-/// that worked, so an agent whose server died carries on with another.
-pub fn ws_link(servers: Vec<String>, credential: String) -> Link {
+/// A [`Link`] to remote servers over websockets (`/api/v1/agent/ws`) in TLS under the cluster CA
+/// whose `fingerprint` the join token carried, authenticated by the node's credential. Each
+/// connection tries the servers in turn, starting after the last one that worked, so an agent
+/// whose server died carries on with another.
+pub fn ws_link(servers: Vec<String>, credential: String, fingerprint: [u8; 32]) -> Link {
+    let tls = crate::tls::PinnedCa::client_config(fingerprint);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     Arc::new(move || {
         let servers = servers.clone();
         let credential = credential.clone();
         let next = next.clone();
+        let tls = tls.clone();
         Box::pin(async move {
             let mut last_err =
                 std::io::Error::other("no server configured (agent.servers / --server)");
             for k in 0..servers.len() {
                 let i = (next.load(std::sync::atomic::Ordering::Relaxed) + k) % servers.len();
-                match ws_connect(&servers[i], &credential).await {
+                match ws_connect(&servers[i], &credential, tls.clone()).await {
                     Ok(link) => {
                         next.store(i, std::sync::atomic::Ordering::Relaxed);
                         return Ok(link);
@@ -790,23 +819,19 @@ pub fn ws_link(servers: Vec<String>, credential: String) -> Link {
     })
 }
 
-async fn ws_connect(
+/// Opens the agent connection to one server: TLS (whatever the URL's scheme; the server serves
+/// both on one port), then the websocket.
+pub async fn ws_connect(
     server: &str,
     credential: &str,
+    tls: Arc<rustls::ClientConfig>,
 ) -> std::io::Result<(UnboundedSender<FromAgent>, UnboundedReceiver<ToAgent>)> {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
-    let base = server.trim_end_matches('/');
-    let url = if let Some(rest) = base.strip_prefix("http://") {
-        format!("ws://{rest}/api/v1/agent/ws")
-    } else if let Some(rest) = base.strip_prefix("https://") {
-        format!("wss://{rest}/api/v1/agent/ws")
-    } else {
-        return Err(std::io::Error::other(format!(
-            "{server:?} is not an http:// URL"
-        )));
-    };
+    let addr =
+        crate::tls::host_port(server.trim_end_matches('/')).map_err(std::io::Error::other)?;
+    let url = format!("wss://{addr}/api/v1/agent/ws");
     let mut req = url.into_client_request().map_err(std::io::Error::other)?;
     req.headers_mut().insert(
         "authorization",
@@ -814,9 +839,10 @@ async fn ws_connect(
             .parse()
             .map_err(std::io::Error::other)?,
     );
+    let stream = crate::tls::dial(&addr, tls, crate::tls::SERVER_NAME).await?;
     let (mut ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async(req),
+        tokio_tungstenite::client_async(req, stream),
     )
     .await
     .map_err(|_| std::io::Error::other("timed out"))?

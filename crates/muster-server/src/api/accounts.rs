@@ -6,7 +6,7 @@ use axum::extract::{ConnectInfo, Path, Query};
 use axum::routing::{delete, post, put};
 use serde::Deserialize;
 use serde_json::Value;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 pub(super) fn routes(r: Routes) -> Routes {
@@ -50,8 +50,8 @@ impl FromRequestParts<Arc<App>> for ClientAddr {
     ) -> Result<Self, Self::Rejection> {
         let peer = parts
             .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip());
+            .get::<ConnectInfo<crate::tls::Peer>>()
+            .map(|c| c.0.addr.ip());
         let trusted = |ip: &IpAddr| {
             app.config
                 .server

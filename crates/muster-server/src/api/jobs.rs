@@ -311,10 +311,15 @@ enum LogSource {
 struct LiveLog {
     rx: UnboundedReceiver<(String, bool)>,
     stop: Option<(Arc<App>, String, u64)>,
+    /// Reads a node's log endpoint (the direct path).
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for LiveLog {
     fn drop(&mut self) {
+        if let Some(r) = self.reader.take() {
+            r.abort();
+        }
         if let Some((app, node, stream)) = self.stop.take() {
             app.streams
                 .lock()
@@ -383,6 +388,27 @@ async fn open_log(app: &Arc<App>, caller: &Caller, id: &str, q: &LogQuery) -> Ap
             format!("the log is on node {node:?}, which is not connected now"),
         ));
     };
+    let endpoint = app
+        .log_endpoints
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&node)
+        .cloned();
+    if let Some(ep) = endpoint {
+        match endpoint_log(app, &ep, job.id, attempt, q.follow).await {
+            Ok(live) => {
+                app.metrics.log_streams_direct.fetch_add(1, Ordering::Relaxed);
+                return Ok(LogSource::Live(live));
+            }
+            Err(e) => eprintln!(
+                "muster: cannot reach the log endpoint of node {node:?} at {}: {e}; relaying over its connection",
+                ep.addr
+            ),
+        }
+    }
+    app.metrics
+        .log_streams_relayed
+        .fetch_add(1, Ordering::Relaxed);
     let stream = app.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = unbounded_channel();
     app.streams
@@ -399,7 +425,59 @@ async fn open_log(app: &Arc<App>, caller: &Caller, id: &str, q: &LogQuery) -> Ap
     Ok(LogSource::Live(LiveLog {
         rx,
         stop: Some((app.clone(), node, stream)),
+        reader: None,
     }))
+}
+
+/// Streams a log straight from the node's own endpoint (TLS both ways under the cluster CA: the
+/// node must hold the certificate made for its id, this server shows its own).
+async fn endpoint_log(
+    app: &Arc<App>,
+    ep: &crate::LogEndpoint,
+    job: muster_core::Uuid,
+    attempt: u32,
+    follow: bool,
+) -> std::io::Result<LiveLog> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message as TMessage;
+    let addr = ep.addr.to_string();
+    let tls = crate::tls::dial(
+        &addr,
+        app.tls.dialer.clone(),
+        &crate::tls::node_name(&ep.node_id),
+    )
+    .await?;
+    let url = format!("wss://{addr}/logs/{job}/{attempt}?follow={follow}");
+    let (mut ws, _) = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio_tungstenite::client_async(url, tls),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("timed out"))?
+    .map_err(std::io::Error::other)?;
+    let (tx, rx) = unbounded_channel();
+    let reader = tokio::spawn(async move {
+        loop {
+            match ws.next().await {
+                Some(Ok(TMessage::Text(t))) => {
+                    if tx.send((t.to_string(), false)).is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(TMessage::Ping(_) | TMessage::Pong(_) | TMessage::Frame(_))) => {}
+                // A close, an error or the end: the log ends here.
+                _ => {
+                    let _ = tx.send((String::new(), true));
+                    return;
+                }
+            }
+        }
+    });
+    Ok(LiveLog {
+        rx,
+        stop: None,
+        reader: Some(reader),
+    })
 }
 
 async fn job_log(

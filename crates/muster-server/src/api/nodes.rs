@@ -5,7 +5,7 @@ use crate::manager::Cmd;
 use crate::nodes as n;
 use crate::protocol::{FromAgent, ToAgent};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::Path;
+use axum::extract::{ConnectInfo, Path};
 use axum::routing::post;
 use muster_store::Node;
 use serde::Deserialize;
@@ -179,6 +179,7 @@ async fn join_token(
         ));
     }
     let (store, data_dir) = (app.store.clone(), app.config.data_dir.clone());
+    let fingerprint = app.ca.fingerprint_hex();
     let (token, expires_at) = blocking(move || {
         let key = crate::discovery::server_key(&data_dir)
             .map_err(|e| ApiError::internal(format!("the server key: {e}")))?;
@@ -187,7 +188,8 @@ async fn join_token(
             &*store,
             ttl as i64 * 1000,
             uses,
-            Some(&public),
+            &public,
+            &fingerprint,
         )?)
     })
     .await?;
@@ -208,8 +210,26 @@ struct JoinBody {
     name: String,
 }
 
+/// Agent routes take TLS connections only (the agent always speaks TLS to its server): a join
+/// hands out a credential, and the agent connection carries job specs and tokens.
+fn need_tls(ext: &axum::http::Extensions) -> ApiResult<Option<crate::tls::Peer>> {
+    match ext.get::<ConnectInfo<crate::tls::Peer>>() {
+        Some(ConnectInfo(p)) if p.tls => Ok(Some(*p)),
+        _ => Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "tls_required",
+            "agents talk to the server over TLS under the cluster CA: use `muster agent`, which does",
+        )),
+    }
+}
+
 /// An agent trades a join token for its own credential.
-async fn join(State(app): AppState, JsonBody(b): JsonBody<JoinBody>) -> ApiResult<Response> {
+async fn join(
+    State(app): AppState,
+    ext: axum::http::Extensions,
+    JsonBody(b): JsonBody<JoinBody>,
+) -> ApiResult<Response> {
+    need_tls(&ext)?;
     muster_core::names::check_name("node name", &b.name).map_err(ApiError::bad)?;
     let (store, config) = (app.store.clone(), app.config.clone());
     let (id, credential, cluster_key) = blocking(move || {
@@ -240,9 +260,11 @@ async fn join(State(app): AppState, JsonBody(b): JsonBody<JoinBody>) -> ApiResul
 /// credential.
 async fn agent_ws(
     State(app): AppState,
+    ext: axum::http::Extensions,
     headers: axum::http::HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
+    let peer_ip = need_tls(&ext)?.map(|p| p.addr.ip());
     let ws = ws.map_err(|e| ApiError::bad(e.body_text()))?;
     let cred = headers
         .get(header::AUTHORIZATION)
@@ -265,14 +287,24 @@ async fn agent_ws(
             "the node credential is not valid (was the node removed?)",
         ));
     };
-    Ok(ws.on_upgrade(move |socket| bridge(app, socket, node)))
+    Ok(ws.on_upgrade(move |socket| bridge(app, socket, node, peer_ip)))
 }
 
 /// Carries protocol messages between a websocket and a [`crate::session`].
-async fn bridge(app: Arc<App>, mut socket: WebSocket, node: String) {
+async fn bridge(
+    app: Arc<App>,
+    mut socket: WebSocket,
+    node: String,
+    peer: Option<std::net::IpAddr>,
+) {
     let (to_server, from_agent) = tokio::sync::mpsc::unbounded_channel::<FromAgent>();
     let (to_agent, mut from_server) = tokio::sync::mpsc::unbounded_channel::<ToAgent>();
-    let session = tokio::spawn(crate::session::serve(app, from_agent, to_agent, Some(node)));
+    let session = tokio::spawn(crate::session::serve(
+        app,
+        from_agent,
+        to_agent,
+        Some(crate::session::Remote { node, peer }),
+    ));
     loop {
         tokio::select! {
             msg = socket.recv() => match msg {

@@ -116,6 +116,7 @@ impl Server {
                 heartbeat: Duration::from_secs(2),
                 retention: config.jobs.retention,
                 lost_after: config.nodes.lost_after,
+                log_endpoint: None,
             };
             let mut rx = stop_rx.clone();
             if embedded_agent {

@@ -14,6 +14,8 @@ pub struct Agent {
     pub dir: TempDir,
     name: String,
     servers: Vec<String>,
+    /// Extra environment (config overrides).
+    pub env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -33,8 +35,27 @@ impl Agent {
             dir,
             name: name.into(),
             servers,
+            env: Vec::new(),
         };
         a.start(Some(t["token"].as_str().unwrap()), labels);
+        a
+    }
+
+    /// Joins `s` with extra environment.
+    pub fn join_with(s: &Server, name: &str, env: &[(&str, &str)]) -> Agent {
+        let (st, t) = s.call("POST", "/api/v1/nodes/join-token", Some(json!({"uses": 1})));
+        assert_eq!(st, 201, "{t}");
+        let mut a = Agent {
+            child: None,
+            dir: TempDir::new("agent"),
+            name: name.into(),
+            servers: vec![s.url.clone()],
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        a.start(Some(t["token"].as_str().unwrap()), &[]);
         a
     }
 
@@ -45,7 +66,8 @@ impl Agent {
         for s in &self.servers {
             cmd.args(["--server", s]);
         }
-        cmd.env("MUSTER_DISCOVERY__INTERVAL", "300ms")
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("MUSTER_DISCOVERY__INTERVAL", "300ms")
             .env("MUSTER_NODES__LOST_AFTER", "3s")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -164,6 +186,71 @@ fn agents_join_run_pinned_and_selected_jobs_and_stream_logs() {
     );
     // The full log stays readable from the server after the attempt ended.
     assert!(s.log(&gpu_job).contains("gpu-done"));
+    // The live log came straight from the node's own endpoint.
+    assert_eq!(log_streams(&s, "endpoint"), 1);
+    assert_eq!(log_streams(&s, "connection"), 0);
+}
+
+/// `muster_remote_log_streams_total{via=...}`.
+fn log_streams(s: &Server, via: &str) -> u64 {
+    let (_, text) = s.raw(Some(&s.token), "GET", "/metrics", None, &[]);
+    let want = format!("muster_remote_log_streams_total{{via=\"{via}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&want).map(|n| n.trim().parse().unwrap()))
+        .unwrap_or_else(|| panic!("no {want} in {text}"))
+}
+
+#[test]
+fn an_agent_without_a_log_endpoint_relays_logs_over_its_connection() {
+    let s = Server::start_with(fast_nodes);
+    let _a = Agent::join_with(&s, "plain", &[("MUSTER_AGENT__LISTEN", "")]);
+    wait_node(&s, "plain", "ready", Duration::from_secs(10));
+    let go = s.dir.0.join("go-plain");
+    let (id, body) = s.create(json!({"name": "relay", "node": "plain",
+        "shell": format!("echo first; while [ ! -e {} ]; do sleep 0.02; done; echo last", go.display())}));
+    let job = body["jobs"][0]["id"].as_str().unwrap().to_string();
+    let resp = http()
+        .get(&format!("{}/api/v1/jobs/{job}/log?follow=true", s.url))
+        .header("authorization", &format!("Bearer {}", s.token))
+        .call()
+        .unwrap();
+    let mut reader = BufReader::new(resp.into_body().into_reader());
+    let mut line = String::new();
+    while !line.contains("first") {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0);
+    }
+    std::fs::write(&go, b"").unwrap();
+    let rest: Vec<String> = reader.lines().map(|l| l.unwrap()).collect();
+    assert!(rest.iter().any(|l| l.ends_with(" out last")), "{rest:?}");
+    assert_eq!(
+        s.wait_tree(&id, Duration::from_secs(20))["state"],
+        "succeeded"
+    );
+    assert_eq!(log_streams(&s, "connection"), 1);
+    assert_eq!(log_streams(&s, "endpoint"), 0);
+}
+
+/// One request to the server over TLS under the CA `fingerprint` names, as an agent makes it.
+fn tls_call(
+    s: &Server,
+    fingerprint: [u8; 32],
+    path: &str,
+    body: Value,
+) -> Result<(u16, Value), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(muster_server::tls::request(
+        &s.url,
+        fingerprint,
+        "POST",
+        path,
+        body.to_string(),
+    ))
+    .map(|(st, b)| (st, serde_json::from_slice(&b).unwrap_or(Value::Null)))
+    .map_err(|e| e.to_string())
 }
 
 #[test]
@@ -176,17 +263,25 @@ fn join_tokens_are_spent_and_removed_nodes_are_refused() {
     );
     let token = t["token"].as_str().unwrap().to_string();
     assert!(t["command"].as_str().unwrap().contains(&token));
-    let join = |name: &str| {
-        s.call_as(
-            None,
-            "POST",
-            "/api/v1/nodes/join",
-            Some(json!({"join_token": token, "name": name}).to_string()),
-            &[],
-        )
-    };
-    assert_eq!(join("first").0, 201);
-    let (st, body) = join("second");
+    let fingerprint = muster_server::discovery::token_ca_fingerprint(&token).unwrap();
+    let join = |name: &str| json!({"join_token": token, "name": name});
+    // Agents talk TLS: a plain-HTTP join is refused and spends nothing.
+    let (st, body) = s.call_as(
+        None,
+        "POST",
+        "/api/v1/nodes/join",
+        Some(join("plain").to_string()),
+        &[],
+    );
+    assert_eq!(st, 426, "{body}");
+    assert_eq!(body["error"]["code"], "tls_required");
+    // A server whose certificate is not under the CA the token names is not trusted.
+    let err = tls_call(&s, [9; 32], "/api/v1/nodes/join", join("first")).unwrap_err();
+    assert!(err.contains("not of this cluster's CA"), "{err}");
+    let (st, body) = tls_call(&s, fingerprint, "/api/v1/nodes/join", join("first")).unwrap();
+    assert_eq!(st, 201, "{body}");
+    assert!(body["credential"].as_str().unwrap().starts_with("mnc_"));
+    let (st, body) = tls_call(&s, fingerprint, "/api/v1/nodes/join", join("second")).unwrap();
     assert_eq!(st, 401, "a one-use token works once: {body}");
     let mut a = Agent::join(&s, "doomed", &[]);
     wait_node(&s, "doomed", "ready", Duration::from_secs(10));
@@ -197,6 +292,23 @@ fn join_tokens_are_spent_and_removed_nodes_are_refused() {
     assert!(!status.success());
     // Its credential is revoked: a restart cannot connect.
     let cred = std::fs::read_to_string(a.dir.0.join("agent/credential")).unwrap();
+    let saved = std::fs::read_to_string(a.dir.0.join("agent/ca-fingerprint")).unwrap();
+    assert_eq!(
+        muster_server::discovery::unhex(saved.trim()).unwrap(),
+        fingerprint
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let refused = rt.block_on(muster_server::agent::ws_connect(
+        &s.url,
+        cred.trim(),
+        muster_server::tls::PinnedCa::client_config(fingerprint),
+    ));
+    let err = refused.expect_err("a revoked credential cannot connect");
+    assert!(err.to_string().contains("401"), "{err}");
+    // Nor over plain HTTP, whatever the credential.
     let (st, _) = s.raw(
         Some(cred.trim()),
         "GET",
@@ -209,7 +321,7 @@ fn join_tokens_are_spent_and_removed_nodes_are_refused() {
             ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
         ],
     );
-    assert_eq!(st, 401);
+    assert_eq!(st, 426);
     assert_eq!(s.call("GET", "/api/v1/nodes/doomed", None).0, 404);
 }
 
