@@ -429,7 +429,7 @@ pub fn document() -> Value {
         "/api/v1/nodes/join",
         "post",
         op(
-            "An agent trades a join token for its node credential",
+            "An agent trades a join token for its node credential (over TLS under the cluster CA only; 426 otherwise)",
             Some(join_body),
             "201",
             Some(obj(
@@ -441,7 +441,7 @@ pub fn document() -> Value {
         vec![],
     );
     let mut agent_ws = op(
-        "The agent connection (agent protocol over a websocket; bearer: the node credential)",
+        "The agent connection (agent protocol over a websocket in TLS under the cluster CA; bearer: the node credential; 426 without TLS)",
         None,
         "101",
         None,
