@@ -279,7 +279,9 @@ impl State {
                 }
                 None => Duration::from_secs(60),
             }
-            .min(Duration::from_millis(250));
+            .min(Duration::from_millis(250))
+            // Wake when a silent node's time is up, so `down` comes on time.
+            .min(self.next_down_in());
             let mut stop = false;
             match rx.recv_timeout(wait) {
                 Ok(cmd) => stop |= self.handle(cmd),
@@ -754,12 +756,22 @@ impl State {
         self.known_nodes.insert(node.id.clone(), node);
     }
 
+    /// How long until a connected node that is not `down` yet has been silent for `down_after`.
+    fn next_down_in(&self) -> Duration {
+        self.conns
+            .values()
+            .filter(|c| c.node.state == "ready" || c.node.state == "draining")
+            .map(|c| self.config.down_after.saturating_sub(c.last_beat.elapsed()))
+            .min()
+            .map_or(Duration::MAX, |d| d + Duration::from_millis(1))
+    }
+
     /// Node liveness (SPEC §5): a connected node silent for `down_after` is `down` (no new jobs);
     /// a node unheard of for `lost_after` is `lost`: its running jobs fail with `node lost`, or
     /// are retried elsewhere when they have retries left and no fixed node. After a server start,
     /// every node has `lost_after` of grace.
     fn liveness(&mut self) {
-        if self.last_liveness.elapsed() < Duration::from_millis(100) {
+        if self.last_liveness.elapsed() < Duration::from_millis(10) {
             return;
         }
         self.last_liveness = std::time::Instant::now();
