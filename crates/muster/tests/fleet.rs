@@ -142,12 +142,21 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
+/// The discovery interval the tests run with: agents heartbeat at it, and a connected node
+/// silent for 3 × it is `down`.
+const INTERVAL: Duration = Duration::from_millis(200);
+/// `nodes.lost_after`: a node unheard of for this long is `lost`.
+const LOST_AFTER: Duration = Duration::from_secs(3);
+
 /// Where discovery runs: its port, broadcast address and, optionally, a network namespace.
 #[derive(Clone)]
 struct Net {
     port: u16,
     broadcast: String,
     netns: Option<String>,
+    /// `muster agent --listen` for an agent on this host: where it serves its job logs (`None`:
+    /// the default, any free port on every address).
+    agent_listen: Option<String>,
 }
 
 impl Net {
@@ -168,8 +177,14 @@ impl Net {
             .env("MUSTER_DISCOVERY__ENABLED", "true")
             .env("MUSTER_DISCOVERY__PORT", self.port.to_string())
             .env("MUSTER_DISCOVERY__BROADCAST", &self.broadcast)
-            .env("MUSTER_DISCOVERY__INTERVAL", "200ms")
-            .env("MUSTER_NODES__LOST_AFTER", "3s")
+            .env(
+                "MUSTER_DISCOVERY__INTERVAL",
+                format!("{}ms", INTERVAL.as_millis()),
+            )
+            .env(
+                "MUSTER_NODES__LOST_AFTER",
+                format!("{}ms", LOST_AFTER.as_millis()),
+            )
             .env("MUSTER_JOBS__KILL_GRACE", "2s")
             .stdin(Stdio::null());
         c
@@ -320,6 +335,19 @@ impl Server {
         beacon_count(&self.metrics(), result)
     }
 
+    /// `muster_remote_log_streams_total{via="endpoint"}` and `{via="connection"}`: remote logs
+    /// streamed straight from the node's own endpoint, and relayed over the agent's connection.
+    fn log_streams(&self) -> (u64, u64) {
+        let m = self.metrics();
+        let count = |via: &str| {
+            let want = format!("muster_remote_log_streams_total{{via=\"{via}\"}} ");
+            m.lines()
+                .find_map(|l| l.strip_prefix(&want).map(|n| n.trim().parse().unwrap()))
+                .unwrap_or_else(|| panic!("no {want:?} in the metrics:\n{m}"))
+        };
+        (count("endpoint"), count("connection"))
+    }
+
     fn join_token(&self) -> String {
         let (st, t) = self.call("POST", "/api/v1/nodes/join-token", Some(json!({"uses": 1})));
         assert_eq!(st, 201, "{t}");
@@ -452,6 +480,9 @@ fn start_agent(net: &Net, name: &str, token: Option<&str>, labels: &[&str], dir:
     for l in labels {
         c.args(["--label", l]);
     }
+    if let Some(l) = &net.agent_listen {
+        c.args(["--listen", l]);
+    }
     let mut p = Proc::spawn(c, &log);
     p.line("is running", Duration::from_secs(20), &log);
     p
@@ -482,6 +513,82 @@ fn in_netns<T: Send + 'static>(ns: Option<&str>, f: impl FnOnce() -> T + Send + 
     match ns {
         None => f(),
         Some(_) => spawn_in_netns(ns, f).join().unwrap(),
+    }
+}
+
+/// The IPv4 TCP addresses process `pid` listens on (read in its own network namespace).
+fn listening(pid: u32) -> Vec<SocketAddr> {
+    let mut inodes = std::collections::HashSet::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(l) = std::fs::read_link(e.path()) {
+            let l = l.to_string_lossy();
+            if let Some(i) = l.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
+                inodes.insert(i.to_string());
+            }
+        }
+    }
+    let tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    tcp.lines()
+        .skip(1)
+        .filter_map(|l| {
+            // sl local_address rem_address st ... inode; 0A: LISTEN.
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 10 || f[3] != "0A" || !inodes.contains(f[9]) {
+                return None;
+            }
+            let (ip, port) = f[1].split_once(':')?;
+            let ip = std::net::Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_ne_bytes());
+            Some(SocketAddr::from((ip, u16::from_str_radix(port, 16).ok()?)))
+        })
+        .collect()
+}
+
+/// An agent made silent while its connection to the server stays open: in a namespace its
+/// host's link is cut (nothing goes in or out; the TCP connection just stalls), on loopback its
+/// process is stopped (SIGSTOP: the kernel keeps the connection up, the agent sends nothing).
+/// Ended by [`Silence::end`], or on drop (declared after the agent's [`Proc`], so before it
+/// goes).
+struct Silence(Option<Hush>);
+
+enum Hush {
+    Link(String),
+    Stopped(i32),
+}
+
+impl Silence {
+    fn start(host: &Host, agent: &Proc) -> Silence {
+        Silence(Some(match &host.net.netns {
+            Some(ns) => {
+                Netns::ip(&["-n", ns, "link", "set", "eth0", "down"]).unwrap();
+                Hush::Link(ns.clone())
+            }
+            None => {
+                let pid = agent.child.id() as i32;
+                assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP");
+                Hush::Stopped(pid)
+            }
+        }))
+    }
+
+    fn end(&mut self) -> Result<(), String> {
+        match self.0.take() {
+            Some(Hush::Link(ns)) => Netns::ip(&["-n", &ns, "link", "set", "eth0", "up"]),
+            Some(Hush::Stopped(pid)) => match unsafe { libc::kill(pid, libc::SIGCONT) } {
+                0 => Ok(()),
+                _ => Err(format!("SIGCONT: {}", std::io::Error::last_os_error())),
+            },
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Silence {
+    fn drop(&mut self) {
+        let _ = self.end();
     }
 }
 
@@ -532,6 +639,7 @@ fn an_agent_with_only_a_join_token_finds_the_server_by_its_beacon() {
         port: free_udp_port(),
         broadcast: "127.255.255.255".into(),
         netns: None,
+        agent_listen: None,
     };
     let s = Server::start(&net, "127.0.0.1:0");
     let token = s.join_token();
@@ -608,6 +716,7 @@ fn forged_unsigned_replayed_stale_and_garbage_beacons_are_ignored_and_counted() 
         port: free_udp_port(),
         broadcast: "127.255.255.255".into(),
         netns: None,
+        agent_listen: None,
     };
     let s = Server::start(&net, "127.0.0.1:0");
     let key = s.cluster_key();
@@ -774,6 +883,8 @@ impl Topology {
                 port,
                 broadcast: broadcast.clone(),
                 netns: Some(nets.ns(hosts[i])),
+                // The server dials the address the agent's connection came from.
+                agent_listen: None,
             },
             ip: format!("10.200.0.{}", i + 1),
         };
@@ -788,9 +899,9 @@ impl Topology {
         })
     }
 
-    /// Everything on loopback: the server listens on 127.0.0.2; the test's own sockets of the
-    /// agents' hosts bind 127.0.0.3-5 (the agents themselves have no address flag: they are
-    /// processes on loopback).
+    /// Everything on loopback: the server listens on 127.0.0.2; the agents serve their job logs
+    /// on 127.0.0.3-5 (`--listen`), where the test's own sockets of their hosts bind too (their
+    /// connections to the server come from 127.0.0.1: they have no address flag for those).
     fn loopback() -> Topology {
         let port = free_udp_port();
         let host = |i: usize| Host {
@@ -798,6 +909,8 @@ impl Topology {
                 port,
                 broadcast: "127.255.255.255".into(),
                 netns: None,
+                // Each agent's log endpoint on its host's own address.
+                agent_listen: Some(format!("127.0.0.{}:0", i + 2)),
             },
             ip: format!("127.0.0.{}", i + 2),
         };
@@ -879,14 +992,19 @@ fn next_line_with(rx: &mpsc::Receiver<String>, what: &str, within: Duration) -> 
 /// 1. agents with only a join token find the server by its beacon (while forged server beacons
 ///    point elsewhere) and become ready; their beacons count as good;
 /// 2. jobs pinned to each node (and one by label) run there;
-/// 3. a job's log on a2 is followed from the server's host, live, then read whole;
+/// 3. a job's log on a2 is followed from the server's host, live, straight from a2's own log
+///    endpoint (not relayed over its connection), then read whole;
 /// 4. forged, unsigned, replayed, stale and garbage beacons from an agent's host are ignored
 ///    and counted;
 /// 5. an agent killed with SIGKILL under a running job: its node goes down, then lost; its job
 ///    fails with `node lost`, its tree aborts (a running sibling is aborted, a waiting job never
 ///    starts); restarted, the node is ready again and the orphaned job's process is ended;
 /// 6. an agent stopped and restarted (same data dir, no token) keeps its running job, which
-///    succeeds at attempt 1, run once.
+///    succeeds at attempt 1, run once;
+/// 7. an agent falls silent with its connection open (its link cut in a namespace, its process
+///    stopped on loopback): its node is down within 3 × the discovery interval (+ 1.5 s of
+///    slack), gets no new job while down, and is ready again when the agent is back; its running
+///    job carries on and succeeds at attempt 1.
 #[test]
 fn a_fleet_of_three_agents_across_hosts() {
     let t_all = Instant::now();
@@ -938,6 +1056,24 @@ fn a_fleet_of_three_agents_across_hosts() {
     }
     for name in AGENTS {
         s.wait_ready(name, Duration::from_secs(20));
+    }
+    // Each agent serves its job logs: on loopback on its host's own address (--listen
+    // 127.0.0.3-5:0), in a namespace on every address of its host (the default).
+    for (i, a) in agents.iter().enumerate() {
+        let pid = a.as_ref().unwrap().child.id();
+        let want = match &topo.agents[i].net.agent_listen {
+            Some(l) => l.parse::<SocketAddr>().unwrap().ip(),
+            None => [0, 0, 0, 0].into(),
+        };
+        let mut got = Vec::new();
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                got = listening(pid);
+                got.len() == 1 && got[0].ip() == want && got[0].port() != 0
+            }),
+            "{} should serve its logs on {want}: it listens on {got:?}",
+            AGENTS[i]
+        );
     }
     stop.store(true, Ordering::Relaxed);
     forger.join().unwrap();
@@ -1006,6 +1142,7 @@ fn a_fleet_of_three_agents_across_hosts() {
         gate.display()
     )}));
     let job = body["jobs"][0]["id"].as_str().unwrap().to_string();
+    let (direct, relayed) = s.log_streams();
     let lines = s.follow_log(&job);
     for l in ["line1", "line2"] {
         let got = next_line_with(&lines, l, Duration::from_secs(20));
@@ -1013,6 +1150,13 @@ fn a_fleet_of_three_agents_across_hosts() {
     }
     // The job cannot end before the gate opens: the lines came live.
     assert_eq!(s.job(&job)["state"], "running");
+    // Straight from a2's own log endpoint, not relayed over its connection.
+    assert_eq!(
+        s.log_streams(),
+        (direct + 1, relayed),
+        "the follow did not come from a2's log endpoint (via endpoint, via connection); server stderr:\n{}",
+        std::fs::read_to_string(s._dir.0.join("server.stderr")).unwrap_or_default()
+    );
     std::fs::write(&gate, b"").unwrap();
     next_line_with(&lines, " out line3", Duration::from_secs(20));
     // The follow ends with the job.
@@ -1026,6 +1170,7 @@ fn a_fleet_of_three_agents_across_hosts() {
         }
     }
     assert!(!rest.iter().any(|l| l.starts_with("ERROR")), "{rest:?}");
+    assert_eq!(s.log_streams(), (direct + 1, relayed), "{}", s.metrics());
     let t = s.wait_tree(&id, Duration::from_secs(20));
     assert_eq!(
         (t["tree_state"].as_str(), t["node"].as_str()),
@@ -1036,7 +1181,7 @@ fn a_fleet_of_three_agents_across_hosts() {
     for l in ["line1", "line2", "line3"] {
         assert!(log.contains(&format!(" out {l}")), "{log}");
     }
-    done("3. a log on a2 was followed live from the server's host");
+    done("3. a log on a2 was followed live from the server's host, from a2's endpoint");
 
     // 4. Forged, unsigned, replayed, stale and garbage beacons from a2's host.
     let key = s.cluster_key();
@@ -1181,6 +1326,92 @@ fn a_fleet_of_three_agents_across_hosts() {
     assert!(wait_until(Duration::from_secs(10), || s.beacons("ok") >= before + 3));
     assert_eq!(s.beacons("replayed"), replayed, "{}", s.metrics());
     done("6. a restarted agent kept its running job");
+
+    // 7. a2 falls silent with its connection left open (its host's link cut; on loopback, its
+    // process stopped): without heartbeats it is down within 3 × the interval, and gets no new
+    // job; back, it is ready again on the same connection, and the job it was running carries
+    // on (the silence is shorter than lost_after).
+    let (gate, marks) = (dir.0.join("silent-gate"), dir.0.join("silent-marks"));
+    let (held_tree, body) = s.create(json!({"name": "held", "node": "a2", "shell": format!(
+        "echo run >> {}; while [ ! -e {} ]; do sleep 0.05; done; echo done",
+        marks.display(),
+        gate.display()
+    )}));
+    let held = body["jobs"][0]["id"].as_str().unwrap().to_string();
+    assert!(
+        wait_until(Duration::from_secs(20), || marks.exists()),
+        "the job on a2 never started: {:#}",
+        s.job(&held)
+    );
+    let a2_log = dir.0.join("a2.stderr");
+    let reconnects = || {
+        std::fs::read_to_string(&a2_log)
+            .unwrap_or_default()
+            .matches("lost the server")
+            .count()
+    };
+    let reconnects_before = reconnects();
+    let mut silence = Silence::start(&topo.agents[1], agents[1].as_ref().unwrap());
+    let cut = Instant::now();
+    s.wait_node("a2", "down", Duration::from_secs(10));
+    let down = cut.elapsed();
+    let bound = INTERVAL * 3 + Duration::from_millis(1500);
+    assert!(
+        down <= bound,
+        "a2 went down {down:?} after it fell silent, want at most {bound:?}"
+    );
+    // Down: a job pinned to it waits.
+    let (later_tree, body) =
+        s.create(json!({"name": "while-down", "node": "a2", "shell": "echo late"}));
+    let later = body["jobs"][0]["id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(400));
+    let j = s.job(&later);
+    assert!(
+        j["state"] != "running" && j["started_at"].is_null() && j["node"].is_null(),
+        "a job went to a node that is down: {j:#}"
+    );
+    assert_eq!(s.node("a2")["state"], "down");
+    assert_eq!(s.job(&held)["state"], "running");
+    let silent = cut.elapsed();
+    assert!(silent < LOST_AFTER, "silent for {silent:?}: too long");
+    silence.end().unwrap();
+    let ready = s.wait_node("a2", "ready", LOST_AFTER);
+    eprintln!(
+        "fleet: a2 silent for {silent:?}: down after {down:?} (at most {bound:?}), ready again {ready:?} after"
+    );
+    // It went down for want of heartbeats, not because its connection broke.
+    assert_eq!(
+        reconnects(),
+        reconnects_before,
+        "a2 lost its connection: {}",
+        std::fs::read_to_string(&a2_log).unwrap_or_default()
+    );
+    // Ready, it gets the waiting job.
+    let t = s.wait_tree(&later_tree, Duration::from_secs(20));
+    assert_eq!(
+        (t["tree_state"].as_str(), t["node"].as_str()),
+        (Some("succeeded"), Some("a2")),
+        "{t:#}"
+    );
+    std::fs::write(&gate, b"").unwrap();
+    let t = s.wait_tree(&held_tree, Duration::from_secs(20));
+    assert_eq!(
+        (
+            t["tree_state"].as_str(),
+            t["node"].as_str(),
+            t["attempt"].as_u64()
+        ),
+        (Some("succeeded"), Some("a2"), Some(1)),
+        "{t:#}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&marks).unwrap(),
+        "run\n",
+        "ran once"
+    );
+    assert!(s.log(&held).contains(" out done"));
+    drop(silence);
+    done("7. a silent node: down, no new jobs; back, ready again, its job carried on");
     eprintln!("fleet on {}: all in {:?}", topo.kind, t_all.elapsed());
     // Drop order: agents, the server, the agents' dir (their jobs), then the namespaces.
     drop(agents);
