@@ -562,7 +562,15 @@ def part_follow(tmp, R, q):
             lat.append((now - printed) * 1000)
         c.close()
         job = s.api.call("GET", f"/api/v1/jobs/{cid}")
+        # Which path the live log took: the agent's own TLS endpoint, or its connection.
+        c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        c.request("GET", "/metrics", headers={"authorization": "Bearer " + s.api.token})
+        metrics = c.getresponse().read().decode()
+        c.close()
+        via = {m.group(1): int(m.group(2)) for m in re.finditer(
+            r'muster_remote_log_streams_total\{via="(\w+)"\} (\d+)', metrics)}
         R["follow"] = {
+            "via": via,
             "lines_expected": lines,
             "lines_live": len(lat),
             "lines_backlog": backlog,
@@ -576,7 +584,7 @@ def part_follow(tmp, R, q):
         }
         log(f"  follow: {len(lat)} live lines from node {job.get('node')}: p50 "
             f"{pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms, max {max(lat):.1f} ms "
-            f"(+{backlog} backlog)")
+            f"(+{backlog} backlog); streams by path {via}")
         R["agent_idle_rss_mb"] = rss_kb(a.pid) / 1024
         R["anomalies"] += s.api.anomalies
     finally:
@@ -842,7 +850,8 @@ def report(cmd, R):
             and len(st) == len(d["stop_ms"]))
     if "follow" in R:
         f = R["follow"]
-        row(f"Log follow, remote agent, {f['lines_live']} lines: p50 / p99 / max ms",
+        row(f"Log follow, remote agent ({'endpoint' if f['via'].get('endpoint') else 'relayed'}), "
+            f"{f['lines_live']} lines: p50 / p99 / max ms",
             f"{f['p50_ms']:.1f} / {f['p99_ms']:.1f} / {f['max_ms']:.1f}", "p99 <= 100 ms",
             f["p99_ms"] <= 100)
     if "b1_3agents" in R:

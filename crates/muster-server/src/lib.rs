@@ -132,7 +132,21 @@ impl App {
         let (manager, handle) =
             Manager::start(store.clone(), mc, metrics.jobs.clone(), alerts.clone())
                 .map_err(|e| format!("job manager: {e}"))?;
-        let ca = tls::ClusterCa::load_or_create(&*store)?;
+        // The store may be coming up with us (cluster mode): wait for it a while.
+        let mut tries = 0;
+        let ca = loop {
+            match tls::ClusterCa::load_or_create(&*store) {
+                Ok(ca) => break ca,
+                Err(e) if tries < 30 => {
+                    if tries == 0 {
+                        eprintln!("muster: waiting for the store to load the cluster CA: {e}");
+                    }
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+                Err(e) => return Err(format!("cannot load the cluster CA from the store: {e}")),
+            }
+        };
         let tls = ca.server_tls()?;
         let perf = if config.perf.enabled {
             Some(perf::PerfLog::start(&config.data_dir).map_err(|e| format!("perf log: {e}"))?)

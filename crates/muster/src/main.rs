@@ -309,11 +309,17 @@ async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
 /// protocol. With no server given or saved, it finds the server by its beacon, signed by the key
 /// the join token carries.
 fn agent_main(a: AgentArgs) -> Result<()> {
-    let mut config = load_config(&a.serve)?;
-    // For an agent, --listen is where it serves its job logs (agent.listen).
-    if let Some(l) = &a.serve.listen {
-        l.parse::<std::net::SocketAddr>()
-            .with_context(|| format!("--listen {l:?} is not an address like 0.0.0.0:7071"))?;
+    // For an agent, --listen is where it serves its job logs (agent.listen), not server.listen;
+    // an empty one: no log endpoint (logs travel over the agent's connection).
+    let mut serve = a.serve.clone();
+    let listen = serve.listen.take();
+    let mut config = load_config(&serve)?;
+    if let Some(l) = &listen {
+        if !l.is_empty() {
+            l.parse::<std::net::SocketAddr>().with_context(|| {
+                format!("--listen {l:?} is not an address like 0.0.0.0:7071 (or \"\" for no log endpoint)")
+            })?;
+        }
         config.agent.listen = l.clone();
     }
     if !a.servers.is_empty() {
