@@ -70,7 +70,7 @@ pub struct App {
     pub leader_url: std::sync::RwLock<Option<String>>,
     /// The cluster CA (shared by the servers through the store) and this server's TLS.
     pub ca: tls::ClusterCa,
-    pub tls: tls::ServerTls,
+    pub tls: Arc<tls::CurrentTls>,
     /// Where connected agents serve their log files (see [`agent::logs`]), by node name.
     pub log_endpoints: Mutex<HashMap<String, LogEndpoint>>,
 }
@@ -147,7 +147,7 @@ impl App {
                 Err(e) => return Err(format!("cannot load the cluster CA from the store: {e}")),
             }
         };
-        let tls = ca.server_tls()?;
+        let tls = Arc::new(tls::CurrentTls::new(ca.server_tls()?));
         let perf = if config.perf.enabled {
             Some(perf::PerfLog::start(&config.data_dir).map_err(|e| format!("perf log: {e}"))?)
         } else {
@@ -206,7 +206,8 @@ pub async fn run(
     let reaper = tokio::spawn(reaper(app.clone()));
     let watch = tokio::spawn(watch_store(app.clone()));
     let lead = tokio::spawn(cluster::lead(app.clone()));
-    let listener = tls::Sniff::new(listener, app.tls.acceptor.clone())?;
+    let listener = tls::Sniff::new(listener, app.tls.clone())?;
+    let renew = tokio::spawn(app.tls.clone().renew_daily(AppCa(app.clone())));
     let router = api::router(app);
     let res = axum::serve(
         listener,
@@ -215,6 +216,7 @@ pub async fn run(
     .with_graceful_shutdown(shutdown)
     .await;
     reaper.abort();
+    renew.abort();
     watch.abort();
     lead.abort();
     res
@@ -290,5 +292,15 @@ pub fn reap_once(app: &App) -> usize {
                 return removed;
             }
         }
+    }
+}
+
+/// The cluster CA of an [`App`], owned.
+struct AppCa(Arc<App>);
+
+impl std::ops::Deref for AppCa {
+    type Target = tls::ClusterCa;
+    fn deref(&self) -> &tls::ClusterCa {
+        &self.0.ca
     }
 }

@@ -3,7 +3,7 @@
 //! - The first server to start makes the cluster CA (ECDSA P-256) and keeps it in the store, so
 //!   every server of a cluster shares it. Join tokens carry the SHA-256 fingerprint of the CA
 //!   certificate: an agent trusts exactly the certificates that chain to it.
-//! - Each server makes a fresh certificate for itself at every start, named [`SERVER_NAME`] and
+//! - Each server makes a fresh certificate for itself at start and daily, named [`SERVER_NAME`] and
 //!   good for both server and client authentication. Agents check that name, not the address
 //!   they dialled: a server may be reached by any address (NAT, beacons, several names).
 //! - Each agent makes its own key pair at every start and sends the public half in its `Hello`;
@@ -218,6 +218,32 @@ pub(crate) fn roots(ca: &CertificateDer<'static>) -> Result<RootCertStore, Strin
     let mut r = RootCertStore::empty();
     r.add(ca.clone()).map_err(err)?;
     Ok(r)
+}
+
+/// A server's current TLS, renewed while it runs (see [`CurrentTls::renew_daily`]).
+pub struct CurrentTls(std::sync::RwLock<Arc<ServerTls>>);
+
+impl CurrentTls {
+    pub fn new(tls: ServerTls) -> CurrentTls {
+        CurrentTls(std::sync::RwLock::new(Arc::new(tls)))
+    }
+
+    pub fn get(&self) -> Arc<ServerTls> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Makes a fresh certificate every day, so a server that runs for years never serves an
+    /// expired one (each is good for a year).
+    pub async fn renew_daily(self: Arc<Self>, ca: impl std::ops::Deref<Target = ClusterCa>) {
+        let day = Duration::from_secs(86_400);
+        loop {
+            tokio::time::sleep(day).await;
+            match ca.server_tls() {
+                Ok(t) => *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(t),
+                Err(e) => eprintln!("muster: cannot renew the server certificate: {e}"),
+            }
+        }
+    }
 }
 
 /// A server's TLS: what it serves agents with, and how it dials their log endpoints.
@@ -479,7 +505,7 @@ pub struct Sniff {
 }
 
 impl Sniff {
-    pub fn new(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> io::Result<Sniff> {
+    pub fn new(listener: TcpListener, tls: Arc<CurrentTls>) -> io::Result<Sniff> {
         let local = listener.local_addr()?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let task = tokio::spawn(async move {
@@ -494,7 +520,7 @@ impl Sniff {
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                let (tx, acceptor) = (tx.clone(), acceptor.clone());
+                let (tx, acceptor) = (tx.clone(), tls.get().acceptor.clone());
                 tokio::spawn(async move {
                     let mut first = [0u8; 1];
                     let peeked =

@@ -443,7 +443,7 @@ async fn endpoint_log(
     let addr = ep.addr.to_string();
     let tls = crate::tls::dial(
         &addr,
-        app.tls.dialer.clone(),
+        app.tls.get().dialer.clone(),
         &crate::tls::node_name(&ep.node_id),
     )
     .await?;
