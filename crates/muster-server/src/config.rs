@@ -137,7 +137,9 @@ pub struct AgentConfig {
     pub slots: u32,
     /// The node's labels (`type`, `rack`, `workspaces`...).
     pub labels: BTreeMap<String, String>,
-    /// An unprivileged user to run jobs as; empty: the agent's own user.
+    /// An unprivileged user to run jobs as (the agent must run as root; supplementary groups are
+    /// dropped, HOME/USER/LOGNAME set, the working directory is the user's home or `/`); empty:
+    /// the agent's own user.
     pub run_as: String,
     /// Where the agent serves its job logs to the servers (TLS under the cluster CA; port 0: any
     /// free port, told to the server over the agent's connection); empty: no endpoint (logs then

@@ -1088,6 +1088,7 @@ impl State {
             retryable: job.retries >= job.attempt && job.want_node.is_none(),
             log_max: self.config.log_max,
             env,
+            run_as: None,
         }
     }
 

@@ -64,6 +64,10 @@ pub struct Assignment {
     pub retryable: bool,
     /// Extra environment (`MUSTER_URL`, a scoped `MUSTER_TOKEN`).
     pub env: BTreeMap<String, String>,
+    /// The user the job runs as: set by the agent from its own `agent.run_as` before it writes
+    /// `spec.json`; whatever a server sends here is replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<String>,
 }
 
 /// What an agent knows of an attempt when it (re)connects.

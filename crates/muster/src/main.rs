@@ -187,6 +187,11 @@ fn serve(a: ServeArgs, embedded_agent: bool) -> Result<()> {
             .or_insert_with(|| "*".into());
         let retention = config.jobs.retention;
         let lost_after = config.nodes.lost_after;
+        let agent_run_as = if embedded_agent {
+            run_as(&config.agent.run_as)?
+        } else {
+            None
+        };
         let agent_name = if config.agent.name.is_empty() {
             hostname()
         } else {
@@ -225,6 +230,7 @@ fn serve(a: ServeArgs, embedded_agent: bool) -> Result<()> {
                 retention,
                 lost_after,
                 log_endpoint: None,
+                run_as: agent_run_as,
             };
             let mut rx = stop_rx.clone();
             let link = app.local_link();
@@ -314,6 +320,7 @@ fn agent_main(a: AgentArgs) -> Result<()> {
     let mut serve = a.serve.clone();
     let listen = serve.listen.take();
     let mut config = load_config(&serve)?;
+    let job_user = run_as(&config.agent.run_as)?;
     if let Some(l) = &listen {
         if !l.is_empty() {
             l.parse::<std::net::SocketAddr>().with_context(|| {
@@ -421,6 +428,7 @@ fn agent_main(a: AgentArgs) -> Result<()> {
         Some((config.agent.listen.parse()?, fingerprint))
     };
     let opts = AgentOptions {
+        run_as: job_user,
         log_endpoint,
         dir,
         name,
@@ -464,6 +472,15 @@ fn agent_main(a: AgentArgs) -> Result<()> {
         }
         res
     })
+}
+
+/// `agent.run_as`, checked: `None` when empty.
+fn run_as(name: &str) -> Result<Option<String>> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    agent::supervisor::check_run_as(name).map_err(anyhow::Error::msg)?;
+    Ok(Some(name.to_string()))
 }
 
 /// Waits for a fresh beacon signed by the server's key (from the join token); its URL.

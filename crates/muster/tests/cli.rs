@@ -829,3 +829,47 @@ fn perf_summary_of_a_data_dir() {
     // No data dir named: ./muster-data, which has no runs here.
     perf(&["perf", "summary"], &[]).fails_with("no perf runs");
 }
+
+#[test]
+fn a_bad_agent_run_as_stops_the_agent_and_up_at_once() {
+    let dir = TempDir::new("run-as");
+    for args in [
+        vec![
+            "agent",
+            "--server",
+            "http://127.0.0.1:9",
+            "--join-token",
+            "mjt_00",
+        ],
+        vec!["up", "--listen", "127.0.0.1:0"],
+    ] {
+        let out = Command::new(BIN)
+            .args(&args)
+            .arg("--data-dir")
+            .arg(dir.0.join(args[0]))
+            .env("MUSTER_AGENT__RUN_AS", "no-such-user-here")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("there is no user \"no-such-user-here\""),
+            "{args:?}: {err}"
+        );
+    }
+    // Root is not an unprivileged user.
+    let out = Command::new(BIN)
+        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.0.join("root"))
+        .env("MUSTER_AGENT__RUN_AS", "root")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is root; name an unprivileged user"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

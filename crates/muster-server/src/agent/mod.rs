@@ -55,6 +55,8 @@ pub struct AgentOptions {
     /// Where to serve job logs to the servers ([`logs`]), with the fingerprint of the cluster CA
     /// the agent joined under; `None`: no endpoint (the embedded agent).
     pub log_endpoint: Option<(std::net::SocketAddr, [u8; 32])>,
+    /// An unprivileged user every job runs as (`agent.run_as`; the agent runs as root then).
+    pub run_as: Option<String>,
 }
 
 enum Internal {
@@ -447,7 +449,8 @@ impl Agent {
         }
     }
 
-    fn assign(&mut self, a: Assignment, pending: &mut Vec<Report>) {
+    fn assign(&mut self, mut a: Assignment, pending: &mut Vec<Report>) {
+        a.run_as = self.opts.run_as.clone();
         let key = (a.job, a.attempt);
         if self.running.contains_key(&key) {
             return;

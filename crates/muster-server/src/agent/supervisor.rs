@@ -241,6 +241,22 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
         }
         Run::Noop | Run::Group => return exit_now(dir, Some(0), None),
     };
+    if let Some(name) = &spec.run_as {
+        let user = match user(name) {
+            Ok(u) => u,
+            Err(e) => {
+                log.line("sys", &e);
+                return exit_now(dir, None, Some(e));
+            }
+        };
+        // std drops the supplementary groups too when root changes the uid.
+        cmd.uid(user.uid).gid(user.gid);
+        let home = Path::new(&user.home);
+        cmd.current_dir(if home.is_dir() { home } else { Path::new("/") });
+        cmd.env("HOME", &user.home)
+            .env("USER", name)
+            .env("LOGNAME", name);
+    }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -394,4 +410,63 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
         at: now(),
     };
     write_durable(&dir.join("exit.json"), &serde_json::to_vec(&report)?)
+}
+
+/// A user jobs may run as (`agent.run_as`).
+#[derive(Debug)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+}
+
+/// Looks up `name` in the user database; an error says why it cannot run jobs.
+pub fn user(name: &str) -> Result<User, String> {
+    let c_name = std::ffi::CString::new(name)
+        .map_err(|_| format!("agent.run_as = {name:?} is not a user name"))?;
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r with a zeroed passwd, a buffer we own and its true length.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            c_name.as_ptr(),
+            &mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        return Err(format!(
+            "agent.run_as: there is no user {name:?} on this node (make one, e.g. useradd --system {name})"
+        ));
+    }
+    if pw.pw_uid == 0 {
+        return Err(format!(
+            "agent.run_as: {name:?} is root; name an unprivileged user"
+        ));
+    }
+    // SAFETY: pw_dir points into `buf`, a NUL-terminated string set by getpwnam_r.
+    let home = unsafe { std::ffi::CStr::from_ptr(pw.pw_dir) }
+        .to_string_lossy()
+        .into_owned();
+    Ok(User {
+        uid: pw.pw_uid,
+        gid: pw.pw_gid,
+        home,
+    })
+}
+
+/// Checks at agent start that jobs can run as `name`: the user exists, is not root, and the
+/// agent runs as root (only root may change to another user).
+pub fn check_run_as(name: &str) -> Result<(), String> {
+    user(name)?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(format!(
+            "agent.run_as = {name:?} needs the agent to run as root (it changes to that user for each job)"
+        ));
+    }
+    Ok(())
 }

@@ -117,6 +117,7 @@ impl Server {
                 retention: config.jobs.retention,
                 lost_after: config.nodes.lost_after,
                 log_endpoint: None,
+                run_as: (!config.agent.run_as.is_empty()).then(|| config.agent.run_as.clone()),
             };
             let mut rx = stop_rx.clone();
             if embedded_agent {

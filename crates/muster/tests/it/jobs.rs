@@ -288,3 +288,70 @@ fn slots_bound_parallelism_and_unplaceable_jobs_fail_at_once() {
     );
     assert!(max_overlap >= 2, "siblings ran in parallel");
 }
+
+/// A system user for `agent.run_as`, made when missing; `None` (with a note) where this process
+/// is not root and so cannot make it or switch to it — except under CI, which runs as root.
+fn job_user() -> Option<&'static str> {
+    const NAME: &str = "muster-job";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI runs the tests as root, which agent.run_as needs"
+        );
+        eprintln!("SKIPPED: agent.run_as needs root");
+        return None;
+    }
+    let have = std::process::Command::new("id")
+        .arg("-u")
+        .arg(NAME)
+        .output()
+        .unwrap();
+    if !have.status.success() {
+        let made = std::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                NAME,
+            ])
+            .output()
+            .unwrap();
+        // Another test process may have made it meanwhile.
+        assert!(
+            made.status.success() || String::from_utf8_lossy(&made.stderr).contains("exists"),
+            "useradd: {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+    }
+    Some(NAME)
+}
+
+#[test]
+fn agent_run_as_runs_jobs_as_that_unprivileged_user() {
+    let Some(user) = job_user() else { return };
+    let s = Server::start_with(|c| c.agent.run_as = user.into());
+    let (id, body) = s.create(json!({
+        "name": "who", "shell": "echo user=$(id -un) uid=$(id -u) groups=$(id -G) home=$HOME cwd=$(pwd); touch /root/muster-run-as-probe 2>/dev/null && echo wrote-root || echo cannot-write-root"
+    }));
+    let t = s.wait_tree(&id, Duration::from_secs(20));
+    assert_eq!(t["state"], "succeeded", "{t:#}");
+    let log = s.log(body["jobs"][0]["id"].as_str().unwrap());
+    assert!(log.contains(&format!("user={user} ")), "{log}");
+    assert!(!log.contains("uid=0 "), "{log}");
+    let groups = log
+        .split("groups=")
+        .nth(1)
+        .unwrap()
+        .split(" home=")
+        .next()
+        .unwrap();
+    assert!(
+        groups.split_whitespace().all(|g| g != "0"),
+        "root's group is dropped: {log}"
+    );
+    assert!(log.contains("cannot-write-root"), "{log}");
+    assert!(!std::path::Path::new("/root/muster-run-as-probe").exists());
+}
