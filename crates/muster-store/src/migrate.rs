@@ -3,8 +3,9 @@
 
 use crate::{Change, Created, Store, StoreError, TreeFilter};
 
-/// The kinds of documents muster keeps (see the accounts and nodes modules of the server).
-pub const DOC_KINDS: &[&str] = &["workspace", "member", "join_token", "node_cred"];
+/// The kinds of documents muster keeps (see the accounts, nodes and tls modules of the server;
+/// `cluster` holds the cluster CA, which agents pin).
+pub const DOC_KINDS: &[&str] = &["workspace", "member", "join_token", "node_cred", "cluster"];
 /// The meta keys muster keeps.
 pub const META_KEYS: &[&str] = &["cluster_name", "setup_code_hash"];
 

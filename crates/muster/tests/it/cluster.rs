@@ -151,6 +151,13 @@ fn store_migrate_moves_a_sqlite_install_to_redis() {
         }
         src.set_meta("cluster_name", Some("prod")).unwrap();
     }
+    // The cluster CA that agents pin moves too.
+    let ca = {
+        let src = muster_store::open(&db).unwrap();
+        muster_server::tls::ClusterCa::load_or_create(&*src)
+            .unwrap()
+            .fingerprint_hex()
+    };
     let out = Command::new(env!("CARGO_BIN_EXE_muster"))
         .args(["store", "migrate", "--from", &db, "--to", &redis.url()])
         .output()
@@ -169,6 +176,12 @@ fn store_migrate_moves_a_sqlite_install_to_redis() {
     };
     assert_eq!(dst.list_trees(&filter, None, 100).unwrap().len(), 10);
     assert_eq!(dst.meta("cluster_name").unwrap().as_deref(), Some("prod"));
+    assert_eq!(
+        muster_server::tls::ClusterCa::load_or_create(&*dst)
+            .unwrap()
+            .fingerprint_hex(),
+        ca
+    );
     // Running it again changes nothing.
     let again = Command::new(env!("CARGO_BIN_EXE_muster"))
         .args(["store", "migrate", "--from", &db, "--to", &redis.url()])
