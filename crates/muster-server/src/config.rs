@@ -54,6 +54,12 @@ pub struct ServerConfig {
     /// The leader lease's lifetime: a dead leader is replaced after at most this long.
     #[serde(with = "dur")]
     pub lease_ttl: Duration,
+    /// A certificate chain (PEM) for browsers and the CLI on `https://`, with `tls_key`; read
+    /// again every day, so renewed files take effect. Empty: TLS clients get the cluster's own
+    /// certificate (agents always do: they ask for `server.muster`).
+    pub tls_cert: String,
+    /// The private key (PEM, PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
+    pub tls_key: String,
 }
 
 /// `[store]`
@@ -259,6 +265,8 @@ impl Default for ServerConfig {
             advertise_url: String::new(),
             trusted_proxies: Vec::new(),
             lease_ttl: Duration::from_secs(6),
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -330,6 +338,11 @@ impl Config {
                 "agent.listen = {:?} is not an address like 0.0.0.0:7071 (or empty for no log endpoint)",
                 self.agent.listen
             ));
+        }
+        if self.server.tls_cert.is_empty() != self.server.tls_key.is_empty() {
+            return Err(
+                "server.tls_cert and server.tls_key go together: set both or neither".into(),
+            );
         }
         if self.jobs.log_max < 1024 {
             return Err("jobs.log_max must be at least 1024 bytes".into());

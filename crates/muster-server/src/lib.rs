@@ -147,7 +147,15 @@ impl App {
                 Err(e) => return Err(format!("cannot load the cluster CA from the store: {e}")),
             }
         };
-        let tls = Arc::new(tls::CurrentTls::new(ca.server_tls()?));
+        let public = if config.server.tls_cert.is_empty() {
+            None
+        } else {
+            Some(tls::load_public(
+                &config.server.tls_cert,
+                &config.server.tls_key,
+            )?)
+        };
+        let tls = Arc::new(tls::CurrentTls::new(ca.server_tls(public)?));
         let perf = if config.perf.enabled {
             Some(perf::PerfLog::start(&config.data_dir).map_err(|e| format!("perf log: {e}"))?)
         } else {
@@ -207,7 +215,11 @@ pub async fn run(
     let watch = tokio::spawn(watch_store(app.clone()));
     let lead = tokio::spawn(cluster::lead(app.clone()));
     let listener = tls::Sniff::new(listener, app.tls.clone())?;
-    let renew = tokio::spawn(app.tls.clone().renew_daily(AppCa(app.clone())));
+    let files = (
+        app.config.server.tls_cert.clone(),
+        app.config.server.tls_key.clone(),
+    );
+    let renew = tokio::spawn(app.tls.clone().renew_daily(AppCa(app.clone()), files));
     let router = api::router(app);
     let res = axum::serve(
         listener,

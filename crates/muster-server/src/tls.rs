@@ -17,6 +17,7 @@ use muster_store::Store;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use sha2::{Digest, Sha256};
 use std::io;
@@ -180,8 +181,9 @@ impl ClusterCa {
     }
 
     /// This server's TLS: a fresh certificate (a year) for serving agents and for dialling
-    /// their log endpoints.
-    pub fn server_tls(&self) -> Result<ServerTls, String> {
+    /// their log endpoints; `public` (from `server.tls_cert`) for every TLS client that does not
+    /// ask for [`SERVER_NAME`].
+    pub fn server_tls(&self, public: Option<Arc<CertifiedKey>>) -> Result<ServerTls, String> {
         let key = rcgen::KeyPair::generate().map_err(err)?;
         let leaf = self.issue(
             SERVER_NAME,
@@ -194,12 +196,17 @@ impl ClusterCa {
         )?;
         let chain = vec![leaf, self.cert.clone()];
         let pkcs8 = || PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let server = ServerConfig::builder_with_provider(provider())
+        let signing = provider()
+            .key_provider
+            .load_private_key(pkcs8())
+            .map_err(err)?;
+        let cluster = Arc::new(CertifiedKey::new(chain.clone(), signing));
+        let mut server = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(err)?
             .with_no_client_auth()
-            .with_single_cert(chain.clone(), pkcs8())
-            .map_err(err)?;
+            .with_cert_resolver(Arc::new(ByName { cluster, public }));
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
         let dialer = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(err)?
@@ -220,6 +227,45 @@ pub(crate) fn roots(ca: &CertificateDer<'static>) -> Result<RootCertStore, Strin
     Ok(r)
 }
 
+/// Which certificate a TLS client gets: agents (and servers dialling each other) ask for
+/// [`SERVER_NAME`] and get the cluster's; everyone else gets `server.tls_cert` when there is one.
+#[derive(Debug)]
+struct ByName {
+    cluster: Arc<CertifiedKey>,
+    public: Option<Arc<CertifiedKey>>,
+}
+
+impl rustls::server::ResolvesServerCert for ByName {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        match (&self.public, hello.server_name()) {
+            (Some(p), name) if name != Some(SERVER_NAME) => Some(p.clone()),
+            _ => Some(self.cluster.clone()),
+        }
+    }
+}
+
+/// Reads `server.tls_cert` and `server.tls_key` (PEM).
+pub fn load_public(cert: &str, key: &str) -> Result<Arc<CertifiedKey>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let read = |p: &str| std::fs::read(p).map_err(|e| format!("{p}: {e}"));
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(cert)?)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{cert}: {e:?}"))?;
+    if chain.is_empty() {
+        return Err(format!("{cert}: no certificate in it (PEM expected)"));
+    }
+    let key_der =
+        PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| format!("{key}: {e:?}"))?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key_der)
+        .map_err(|e| format!("{key}: {e}"))?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match()
+        .map_err(|e| format!("{key} is not the key of {cert}: {e}"))?;
+    Ok(Arc::new(ck))
+}
+
 /// A server's current TLS, renewed while it runs (see [`CurrentTls::renew_daily`]).
 pub struct CurrentTls(std::sync::RwLock<Arc<ServerTls>>);
 
@@ -233,12 +279,21 @@ impl CurrentTls {
     }
 
     /// Makes a fresh certificate every day, so a server that runs for years never serves an
-    /// expired one (each is good for a year).
-    pub async fn renew_daily(self: Arc<Self>, ca: impl std::ops::Deref<Target = ClusterCa>) {
+    /// expired one (each is good for a year), and reads `server.tls_cert` again (renewed files).
+    pub async fn renew_daily(
+        self: Arc<Self>,
+        ca: impl std::ops::Deref<Target = ClusterCa>,
+        public: (String, String),
+    ) {
         let day = Duration::from_secs(86_400);
         loop {
             tokio::time::sleep(day).await;
-            match ca.server_tls() {
+            let p = if public.0.is_empty() {
+                Ok(None)
+            } else {
+                load_public(&public.0, &public.1).map(Some)
+            };
+            match p.and_then(|p| ca.server_tls(p)) {
                 Ok(t) => *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(t),
                 Err(e) => eprintln!("muster: cannot renew the server certificate: {e}"),
             }
@@ -601,7 +656,7 @@ mod tests {
         // The same CA comes back.
         let again = ClusterCa::load_or_create(&*store).unwrap();
         assert_eq!(ca.fingerprint_hex(), again.fingerprint_hex());
-        let server = ca.server_tls().unwrap();
+        let server = ca.server_tls(None).unwrap();
         let node_key = rcgen::KeyPair::generate().unwrap();
         let node_cert = ca.sign_node("n1", node_key.public_key_raw()).unwrap();
         let v = PinnedCa {

@@ -643,7 +643,7 @@ fn authed_client(opt: &ServerOpt) -> Result<Client> {
             None => bail!("not logged in: run `muster login --server {base} --username NAME`, or set MUSTER_TOKEN"),
         },
     };
-    Ok(Client::new(base, Some(token)))
+    Client::new(base, Some(token))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -671,7 +671,9 @@ fn seg(s: &str) -> String {
 }
 
 impl Client {
-    fn new(base: String, token: Option<String>) -> Client {
+    /// A client of `base`; `https://` servers are checked against Mozilla's roots, or only
+    /// against the certificates in the PEM file `MUSTER_CA_FILE` (a private CA).
+    fn new(base: String, token: Option<String>) -> Result<Client> {
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
@@ -687,8 +689,28 @@ impl Client {
         if host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]") {
             config = config.proxy(None);
         }
+        if let Some(path) = std::env::var_os("MUSTER_CA_FILE").filter(|p| !p.is_empty()) {
+            let shown = PathBuf::from(&path).display().to_string();
+            let pem = std::fs::read(&path).with_context(|| format!("MUSTER_CA_FILE {shown}"))?;
+            let mut roots = Vec::new();
+            for item in ureq::tls::parse_pem(&pem) {
+                if let ureq::tls::PemItem::Certificate(c) =
+                    item.with_context(|| format!("MUSTER_CA_FILE {shown} is not PEM"))?
+                {
+                    roots.push(c);
+                }
+            }
+            if roots.is_empty() {
+                bail!("MUSTER_CA_FILE {shown} holds no certificate");
+            }
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+                    .build(),
+            );
+        }
         let agent: ureq::Agent = config.build().into();
-        Client { base, token, agent }
+        Ok(Client { base, token, agent })
     }
 
     fn url(&self, path: &str) -> String {
@@ -914,7 +936,7 @@ fn setup(a: SetupArgs) -> Result<()> {
     let password = read_password(a.password_stdin)?;
     let saved = load_credentials().ok().flatten();
     let base = resolve_server(&a.server, saved.as_ref());
-    let client = Client::new(base.clone(), None);
+    let client = Client::new(base.clone(), None)?;
     let mut body = json!({"setup_code": code, "username": a.username, "password": password});
     if let Some(c) = &a.cluster_name {
         body["cluster_name"] = json!(c);
@@ -941,7 +963,7 @@ fn login(a: LoginArgs) -> Result<()> {
     let password = read_password(a.password_stdin)?;
     let saved = load_credentials().ok().flatten();
     let base = resolve_server(&a.server, saved.as_ref());
-    let client = Client::new(base.clone(), None);
+    let client = Client::new(base.clone(), None)?;
     let (_, v) = client.post_json(
         "/api/v1/login",
         &json!({"username": a.username, "password": password}),
@@ -1540,7 +1562,7 @@ fn logout(a: LogoutArgs) -> Result<()> {
             );
         }
     }
-    let client = Client::new(base.clone(), Some(saved.token.clone()));
+    let client = Client::new(base.clone(), Some(saved.token.clone()))?;
     let revoked = match client.post("/api/v1/logout", &json!({}), &[]) {
         // 401: the token had already expired or been revoked; nothing left to revoke.
         Ok(resp) if resp.status().is_success() || resp.status().as_u16() == 401 => Ok(()),

@@ -873,3 +873,29 @@ fn a_bad_agent_run_as_stops_the_agent_and_up_at_once() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn bad_tls_files_stop_the_server_at_once_with_their_names() {
+    let dir = TempDir::new("tls-files");
+    let missing = dir.0.join("missing.pem").display().to_string();
+    for (cert, key, want) in [
+        (
+            missing.as_str(),
+            "",
+            "server.tls_cert and server.tls_key go together",
+        ),
+        (missing.as_str(), missing.as_str(), missing.as_str()),
+    ] {
+        let out = Command::new(BIN)
+            .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.0.join("data"))
+            .env("MUSTER_SERVER__TLS_CERT", cert)
+            .env("MUSTER_SERVER__TLS_KEY", key)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{err}");
+    }
+}

@@ -243,7 +243,7 @@ mod tests {
             .await
             .unwrap();
         let addr = server.addr;
-        let dialer = ca.server_tls().unwrap().dialer;
+        let dialer = ca.server_tls(None).unwrap().dialer;
         // Not certified yet: nothing is served.
         assert!(read_log(addr, dialer.clone(), "n1", job).await.is_err());
         let offer = server.offer();

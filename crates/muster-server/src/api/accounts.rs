@@ -83,6 +83,42 @@ impl FromRequestParts<Arc<App>> for ClientAddr {
     }
 }
 
+/// Whether the client reached us over TLS: directly, or through a trusted proxy that says
+/// `X-Forwarded-Proto: https`. Session cookies get `Secure` then.
+pub struct Secure(pub bool);
+
+impl FromRequestParts<Arc<App>> for Secure {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(peer) = parts
+            .extensions
+            .get::<ConnectInfo<crate::tls::Peer>>()
+            .map(|c| c.0)
+        else {
+            return Ok(Secure(false));
+        };
+        if peer.tls {
+            return Ok(Secure(true));
+        }
+        let proxy = app
+            .config
+            .server
+            .trusted_proxies
+            .iter()
+            .any(|p| p.parse::<IpAddr>().ok() == Some(peer.addr.ip()));
+        let https = parts
+            .headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"));
+        Ok(Secure(proxy && https))
+    }
+}
+
 /// Login failures per user and per client address, for growing delays (not a lockout): after
 /// the n-th failure in a row, the next attempt must wait 2^(n-1) × `auth.login_delay` (default
 /// 250 ms), at most 30 s; earlier attempts get 429 with `Retry-After`. A success clears both
@@ -297,6 +333,7 @@ struct LoginBody {
 async fn login(
     State(app): AppState,
     ClientAddr(addr): ClientAddr,
+    Secure(secure): Secure,
     JsonBody(b): JsonBody<LoginBody>,
 ) -> ApiResult<Response> {
     let keys = vec![
@@ -363,17 +400,20 @@ async fn login(
     .await?;
     let csrf = csrf_token(&text);
     let max_age = app.config.auth.session_ttl.as_secs();
+    let secure = if secure { "; Secure" } else { "" };
     let mut resp = axum::Json(json!({"token": text, "csrf_token": csrf})).into_response();
     let h = resp.headers_mut();
     h.append(
         header::SET_COOKIE,
-        format!("{SESSION_COOKIE}={text}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}")
-            .parse()
-            .map_err(ApiError::internal)?,
+        format!(
+            "{SESSION_COOKIE}={text}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+        )
+        .parse()
+        .map_err(ApiError::internal)?,
     );
     h.append(
         header::SET_COOKIE,
-        format!("{CSRF_COOKIE}={csrf}; Path=/; SameSite=Strict; Max-Age={max_age}")
+        format!("{CSRF_COOKIE}={csrf}; Path=/; SameSite=Strict; Max-Age={max_age}{secure}")
             .parse()
             .map_err(ApiError::internal)?,
     );

@@ -588,3 +588,104 @@ fn noop_jobs_are_spread_over_the_nodes() {
         on("right")
     );
 }
+
+#[test]
+fn tls_clients_get_the_configured_certificate_and_agents_the_cluster_one() {
+    // A certificate of the operator's own (self-signed here) for browsers and the CLI.
+    let files = TempDir::new("tls");
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = files.0.join("cert.pem");
+    let key = files.0.join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    let s = Server::start_with(move |cfg| {
+        fast_nodes(cfg);
+        cfg.server.tls_cert = c;
+        cfg.server.tls_key = k;
+    });
+    let https = s.url.replace("http://", "https://");
+    let trusting = |roots: Option<&str>| -> ureq::Agent {
+        let mut b = ureq::Agent::config_builder().http_status_as_error(false);
+        if let Some(pem) = roots {
+            let c = ureq::tls::Certificate::from_pem(pem.as_bytes()).unwrap();
+            b = b.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&[c]))
+                    .build(),
+            );
+        }
+        b.build().into()
+    };
+    let pem = ck.cert.pem();
+    let ok = trusting(Some(&pem))
+        .get(&format!("{https}/healthz"))
+        .call()
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    // It is that certificate: with only the public roots it is not trusted.
+    let err = trusting(None)
+        .get(&format!("{https}/healthz"))
+        .call()
+        .unwrap_err();
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    // A login over TLS gets Secure cookies; over plain HTTP it does not.
+    let login = |agent: ureq::Agent, base: &str| -> Vec<String> {
+        let resp = agent
+            .post(&format!("{base}/api/v1/login"))
+            .header("content-type", "application/json")
+            .send(json!({"username": "admin", "password": "correct horse battery"}).to_string())
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        resp.headers()
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    };
+    let secure = login(trusting(Some(&pem)), &https);
+    assert!(
+        secure.len() == 2 && secure.iter().all(|c| c.ends_with("; Secure")),
+        "{secure:?}"
+    );
+    let plain = login(http(), &s.url);
+    assert!(
+        plain.len() == 2 && plain.iter().all(|c| !c.contains("Secure")),
+        "{plain:?}"
+    );
+    // Agents ask for the cluster's name and get the cluster certificate: they still join.
+    let _a = Agent::join(&s, "tls-node", &[]);
+    wait_node(&s, "tls-node", "ready", Duration::from_secs(10));
+    // The CLI on https://, trusting the operator's certificate through MUSTER_CA_FILE.
+    let cli = |ca: Option<&std::path::Path>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_muster"));
+        c.args(["nodes", "ls", "--json"])
+            .env("MUSTER_URL", &https)
+            .env("MUSTER_TOKEN", &s.token)
+            .env("HOME", &files.0)
+            .env_remove("MUSTER_CA_FILE");
+        if let Some(p) = ca {
+            c.env("MUSTER_CA_FILE", p);
+        }
+        c.output().unwrap()
+    };
+    let out = cli(Some(&cert));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tls-node"));
+    let out = cli(None);
+    assert!(!out.status.success());
+    let out = cli(Some(&key));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("holds no certificate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
