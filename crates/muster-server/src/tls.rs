@@ -428,19 +428,21 @@ pub fn host_port(url: &str) -> Result<String, String> {
     })
 }
 
-/// Dials `addr` and speaks TLS with `config`, expecting a certificate named `name`.
+/// Dials `addr` and speaks TLS with `config`, expecting a certificate named `name`; the
+/// connection and the handshake each get `within`.
 pub async fn dial(
     addr: &str,
     config: Arc<ClientConfig>,
     name: &str,
+    within: Duration,
 ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+    let tcp = tokio::time::timeout(within, TcpStream::connect(addr))
         .await
         .map_err(|_| io::Error::other("timed out connecting"))??;
     tcp.set_nodelay(true)?;
     let name = ServerName::try_from(name.to_string()).map_err(io::Error::other)?;
     tokio::time::timeout(
-        Duration::from_secs(10),
+        within,
         tokio_rustls::TlsConnector::from(config).connect(name, tcp),
     )
     .await
@@ -457,7 +459,13 @@ pub async fn request(
 ) -> io::Result<(u16, Vec<u8>)> {
     use http_body_util::BodyExt;
     let addr = host_port(url).map_err(io::Error::other)?;
-    let tls = dial(&addr, PinnedCa::client_config(fingerprint), SERVER_NAME).await?;
+    let tls = dial(
+        &addr,
+        PinnedCa::client_config(fingerprint),
+        SERVER_NAME,
+        Duration::from_secs(10),
+    )
+    .await?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
             .await

@@ -210,9 +210,14 @@ mod tests {
         node: &str,
         job: Uuid,
     ) -> Result<String, String> {
-        let tls = dial(&addr.to_string(), client, &node_name(node))
-            .await
-            .map_err(|e| e.to_string())?;
+        let tls = dial(
+            &addr.to_string(),
+            client,
+            &node_name(node),
+            std::time::Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         let url = format!("wss://{addr}/logs/{job}/1?follow=false");
         let (mut ws, _) = tokio_tungstenite::client_async(url, tls)
             .await

@@ -842,7 +842,8 @@ pub async fn ws_connect(
             .parse()
             .map_err(std::io::Error::other)?,
     );
-    let stream = crate::tls::dial(&addr, tls, crate::tls::SERVER_NAME).await?;
+    let stream =
+        crate::tls::dial(&addr, tls, crate::tls::SERVER_NAME, Duration::from_secs(10)).await?;
     let (mut ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_tungstenite::client_async(req, stream),

@@ -397,13 +397,22 @@ async fn open_log(app: &Arc<App>, caller: &Caller, id: &str, q: &LogQuery) -> Ap
     if let Some(ep) = endpoint {
         match endpoint_log(app, &ep, job.id, attempt, q.follow).await {
             Ok(live) => {
-                app.metrics.log_streams_direct.fetch_add(1, Ordering::Relaxed);
+                app.metrics
+                    .log_streams_direct
+                    .fetch_add(1, Ordering::Relaxed);
                 return Ok(LogSource::Live(live));
             }
-            Err(e) => eprintln!(
-                "muster: cannot reach the log endpoint of node {node:?} at {}: {e}; relaying over its connection",
-                ep.addr
-            ),
+            Err(e) => {
+                eprintln!(
+                    "muster: cannot reach the log endpoint of node {node:?} at {}: {e}; relaying over its connection until it connects again",
+                    ep.addr
+                );
+                // Not tried again for this connection of the agent: its next Hello offers it anew.
+                let mut eps = app.log_endpoints.lock().unwrap_or_else(|e| e.into_inner());
+                if eps.get(&node).is_some_and(|e| e.session == ep.session) {
+                    eps.remove(&node);
+                }
+            }
         }
     }
     app.metrics
@@ -445,6 +454,9 @@ async fn endpoint_log(
         &addr,
         app.tls.get().dialer.clone(),
         &crate::tls::node_name(&ep.node_id),
+        // Short: a firewalled endpoint must not hold up the follower long (the connection path
+        // takes over).
+        std::time::Duration::from_secs(3),
     )
     .await?;
     let url = format!("wss://{addr}/logs/{job}/{attempt}?follow={follow}");
