@@ -1004,7 +1004,11 @@ fn next_line_with(rx: &mpsc::Receiver<String>, what: &str, within: Duration) -> 
 /// 7. an agent falls silent with its connection open (its link cut in a namespace, its process
 ///    stopped on loopback): its node is down within 3 × the discovery interval (+ 1.5 s of
 ///    slack), gets no new job while down, and is ready again when the agent is back; its running
-///    job carries on and succeeds at attempt 1.
+///    job carries on and succeeds at attempt 1;
+/// 8. (namespaces only) a1 restarted with `--listen 127.0.0.1:0` offers an endpoint the server
+///    cannot reach (its own loopback): a follow of a job on a1 is relayed over a1's connection,
+///    live, and ends with the job; the endpoint is forgotten, so a second follow is relayed at
+///    once, with no new dial.
 #[test]
 fn a_fleet_of_three_agents_across_hosts() {
     let t_all = Instant::now();
@@ -1412,6 +1416,116 @@ fn a_fleet_of_three_agents_across_hosts() {
     assert!(s.log(&held).contains(" out done"));
     drop(silence);
     done("7. a silent node: down, no new jobs; back, ready again, its job carried on");
+
+    // 8. A log endpoint the server cannot reach (namespaces only): a1 restarted with `--listen
+    // 127.0.0.1:0` advertises 127.0.0.1:PORT, which from the server's host is the server's own
+    // loopback, where nothing listens. A follow of a job on a1 is relayed over a1's connection,
+    // live; the endpoint is then forgotten, so a second follow goes over the connection at once,
+    // with no dial at all.
+    if topo.agents[0].net.netns.is_none() {
+        eprintln!(
+            "fleet: 8. skipped on loopback: every address is reachable there, so the relay over an agent's connection cannot be provoked"
+        );
+    } else {
+        let mut net = topo.agents[0].net.clone();
+        net.agent_listen = Some("127.0.0.1:0".into());
+        drop(agents[0].take()); // SIGTERM, waited for
+        agents[0] = Some(start_agent(&net, "a1", None, &["zone=z1"], &dir));
+        let pid = agents[0].as_ref().unwrap().child.id();
+        let mut got = Vec::new();
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                got = listening(pid);
+                got.len() == 1 && got[0].ip().is_loopback() && got[0].port() != 0
+            }),
+            "a1 should serve its logs on 127.0.0.1 only: it listens on {got:?}"
+        );
+        s.wait_ready("a1", Duration::from_secs(20));
+        let srv_log = s._dir.0.join("server.stderr");
+        let srv_stderr = || std::fs::read_to_string(&srv_log).unwrap_or_default();
+        let dials_failed = || {
+            srv_stderr()
+                .matches("cannot reach the log endpoint of node \"a1\" at 127.0.0.1:")
+                .count()
+        };
+        let failed_before = dials_failed();
+        for follow in 1..=2 {
+            let tag = format!("unreachable{follow}");
+            let [mark, gate1, gate2] =
+                ["mark", "gate1", "gate2"].map(|g| dir.0.join(format!("{tag}-{g}")));
+            let wait = |g: &Path| format!("while [ ! -e {} ]; do sleep 0.05; done", g.display());
+            let (id, body) = s.create(json!({"name": tag, "node": "a1", "shell": format!(
+                "touch {}; {}; echo {tag}-1; {}; echo {tag}-2",
+                mark.display(),
+                wait(&gate1),
+                wait(&gate2)
+            )}));
+            let job = body["jobs"][0]["id"].as_str().unwrap().to_string();
+            // Running on a1: its connection (and the endpoint it offered) is the new one.
+            assert!(
+                wait_until(Duration::from_secs(20), || mark.exists()),
+                "{tag} never started: {:#}",
+                s.job(&job)
+            );
+            let (direct, relayed) = s.log_streams();
+            let t0 = Instant::now();
+            let lines = s.follow_log(&job);
+            std::fs::write(&gate1, b"").unwrap();
+            let got = next_line_with(&lines, &format!(" out {tag}-1"), Duration::from_secs(20));
+            let first = t0.elapsed();
+            assert!(got.ends_with(&format!(" out {tag}-1")), "{got}");
+            // The job cannot end before gate2 opens: the line came live.
+            assert_eq!(s.job(&job)["state"], "running");
+            assert_eq!(
+                s.log_streams(),
+                (direct, relayed + 1),
+                "follow {follow} on a1 was not relayed over its connection (via endpoint, via connection); server stderr:\n{}",
+                srv_stderr()
+            );
+            // The server tried the endpoint once, for the first follow, failed and said so; the
+            // second follow made no dial.
+            assert_eq!(
+                dials_failed(),
+                failed_before + 1,
+                "after follow {follow}: server stderr:\n{}",
+                srv_stderr()
+            );
+            if follow == 2 {
+                // No dial's delay either.
+                assert!(
+                    first < Duration::from_secs(2),
+                    "the second follow's first line came {first:?} after the follow began"
+                );
+            }
+            std::fs::write(&gate2, b"").unwrap();
+            next_line_with(&lines, &format!(" out {tag}-2"), Duration::from_secs(20));
+            // The follow ends with the job.
+            let end = Instant::now() + Duration::from_secs(20);
+            let mut rest = Vec::new();
+            loop {
+                match lines.recv_timeout(end.saturating_duration_since(Instant::now())) {
+                    Ok(l) => rest.push(l),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    Err(e) => panic!("follow {follow} did not end with the job ({e}): {rest:?}"),
+                }
+            }
+            assert!(!rest.iter().any(|l| l.starts_with("ERROR")), "{rest:?}");
+            let t = s.wait_tree(&id, Duration::from_secs(20));
+            assert_eq!(
+                (t["tree_state"].as_str(), t["node"].as_str()),
+                (Some("succeeded"), Some("a1")),
+                "{t:#}"
+            );
+            assert_eq!(s.log_streams(), (direct, relayed + 1), "{}", s.metrics());
+            let log = s.log(&job);
+            assert!(
+                log.contains(&format!(" out {tag}-1")) && log.contains(&format!(" out {tag}-2")),
+                "{log}"
+            );
+            eprintln!("fleet: follow {follow} of a job on a1 via its connection: first line {first:?} after the follow began");
+        }
+        done("8. an unreachable log endpoint: follows relayed live over the agent's connection, the endpoint forgotten");
+    }
     eprintln!("fleet on {}: all in {:?}", topo.kind, t_all.elapsed());
     // Drop order: agents, the server, the agents' dir (their jobs), then the namespaces.
     drop(agents);
