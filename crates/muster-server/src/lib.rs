@@ -82,6 +82,27 @@ pub struct LogEndpoint {
     pub addr: std::net::SocketAddr,
     /// The connection that told it.
     pub session: u64,
+    /// Dials that failed in a row, and until when the connection path is used instead.
+    pub failures: u32,
+    pub retry_at: Option<std::time::Instant>,
+}
+
+impl LogEndpoint {
+    /// Notes a failed dial: the endpoint rests 30 s, doubling with each failure in a row up to an
+    /// hour, so a firewalled endpoint does not delay every follow while a one-off failure (the
+    /// agent restarting, say) does not give the direct path up for good.
+    pub fn failed(&mut self, now: std::time::Instant) {
+        self.failures = self.failures.saturating_add(1);
+        let rest = 30u64
+            .saturating_mul(1 << (self.failures - 1).min(7))
+            .min(3600);
+        self.retry_at = Some(now + std::time::Duration::from_secs(rest));
+    }
+
+    /// Whether a follow should dial it now.
+    pub fn usable(&self, now: std::time::Instant) -> bool {
+        self.retry_at.is_none_or(|t| now >= t)
+    }
 }
 
 impl App {
@@ -314,5 +335,34 @@ impl std::ops::Deref for AppCa {
     type Target = tls::ClusterCa;
     fn deref(&self) -> &tls::ClusterCa {
         &self.0.ca
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogEndpoint;
+    use std::time::Instant;
+
+    #[test]
+    fn an_unreachable_log_endpoint_rests_longer_each_time_and_is_tried_again() {
+        let mut ep = LogEndpoint {
+            node_id: "n1".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            session: 1,
+            failures: 0,
+            retry_at: None,
+        };
+        let t0 = Instant::now();
+        assert!(ep.usable(t0));
+        let mut rests = Vec::new();
+        for _ in 0..10 {
+            ep.failed(t0);
+            assert!(!ep.usable(t0));
+            let rest = ep.retry_at.unwrap() - t0;
+            assert!(ep.usable(t0 + rest));
+            rests.push(rest.as_secs());
+        }
+        assert_eq!(rests, [30, 60, 120, 240, 480, 960, 1920, 3600, 3600, 3600]);
+        assert_eq!(ep.failures, 10);
     }
 }

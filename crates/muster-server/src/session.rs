@@ -169,6 +169,8 @@ fn offer_logs(
                 node_id: node.id.clone(),
                 addr,
                 session,
+                failures: 0,
+                retry_at: None,
             },
         );
 }

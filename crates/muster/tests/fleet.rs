@@ -1007,7 +1007,7 @@ fn next_line_with(rx: &mpsc::Receiver<String>, what: &str, within: Duration) -> 
 ///    job carries on and succeeds at attempt 1;
 /// 8. (namespaces only) a1 restarted with `--listen 127.0.0.1:0` offers an endpoint the server
 ///    cannot reach (its own loopback): a follow of a job on a1 is relayed over a1's connection,
-///    live, and ends with the job; the endpoint is forgotten, so a second follow is relayed at
+///    live, and ends with the job; the endpoint then rests, so a second follow is relayed at
 ///    once, with no new dial.
 #[test]
 fn a_fleet_of_three_agents_across_hosts() {
@@ -1420,7 +1420,7 @@ fn a_fleet_of_three_agents_across_hosts() {
     // 8. A log endpoint the server cannot reach (namespaces only): a1 restarted with `--listen
     // 127.0.0.1:0` advertises 127.0.0.1:PORT, which from the server's host is the server's own
     // loopback, where nothing listens. A follow of a job on a1 is relayed over a1's connection,
-    // live; the endpoint is then forgotten, so a second follow goes over the connection at once,
+    // live; the endpoint then rests (30 s), so a second follow goes over the connection at once,
     // with no dial at all.
     if topo.agents[0].net.netns.is_none() {
         eprintln!(
@@ -1524,7 +1524,7 @@ fn a_fleet_of_three_agents_across_hosts() {
             );
             eprintln!("fleet: follow {follow} of a job on a1 via its connection: first line {first:?} after the follow began");
         }
-        done("8. an unreachable log endpoint: follows relayed live over the agent's connection, the endpoint forgotten");
+        done("8. an unreachable log endpoint: follows relayed live over the agent's connection, the endpoint resting");
     }
     eprintln!("fleet on {}: all in {:?}", topo.kind, t_all.elapsed());
     // Drop order: agents, the server, the agents' dir (their jobs), then the namespaces.

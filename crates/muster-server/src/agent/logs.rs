@@ -15,9 +15,13 @@ use muster_core::Uuid;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
+
+/// How long a connection made before the endpoint is certified waits for the certificate.
+const CERTIFICATE_WAIT: Duration = Duration::from_secs(2);
 
 /// A running log endpoint.
 pub struct LogServer {
@@ -26,7 +30,7 @@ pub struct LogServer {
     /// The CA fingerprint the agent joined with: a certificate offered under another CA is refused.
     fingerprint: [u8; 32],
     /// Set once a server has certified the key.
-    config: Arc<RwLock<Option<tokio_rustls::TlsAcceptor>>>,
+    config: tokio::sync::watch::Sender<Option<tokio_rustls::TlsAcceptor>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -46,7 +50,7 @@ impl LogServer {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let key = rcgen::KeyPair::generate().map_err(std::io::Error::other)?;
-        let config: Arc<RwLock<Option<tokio_rustls::TlsAcceptor>>> = Arc::default();
+        let config = tokio::sync::watch::Sender::new(None::<tokio_rustls::TlsAcceptor>);
         let acceptor = config.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -54,11 +58,19 @@ impl LogServer {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 };
-                let tls = acceptor.read().unwrap_or_else(|e| e.into_inner()).clone();
-                // Not certified yet: nobody can be served.
-                let Some(tls) = tls else { continue };
+                let mut certified = acceptor.subscribe();
                 let dir = dir.clone();
                 tokio::spawn(async move {
+                    // Not certified yet: a server that dials right after the agent connected
+                    // (before its certificate arrived) waits for it a little; without one,
+                    // nobody is served.
+                    let tls =
+                        tokio::time::timeout(CERTIFICATE_WAIT, certified.wait_for(|c| c.is_some()))
+                            .await
+                            .ok()
+                            .and_then(|r| r.ok().and_then(|c| c.clone()));
+                    drop(certified);
+                    let Some(tls) = tls else { return };
                     let _ = tcp.set_nodelay(true);
                     if let Err(e) = serve(tcp, tls, dir).await {
                         eprintln!("muster agent: log endpoint: {e}");
@@ -106,8 +118,8 @@ impl LogServer {
             .with_client_cert_verifier(verifier)
             .with_single_cert(vec![CertificateDer::from(cert), ca], key)
             .map_err(|e| e.to_string())?;
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) =
-            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)));
+        self.config
+            .send_replace(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))));
         Ok(())
     }
 }
@@ -258,7 +270,19 @@ mod tests {
         // A certificate under another CA is refused.
         let other = ClusterCa::load_or_create(&*muster_store::open("memory://").unwrap()).unwrap();
         assert!(server.certify(&hex(&cert), &hex(other.cert())).is_err());
+        // A server that dials before the certificate arrives (right after the agent connected)
+        // is served once it does.
+        let early = tokio::spawn(read_log(addr, dialer.clone(), "n1", job));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while server.config.receiver_count() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the early dial never arrived"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         server.certify(&hex(&cert), &hex(ca.cert())).unwrap();
+        assert_eq!(early.await.unwrap().unwrap(), "1 out hello\n");
         // A server of the cluster reads the log, checking the node's name.
         let text = read_log(addr, dialer.clone(), "n1", job).await.unwrap();
         assert_eq!(text, "1 out hello\n");

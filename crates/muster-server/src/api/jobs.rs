@@ -393,25 +393,41 @@ async fn open_log(app: &Arc<App>, caller: &Caller, id: &str, q: &LogQuery) -> Ap
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get(&node)
+        .filter(|ep| ep.usable(std::time::Instant::now()))
         .cloned();
     if let Some(ep) = endpoint {
-        match endpoint_log(app, &ep, job.id, attempt, q.follow).await {
+        let direct = tokio::time::timeout(
+            // Short: a firewalled endpoint must not hold up the follower long (the connection
+            // path takes over).
+            ENDPOINT_DIAL,
+            endpoint_log(app, &ep, job.id, attempt, q.follow),
+        )
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("timed out")));
+        let mut eps = app.log_endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        let known = eps.get_mut(&node).filter(|e| e.session == ep.session);
+        match direct {
             Ok(live) => {
+                if let Some(known) = known {
+                    known.failures = 0;
+                    known.retry_at = None;
+                }
                 app.metrics
                     .log_streams_direct
                     .fetch_add(1, Ordering::Relaxed);
                 return Ok(LogSource::Live(live));
             }
             Err(e) => {
+                let rest = known.map(|known| {
+                    let now = std::time::Instant::now();
+                    known.failed(now);
+                    known.retry_at.map_or(0, |t| (t - now).as_secs())
+                });
                 eprintln!(
-                    "muster: cannot reach the log endpoint of node {node:?} at {}: {e}; relaying over its connection until it connects again",
-                    ep.addr
+                    "muster: cannot reach the log endpoint of node {node:?} at {}: {e}; relaying over its connection for {}s",
+                    ep.addr,
+                    rest.unwrap_or(0)
                 );
-                // Not tried again for this connection of the agent: its next Hello offers it anew.
-                let mut eps = app.log_endpoints.lock().unwrap_or_else(|e| e.into_inner());
-                if eps.get(&node).is_some_and(|e| e.session == ep.session) {
-                    eps.remove(&node);
-                }
             }
         }
     }
@@ -438,6 +454,9 @@ async fn open_log(app: &Arc<App>, caller: &Caller, id: &str, q: &LogQuery) -> Ap
     }))
 }
 
+/// The whole of dialing a node's log endpoint (TCP, TLS, websocket upgrade) gets this long.
+const ENDPOINT_DIAL: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Streams a log straight from the node's own endpoint (TLS both ways under the cluster CA: the
 /// node must hold the certificate made for its id, this server shows its own).
 async fn endpoint_log(
@@ -454,19 +473,13 @@ async fn endpoint_log(
         &addr,
         app.tls.get().dialer.clone(),
         &crate::tls::node_name(&ep.node_id),
-        // Short: a firewalled endpoint must not hold up the follower long (the connection path
-        // takes over).
-        std::time::Duration::from_secs(3),
+        ENDPOINT_DIAL,
     )
     .await?;
     let url = format!("wss://{addr}/logs/{job}/{attempt}?follow={follow}");
-    let (mut ws, _) = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        tokio_tungstenite::client_async(url, tls),
-    )
-    .await
-    .map_err(|_| std::io::Error::other("timed out"))?
-    .map_err(std::io::Error::other)?;
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tls)
+        .await
+        .map_err(std::io::Error::other)?;
     let (tx, rx) = unbounded_channel();
     let reader = tokio::spawn(async move {
         loop {
