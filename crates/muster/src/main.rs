@@ -41,7 +41,16 @@ enum Cmd {
     },
     /// Run one job attempt (started by agents, not by hand).
     #[command(hide = true)]
-    Supervise { dir: PathBuf },
+    Supervise {
+        /// Be the agent's launcher instead, forking a supervisor for every directory it is given
+        /// (DIR is then the agent's data dir, for ps).
+        #[arg(long)]
+        launcher: bool,
+        dir: PathBuf,
+        /// Room for the forked supervisors' command lines (spaces).
+        #[arg(hide = true)]
+        _room: Option<String>,
+    },
     #[command(flatten)]
     Client(cli::ClientCmd),
 }
@@ -134,7 +143,8 @@ fn load_config(a: &ServeArgs) -> Result<Config> {
 fn main() {
     let opts = Opts::parse();
     let res = match opts.cmd {
-        Cmd::Supervise { dir } => std::process::exit(agent::supervisor::main(dir)),
+        Cmd::Supervise { launcher: true, .. } => std::process::exit(agent::launcher::main()),
+        Cmd::Supervise { dir, .. } => std::process::exit(agent::supervisor::main(dir)),
         Cmd::Up(a) => serve(a, true),
         Cmd::Server(a) => serve(a, false),
         Cmd::Agent(a) => agent_main(a),

@@ -7,6 +7,7 @@
 //! can restart at any time: on start it re-adopts attempts whose supervisor still runs, reports
 //! those that ended meanwhile, and never starts an attempt twice.
 
+pub mod launcher;
 pub mod logs;
 pub mod supervisor;
 
@@ -14,9 +15,10 @@ use crate::protocol::{Assignment, ExitReport, FromAgent, Known, Report, ToAgent}
 use muster_core::{Run, Uuid};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
@@ -66,7 +68,27 @@ enum Internal {
         attempt: u32,
         outcome: ExitReport,
     },
+    /// The launcher could not start this attempt's supervisor, or died before telling its end:
+    /// start `muster supervise DIR` (see [`launcher`]).
+    Respawn {
+        job: Uuid,
+        attempt: u32,
+        dir: PathBuf,
+    },
 }
+
+/// Handed-over attempts not heard of yet, by directory; `None` once the launcher is gone.
+type Waiting = Arc<Mutex<Option<HashMap<PathBuf, (Uuid, u32)>>>>;
+
+/// The agent's end of its supervisor launcher ([`launcher`]).
+struct Launcher {
+    /// Non-blocking: a launcher that does not read makes the agent start supervisors itself.
+    stdin: std::fs::File,
+    waiting: Waiting,
+}
+
+/// After this many launcher deaths the agent starts every supervisor itself.
+const LAUNCHER_STARTS: u32 = 5;
 
 struct Agent {
     opts: AgentOptions,
@@ -85,6 +107,12 @@ struct Agent {
     internal_tx: UnboundedSender<Internal>,
     streams: HashMap<u64, JoinHandle<()>>,
     logs: Option<logs::LogServer>,
+    launcher: Option<Launcher>,
+    launcher_starts: u32,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn attempt_dir(dir: &Path, job: Uuid, attempt: u32) -> PathBuf {
@@ -145,6 +173,8 @@ pub async fn run(
         streams: HashMap::new(),
         goodbye: None,
         reconnect: false,
+        launcher: None,
+        launcher_starts: 0,
     };
     agent.adopt().await?;
     let sweep_dir = agent.opts.dir.clone();
@@ -212,10 +242,10 @@ pub async fn run(
                     }
                 }
                 ev = internal_rx.recv() => {
-                    let Some(Internal::Ended { job, attempt, outcome }) = ev else { continue };
-                    agent.on_ended(job, attempt, outcome, &tx, &mut pending, &mut pending_exec);
-                    while let Ok(Internal::Ended { job, attempt, outcome }) = internal_rx.try_recv() {
-                        agent.on_ended(job, attempt, outcome, &tx, &mut pending, &mut pending_exec);
+                    let Some(ev) = ev else { continue };
+                    agent.on_internal(ev, &tx, &mut pending, &mut pending_exec);
+                    while let Ok(ev) = internal_rx.try_recv() {
+                        agent.on_internal(ev, &tx, &mut pending, &mut pending_exec);
                     }
                 }
                 _ = beat.tick() => {
@@ -529,7 +559,138 @@ impl Agent {
         }
     }
 
+    /// Starts an attempt's supervisor: forked by the launcher, or else `muster supervise DIR`.
     fn spawn_supervisor(&mut self, job: Uuid, attempt: u32, dir: PathBuf) {
+        if self.launch(job, attempt, &dir) {
+            let retryable = read_spec(&dir).is_some_and(|a| a.retryable);
+            self.running.insert((job, attempt), retryable);
+        } else {
+            self.spawn_direct(job, attempt, dir);
+        }
+    }
+
+    /// Hands the attempt to the launcher (starting one if needed); false when it cannot take it.
+    fn launch(&mut self, job: Uuid, attempt: u32, dir: &Path) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let mut msg = dir.as_os_str().as_bytes().to_vec();
+        // One write of at most PIPE_BUF bytes is all or nothing: the stream never holds half a
+        // request.
+        if msg.contains(&0) || msg.len() >= libc::PIPE_BUF {
+            return false;
+        }
+        msg.push(0);
+        if self
+            .launcher
+            .as_ref()
+            .is_some_and(|l| locked(&l.waiting).is_none())
+        {
+            self.launcher = None;
+        }
+        if self.launcher.is_none() {
+            if self.launcher_starts >= LAUNCHER_STARTS {
+                return false;
+            }
+            self.launcher_starts += 1;
+            match self.start_launcher() {
+                Ok(l) => self.launcher = Some(l),
+                Err(e) => {
+                    eprintln!("muster agent: cannot start the supervisor launcher: {e}; starting supervisors one by one");
+                    self.launcher_starts = LAUNCHER_STARTS;
+                    return false;
+                }
+            }
+        }
+        let Some(l) = &self.launcher else {
+            return false;
+        };
+        let mut waiting = locked(&l.waiting);
+        let Some(map) = waiting.as_mut() else {
+            return false;
+        };
+        map.insert(dir.to_path_buf(), (job, attempt));
+        match (&l.stdin).write(&msg) {
+            Ok(n) if n == msg.len() => true,
+            _ => {
+                // Gone (its reader respawns the rest) or not reading: this one starts directly.
+                map.remove(dir);
+                false
+            }
+        }
+    }
+
+    fn start_launcher(&self) -> std::io::Result<Launcher> {
+        let mut child = tokio::process::Command::new(&self.opts.exe)
+            .arg("supervise")
+            .arg("--launcher")
+            .arg(&self.opts.dir)
+            // Room for each forked supervisor to show `muster supervise DIR` (see launcher.rs).
+            .arg(" ".repeat(self.opts.dir.as_os_str().len() + 80))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(false)
+            .spawn()?;
+        let stdin = child.stdin.take().expect("piped").into_owned_fd()?;
+        let mut stdout = child.stdout.take().expect("piped");
+        use std::os::fd::AsRawFd;
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            let fl = libc::fcntl(stdin.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(stdin.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        let waiting: Waiting = Arc::new(Mutex::new(Some(HashMap::new())));
+        let tx = self.internal_tx.clone();
+        let w = waiting.clone();
+        tokio::spawn(async move {
+            use std::os::unix::ffi::OsStrExt;
+            use tokio::io::AsyncReadExt;
+            let mut input = Vec::new();
+            let mut chunk = vec![0u8; 16 * 1024];
+            loop {
+                match stdout.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => input.extend_from_slice(&chunk[..n]),
+                }
+                while let Some(end) = input.iter().position(|&b| b == 0) {
+                    let msg: Vec<u8> = input.drain(..=end).take(end).collect();
+                    let (Some(kind), Some(path)) = (msg.first(), msg.get(2..)) else {
+                        continue;
+                    };
+                    let dir = PathBuf::from(std::ffi::OsStr::from_bytes(path));
+                    let Some((job, attempt)) = locked(&w).as_mut().and_then(|m| m.remove(&dir))
+                    else {
+                        continue;
+                    };
+                    let ev = if *kind == b'E' {
+                        let outcome =
+                            read_exit(&dir).unwrap_or_else(|| settle_lost_supervisor(&dir));
+                        Internal::Ended {
+                            job,
+                            attempt,
+                            outcome,
+                        }
+                    } else {
+                        Internal::Respawn { job, attempt, dir }
+                    };
+                    let _ = tx.send(ev);
+                }
+            }
+            // Gone: whatever it had not told the end of is started directly (the lock keeps a
+            // supervisor it did fork the only one to run the command).
+            let left = locked(&w).take().unwrap_or_default();
+            for (dir, (job, attempt)) in left {
+                let _ = tx.send(Internal::Respawn { job, attempt, dir });
+            }
+            let _ = child.wait().await;
+        });
+        Ok(Launcher {
+            stdin: std::fs::File::from(stdin),
+            waiting,
+        })
+    }
+
+    /// Starts `muster supervise DIR` and waits for it.
+    fn spawn_direct(&mut self, job: Uuid, attempt: u32, dir: PathBuf) {
         let mut cmd = tokio::process::Command::new(&self.opts.exe);
         cmd.arg("supervise").arg(&dir);
         cmd.stdin(std::process::Stdio::null())
@@ -597,6 +758,23 @@ impl Agent {
                 outcome,
             });
         });
+    }
+
+    fn on_internal(
+        &mut self,
+        ev: Internal,
+        tx: &UnboundedSender<FromAgent>,
+        pending: &mut Vec<Report>,
+        pending_exec: &mut Vec<(Uuid, u32)>,
+    ) {
+        match ev {
+            Internal::Ended {
+                job,
+                attempt,
+                outcome,
+            } => self.on_ended(job, attempt, outcome, tx, pending, pending_exec),
+            Internal::Respawn { job, attempt, dir } => self.spawn_direct(job, attempt, dir),
+        }
     }
 
     fn on_ended(

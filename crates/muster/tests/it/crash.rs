@@ -257,3 +257,114 @@ fn kill_9_of_a_supervisor_fails_the_job_and_ends_its_processes() {
         "the job's process {child_pid} survived its supervisor"
     );
 }
+
+/// Every process as (pid, parent pid, arguments).
+fn processes() -> Vec<(i32, i32, Vec<String>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let (Ok(stat), Ok(cmdline)) = (
+            std::fs::read_to_string(e.path().join("stat")),
+            std::fs::read(e.path().join("cmdline")),
+        ) else {
+            continue;
+        };
+        let Some(ppid) = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+        else {
+            continue;
+        };
+        let args = String::from_utf8_lossy(&cmdline)
+            .split('\0')
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        out.push((pid, ppid, args));
+    }
+    out
+}
+
+/// The supervisor launcher of the agent whose data dir is `agent`, if one runs.
+fn launcher_of(agent: &Path) -> Option<i32> {
+    let dir = agent.display().to_string();
+    let found: Vec<i32> = processes()
+        .into_iter()
+        .filter(|(_, _, a)| {
+            a.len() >= 4 && a[1] == "supervise" && a[2] == "--launcher" && a[3] == dir
+        })
+        .map(|(pid, _, _)| pid)
+        .collect();
+    assert!(found.len() <= 1, "two launchers for {dir}: {found:?}");
+    found.first().copied()
+}
+
+#[test]
+fn kill_9_of_the_supervisor_launcher_loses_nothing_and_runs_nothing_twice() {
+    let dir = TempDir::new("launcher");
+    let agent = dir.0.join("agent");
+    let marks = dir.0.join("marks");
+    let gate = dir.0.join("gate");
+    let up = Up::start(&dir.0);
+    let token = setup(&up, &dir.0);
+    let (m, g) = (marks.display(), gate.display());
+    // Two gated jobs run across the kill; ten more need them, so they start after it.
+    let mut children = Vec::new();
+    for i in 0..2 {
+        children.push(json!({"name": format!("gated-{i}"), "key": format!("g{i}"), "shell": format!("echo gated-{i} >> {m}; while [ ! -e {g} ]; do sleep 0.02; done; echo gated-{i}-done >> {m}")}));
+    }
+    for i in 0..10 {
+        children.push(json!({"name": format!("after-{i}"), "needs": ["g0", "g1"], "shell": format!("echo after-{i} >> {m}")}));
+    }
+    let (st, body) = call(
+        &up.url,
+        Some(&token),
+        "POST",
+        "/api/v1/jobs",
+        Some(json!({"name": "final", "shell": format!("echo final >> {m}"), "children": children})),
+    );
+    assert_eq!(st, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    assert!(wait_until(Duration::from_secs(20), || {
+        std::fs::read_to_string(&marks)
+            .map(|t| t.contains("gated-0\n") && t.contains("gated-1\n"))
+            .unwrap_or(false)
+    }));
+    // The gated jobs' supervisors were forked by the launcher and show as `muster supervise DIR`.
+    let launcher = launcher_of(&agent).expect("no supervisor launcher runs");
+    let jobs_dir = agent.join("jobs").display().to_string();
+    let forked = processes()
+        .into_iter()
+        .filter(|(_, ppid, a)| {
+            *ppid == launcher && a.len() == 3 && a[1] == "supervise" && a[2].starts_with(&jobs_dir)
+        })
+        .count();
+    assert_eq!(
+        forked, 2,
+        "the launcher should have forked both supervisors"
+    );
+    // SAFETY: SIGKILL to the launcher this test's server started.
+    assert_eq!(unsafe { libc::kill(launcher, libc::SIGKILL) }, 0);
+    std::fs::write(&gate, b"").unwrap();
+    let t = wait_tree(&up.url, &token, &id, Duration::from_secs(30));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    let mut expected = vec!["final".to_string()];
+    for i in 0..2 {
+        expected.push(format!("gated-{i}"));
+        expected.push(format!("gated-{i}-done"));
+    }
+    for i in 0..10 {
+        expected.push(format!("after-{i}"));
+    }
+    let refs: Vec<&str> = expected.iter().map(String::as_str).collect();
+    check_once(&marks, &refs);
+    for c in t["children"].as_array().unwrap() {
+        assert_eq!(c["attempt"], 1, "{} restarted", c["name"]);
+    }
+    // The jobs after the kill went through a new launcher.
+    let again = launcher_of(&agent).expect("no launcher after the kill");
+    assert_ne!(again, launcher);
+}
