@@ -12,8 +12,9 @@
 //! - launcher → agent: `E DIR`, that attempt's supervisor process ended (its `exit.json` says how,
 //!   or it was lost); `R DIR`, the launcher could not fork for it: start `muster supervise DIR`.
 //!
-//! Nothing depends on the launcher for safety: if it dies, the agent starts `muster supervise DIR`
-//! for every attempt it had handed over and not heard the end of. A supervisor the launcher did
+//! Nothing depends on the launcher for safety: if it dies, or leaves an attempt unstarted for
+//! 10 s (stopped, say), the agent starts `muster supervise DIR` for every attempt it had handed
+//! over and not heard the end of. A supervisor the launcher did
 //! fork holds the attempt's lock, so the second one waits for it and then finds the attempt
 //! started and does nothing (at most once, as ever); its end is the first one's end.
 

@@ -77,8 +77,13 @@ enum Internal {
     },
 }
 
-/// Handed-over attempts not heard of yet, by directory; `None` once the launcher is gone.
-type Waiting = Arc<Mutex<Option<HashMap<PathBuf, (Uuid, u32)>>>>;
+/// Handed-over attempts not heard of yet, by directory, with when they were handed over; `None`
+/// once the launcher is gone.
+type Waiting = Arc<Mutex<Option<HashMap<PathBuf, (Uuid, u32, std::time::Instant)>>>>;
+
+/// An attempt handed to the launcher without a `started.json` after this long: the launcher is
+/// taken for stuck (stopped, say), and the agent starts its attempts itself.
+const LAUNCHER_STUCK: Duration = Duration::from_secs(10);
 
 /// The agent's end of its supervisor launcher ([`launcher`]).
 struct Launcher {
@@ -250,6 +255,7 @@ pub async fn run(
                 }
                 _ = beat.tick() => {
                     let _ = tx.send(FromAgent::Heartbeat);
+                    agent.check_launcher();
                 }
             }
             if !pending.is_empty() {
@@ -607,7 +613,7 @@ impl Agent {
         let Some(map) = waiting.as_mut() else {
             return false;
         };
-        map.insert(dir.to_path_buf(), (job, attempt));
+        map.insert(dir.to_path_buf(), (job, attempt, std::time::Instant::now()));
         match (&l.stdin).write(&msg) {
             Ok(n) if n == msg.len() => true,
             _ => {
@@ -615,6 +621,35 @@ impl Agent {
                 map.remove(dir);
                 false
             }
+        }
+    }
+
+    /// Gives up a launcher that has not started an attempt it was handed `LAUNCHER_STUCK` ago:
+    /// every attempt it holds is started directly (where it did fork a supervisor, the direct
+    /// one only waits for it), and the next attempt gets a new launcher.
+    fn check_launcher(&mut self) {
+        let Some(l) = &self.launcher else {
+            return;
+        };
+        let mut waiting = locked(&l.waiting);
+        let stuck = waiting.as_ref().is_some_and(|m| {
+            m.iter().any(|(dir, &(_, _, at))| {
+                at.elapsed() >= LAUNCHER_STUCK && !dir.join("started.json").exists()
+            })
+        });
+        if !stuck {
+            return;
+        }
+        let held = waiting.take().unwrap_or_default();
+        drop(waiting);
+        eprintln!(
+            "muster agent: the supervisor launcher started nothing for {}s; starting {} supervisor(s) directly",
+            LAUNCHER_STUCK.as_secs(),
+            held.len()
+        );
+        self.launcher = None;
+        for (dir, (job, attempt, _)) in held {
+            self.spawn_direct(job, attempt, dir);
         }
     }
 
@@ -657,7 +692,7 @@ impl Agent {
                         continue;
                     };
                     let dir = PathBuf::from(std::ffi::OsStr::from_bytes(path));
-                    let Some((job, attempt)) = locked(&w).as_mut().and_then(|m| m.remove(&dir))
+                    let Some((job, attempt, _)) = locked(&w).as_mut().and_then(|m| m.remove(&dir))
                     else {
                         continue;
                     };
@@ -678,7 +713,7 @@ impl Agent {
             // Gone: whatever it had not told the end of is started directly (the lock keeps a
             // supervisor it did fork the only one to run the command).
             let left = locked(&w).take().unwrap_or_default();
-            for (dir, (job, attempt)) in left {
+            for (dir, (job, attempt, _)) in left {
                 let _ = tx.send(Internal::Respawn { job, attempt, dir });
             }
             let _ = child.wait().await;

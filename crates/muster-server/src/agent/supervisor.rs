@@ -200,6 +200,11 @@ fn supervise(dir: &Path) -> std::io::Result<()> {
         libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_term as *const () as libc::sighandler_t);
     }
+    if !dir.exists() && super::done_dir(dir).exists() {
+        // Started late (by a launcher that was given up) for an attempt that another
+        // supervisor ran and the server has acknowledged since: nothing to do.
+        return Ok(());
+    }
     let _lock = lock(dir, true)?.expect("a blocking lock is always taken");
     if dir.join("started.json").exists() || dir.join("exit.json").exists() {
         return Ok(()); // Another supervisor ran this attempt: never twice.

@@ -368,3 +368,56 @@ fn kill_9_of_the_supervisor_launcher_loses_nothing_and_runs_nothing_twice() {
     let again = launcher_of(&agent).expect("no launcher after the kill");
     assert_ne!(again, launcher);
 }
+
+#[test]
+fn a_stopped_supervisor_launcher_is_given_up_and_its_jobs_run_once() {
+    let dir = TempDir::new("stuck");
+    let agent = dir.0.join("agent");
+    let marks = dir.0.join("marks");
+    let up = Up::start(&dir.0);
+    let token = setup(&up, &dir.0);
+    let m = marks.display();
+    let run = |name: &str| {
+        let (st, body) = call(
+            &up.url,
+            Some(&token),
+            "POST",
+            "/api/v1/jobs",
+            Some(json!({"name": name, "shell": format!("echo {name} >> {m}")})),
+        );
+        assert_eq!(st, 201, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    };
+    // A first job starts the launcher.
+    let first = run("first");
+    let t = wait_tree(&up.url, &token, &first, Duration::from_secs(20));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    let stuck = launcher_of(&agent).expect("no supervisor launcher runs");
+    // SAFETY: stopping the launcher this test's server started.
+    assert_eq!(unsafe { libc::kill(stuck, libc::SIGSTOP) }, 0);
+    let t0 = std::time::Instant::now();
+    let held = run("held");
+    let t = wait_tree(&up.url, &token, &held, Duration::from_secs(40));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(9),
+        "the job ran before the launcher was given up ({:?}): it was not handed to it",
+        t0.elapsed()
+    );
+    // Let it go: it forks a supervisor for the request it held, which finds the attempt done,
+    // and ends at the end of its input.
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(stuck, libc::SIGCONT) }, 0);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            std::fs::read_to_string(format!("/proc/{stuck}/cmdline")).map_or(true, |c| c.is_empty())
+        }),
+        "the given-up launcher did not end"
+    );
+    let after = run("after");
+    let t = wait_tree(&up.url, &token, &after, Duration::from_secs(20));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    check_once(&marks, &["first", "held", "after"]);
+    let again = launcher_of(&agent).expect("no launcher for the later job");
+    assert_ne!(again, stuck);
+}
