@@ -347,7 +347,8 @@ impl Agent {
                         // Never started: the command did not run, so starting it now is its
                         // first and only run.
                         drop(lock);
-                        self.spawn_supervisor(job, attempt, dir);
+                        let retryable = read_spec(&dir).is_some_and(|a| a.retryable);
+                        self.spawn_supervisor(job, attempt, dir, retryable);
                     }
                 }
             }
@@ -560,17 +561,15 @@ impl Agent {
                     });
                     return;
                 }
-                self.spawn_supervisor(a.job, a.attempt, dir);
+                self.spawn_supervisor(a.job, a.attempt, dir, a.retryable);
             }
         }
     }
 
     /// Starts an attempt's supervisor: forked by the launcher, or else `muster supervise DIR`.
-    fn spawn_supervisor(&mut self, job: Uuid, attempt: u32, dir: PathBuf) {
-        if self.launch(job, attempt, &dir) {
-            let retryable = read_spec(&dir).is_some_and(|a| a.retryable);
-            self.running.insert((job, attempt), retryable);
-        } else {
+    fn spawn_supervisor(&mut self, job: Uuid, attempt: u32, dir: PathBuf, retryable: bool) {
+        self.running.insert((job, attempt), retryable);
+        if !self.launch(job, attempt, &dir) {
             self.spawn_direct(job, attempt, dir);
         }
     }
@@ -697,12 +696,10 @@ impl Agent {
                         continue;
                     };
                     let ev = if *kind == b'E' {
-                        let outcome =
-                            read_exit(&dir).unwrap_or_else(|| settle_lost_supervisor(&dir));
                         Internal::Ended {
                             job,
                             attempt,
-                            outcome,
+                            outcome: ended_outcome(&dir),
                         }
                     } else {
                         Internal::Respawn { job, attempt, dir }
@@ -724,7 +721,7 @@ impl Agent {
         })
     }
 
-    /// Starts `muster supervise DIR` and waits for it.
+    /// Starts `muster supervise DIR` and waits for it (the attempt is in `running` already).
     fn spawn_direct(&mut self, job: Uuid, attempt: u32, dir: PathBuf) {
         let mut cmd = tokio::process::Command::new(&self.opts.exe);
         cmd.arg("supervise").arg(&dir);
@@ -738,18 +735,12 @@ impl Agent {
         let tx = self.internal_tx.clone();
         match cmd.spawn() {
             Ok(mut child) => {
-                let retryable = read_spec(&dir).is_some_and(|a| a.retryable);
-                self.running.insert((job, attempt), retryable);
                 tokio::spawn(async move {
                     let _ = child.wait().await;
-                    let outcome = match read_exit(&dir) {
-                        Some(o) => o,
-                        None => settle_lost_supervisor(&dir),
-                    };
                     let _ = tx.send(Internal::Ended {
                         job,
                         attempt,
-                        outcome,
+                        outcome: ended_outcome(&dir),
                     });
                 });
             }
@@ -764,7 +755,6 @@ impl Agent {
                     &dir.join("exit.json"),
                     &serde_json::to_vec(&outcome).unwrap_or_default(),
                 );
-                self.running.insert((job, attempt), false);
                 let _ = tx.send(Internal::Ended {
                     job,
                     attempt,
@@ -779,7 +769,7 @@ impl Agent {
         let tx = self.internal_tx.clone();
         tokio::task::spawn_blocking(move || {
             let outcome = match supervisor::lock(&dir, true) {
-                Ok(_lock) => read_exit(&dir).unwrap_or_else(|| settle_lost_supervisor(&dir)),
+                Ok(_lock) => ended_outcome(&dir),
                 Err(e) => ExitReport {
                     exit_code: None,
                     error: Some(format!("cannot watch the supervisor: {e}")),
@@ -885,6 +875,11 @@ fn read_started(dir: &Path) -> Option<i32> {
     let s: supervisor::Started =
         serde_json::from_slice(&std::fs::read(dir.join("started.json")).ok()?).ok()?;
     Some(s.sid)
+}
+
+/// How an attempt whose supervisor has ended came out: its `exit.json`, or `supervisor lost`.
+fn ended_outcome(dir: &Path) -> ExitReport {
+    read_exit(dir).unwrap_or_else(|| settle_lost_supervisor(dir))
 }
 
 /// A supervisor died without writing `exit.json`: kill every process left in its session and

@@ -146,6 +146,14 @@ fn check_once(marks: &Path, expected: &[&str]) {
     }
 }
 
+/// Asserts that no job of the tree `v` was run a second time.
+fn all_first_attempt(v: &Value) {
+    assert_eq!(v["attempt"], 1, "{} restarted", v["name"]);
+    for c in v["children"].as_array().unwrap() {
+        all_first_attempt(c);
+    }
+}
+
 fn run_through_a_stop(kill: bool) {
     let dir = TempDir::new("crash");
     let marks = dir.0.join("marks");
@@ -187,12 +195,6 @@ fn run_through_a_stop(kill: bool) {
     }
     let refs: Vec<&str> = expected.iter().map(String::as_str).collect();
     check_once(&marks, &refs);
-    fn all_first_attempt(v: &Value) {
-        assert_eq!(v["attempt"], 1, "{} restarted", v["name"]);
-        for c in v["children"].as_array().unwrap() {
-            all_first_attempt(c);
-        }
-    }
     all_first_attempt(&t);
 }
 
@@ -361,9 +363,7 @@ fn kill_9_of_the_supervisor_launcher_loses_nothing_and_runs_nothing_twice() {
     }
     let refs: Vec<&str> = expected.iter().map(String::as_str).collect();
     check_once(&marks, &refs);
-    for c in t["children"].as_array().unwrap() {
-        assert_eq!(c["attempt"], 1, "{} restarted", c["name"]);
-    }
+    all_first_attempt(&t);
     // The jobs after the kill went through a new launcher.
     let again = launcher_of(&agent).expect("no launcher after the kill");
     assert_ne!(again, launcher);
