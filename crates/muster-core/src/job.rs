@@ -167,6 +167,10 @@ pub struct Job {
     /// The JSON the job printed as its last stdout line, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
+    /// The outcome hook that hears how the job ended (set by internal kinds of trees — service
+    /// actions, deploy steps — never by API callers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
 }
 
 impl Job {
@@ -199,4 +203,8 @@ pub struct Tree {
     /// Made by a cluster admin: may run on nodes that allow no workspace in particular.
     #[serde(default)]
     pub admin: bool,
+    /// A digest of the request that made it, so a reused idempotency key with another request
+    /// is told apart from a retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_digest: Option<String>,
 }

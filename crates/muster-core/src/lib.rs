@@ -8,11 +8,16 @@
 //! - [`names`]: the name rule of SPEC §13.
 //! - [`job`]: jobs, trees, tags and states as stored and served.
 //! - [`spec`]: the job tree a client submits, and its validation into jobs.
+//! - [`process`]: long-running processes: their spec and validation, and [`process::Supervision`],
+//!   the state machine of one supervised process (health, restart policy, backoff, window).
+//! - [`orders`]: the orders grammar of HQ and the identity of an order.
 //! - [`sched`]: [`sched::TreeRun`], the state machine of one running tree (leaf-first starts,
 //!   fail-fast, retries, user abort, the derived tree state).
 
 pub mod job;
 pub mod names;
+pub mod orders;
+pub mod process;
 pub mod sched;
 pub mod spec;
 pub mod time;

@@ -2,9 +2,39 @@
 
 /// Names that would collide with routes or HQ directories.
 pub const RESERVED: &[&str] = &[
-    "api", "assets", "healthz", "readyz", "metrics", "setup", "login", "services", "scripts",
-    "uploads", "deployer",
+    "api",
+    "assets",
+    "healthz",
+    "readyz",
+    "metrics",
+    "setup",
+    "login",
+    "services",
+    "scripts",
+    "uploads",
+    "deployer",
+    "interfaces",
+    "verify",
+    "batch",
 ];
+
+/// The most characters of a caller's input an error message quotes (escapes included).
+pub const QUOTE_MAX: usize = 80;
+
+/// `text` quoted for an error message, as `{:?}` would, but cut after about [`QUOTE_MAX`]
+/// characters (saying how long the whole was): an error never sends a big input back.
+pub fn quote(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        let escaped: String = c.escape_debug().collect();
+        if out.len() + escaped.len() > QUOTE_MAX {
+            return format!("{out}\"… ({} bytes)", text.len());
+        }
+        out.push_str(&escaped);
+    }
+    out.push('"');
+    out
+}
 
 /// Why a name was refused, as a sentence for the caller.
 pub fn check_name(what: &str, name: &str) -> Result<(), String> {
@@ -18,14 +48,15 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
         || !b.iter().all(|&c| ok_mid(c))
     {
         return Err(format!(
-            "{what} {name:?} must be 1-63 characters of letters, digits, '_', '.', '-', starting and ending with a letter or digit"
+            "{what} {} must be 1-63 characters of letters, digits, '_', '.', '-', starting and ending with a letter or digit",
+            quote(name)
         ));
     }
     if name.contains("__") {
-        return Err(format!("{what} {name:?} must not contain '__'"));
+        return Err(format!("{what} {} must not contain '__'", quote(name)));
     }
     if RESERVED.contains(&name) {
-        return Err(format!("{what} {name:?} is reserved"));
+        return Err(format!("{what} {} is reserved", quote(name)));
     }
     Ok(())
 }
@@ -35,7 +66,8 @@ pub fn check_job_name(name: &str) -> Result<(), String> {
     let n = name.chars().count();
     if n == 0 || n > 200 || name.chars().any(|c| c.is_control()) {
         return Err(format!(
-            "job name {name:?} must be 1-200 printable characters"
+            "job name {} must be 1-200 printable characters",
+            quote(name)
         ));
     }
     Ok(())
@@ -63,8 +95,32 @@ mod tests {
         ] {
             assert!(check_name("name", bad).is_err(), "{bad}");
         }
+        // Every name SPEC §13 reserves (routes, HQ's top-level directories, the yhat routes).
+        let spec = "api assets healthz readyz metrics setup login services interfaces scripts \
+                    uploads deployer verify batch";
+        for reserved in spec.split_whitespace() {
+            let e = check_name("workspace", reserved).unwrap_err();
+            assert!(e.contains("reserved"), "{reserved}: {e}");
+        }
         assert!(check_job_name("build the thing").is_ok());
         assert!(check_job_name("").is_err());
         assert!(check_job_name("a\nb").is_err());
+    }
+
+    #[test]
+    fn errors_quote_little_of_the_input() {
+        assert_eq!(quote("web-1"), "\"web-1\"");
+        let big = "x".repeat(10 << 20);
+        let q = quote(&big);
+        assert!(q.len() < 120 && q.ends_with("(10485760 bytes)"), "{q}");
+        // Escapes count: a name of control characters is cut as early.
+        assert!(quote(&"\u{1}".repeat(1000)).len() < 120);
+        for e in [
+            check_name("workspace", &big).unwrap_err(),
+            check_job_name(&big).unwrap_err(),
+            check_name("node", &format!("a__{big}")).unwrap_err(),
+        ] {
+            assert!(e.len() < 300, "{} bytes", e.len());
+        }
     }
 }

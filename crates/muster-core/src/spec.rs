@@ -4,7 +4,7 @@
 //! names the part.
 
 use crate::job::{Job, JobState, OnFailure, Run, Tags, Tree, TreeState};
-use crate::names::{check_job_name, check_name};
+use crate::names::{check_job_name, check_name, quote};
 use crate::time::Ts;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -15,6 +15,32 @@ pub const MAX_TIMEOUT_S: u64 = 365 * 86_400;
 
 /// The most jobs one tree may hold.
 pub const MAX_TREE_JOBS: usize = 100_000;
+
+/// The default most bytes of one job's command (`shell` text, or `exec`'s arguments together).
+pub const DEFAULT_COMMAND_BYTES: usize = 256 << 10;
+
+/// The most bytes of one `exec` argument: Linux refuses a longer one (`MAX_ARG_STRLEN`, with
+/// its NUL). A `shell` text has no such limit: it reaches the shell as a file.
+pub const MAX_ARG_BYTES: usize = (128 << 10) - 1;
+
+/// The most entries of a `node_selector`, and bytes of each key and value.
+pub const MAX_SELECTOR_LABELS: usize = 32;
+pub const MAX_LABEL_BYTES: usize = 200;
+
+/// Limits a server sets on what it accepts (`jobs.command_max`).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The most bytes of one job's command.
+    pub command_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            command_bytes: DEFAULT_COMMAND_BYTES,
+        }
+    }
+}
 
 /// One job of a submitted tree, with its children nested.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -50,17 +76,37 @@ pub struct JobSpec {
 }
 
 /// A validated tree, ready to store.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct NewTree {
     pub tree: Tree,
     /// In pre-order: the root first.
     pub jobs: Vec<Job>,
 }
 
-/// Validates `spec` and turns it into a tree. `default_workspace` fills a missing workspace tag;
-/// `new_id` makes job ids (UUID v7 in the server), `now` stamps `created_at`.
+/// [`build_tree_with`] under the default [`Limits`].
 pub fn build_tree(
     spec: &JobSpec,
+    default_workspace: &str,
+    created_by: Option<&str>,
+    now: Ts,
+    new_id: &mut dyn FnMut() -> Uuid,
+) -> Result<NewTree, String> {
+    build_tree_with(
+        spec,
+        &Limits::default(),
+        default_workspace,
+        created_by,
+        now,
+        new_id,
+    )
+}
+
+/// Validates `spec` and turns it into a tree. `default_workspace` fills a missing workspace tag;
+/// `new_id` makes job ids (UUID v7 in the server), `now` stamps `created_at`. Error messages
+/// quote at most [`crate::names::QUOTE_MAX`] characters of any input.
+pub fn build_tree_with(
+    spec: &JobSpec,
+    limits: &Limits,
     default_workspace: &str,
     created_by: Option<&str>,
     now: Ts,
@@ -131,7 +177,7 @@ pub fn build_tree(
     let ids: Vec<Uuid> = (0..flat.len()).map(|_| new_id()).collect();
     let mut jobs = Vec::with_capacity(flat.len());
     for (i, (s, parent)) in flat.iter().enumerate() {
-        let here = || format!("job {:?} ({})", s.name, key_of[i]);
+        let here = || format!("job {} ({})", quote(&s.name), key_of[i]);
         check_job_name(&s.name).map_err(|e| format!("{}: {e}", here()))?;
         if i > 0 && (s.tags.is_some() || s.on_failure.is_some()) {
             return Err(format!(
@@ -144,9 +190,33 @@ pub fn build_tree(
                 if argv.is_empty() || argv[0].is_empty() {
                     return Err(format!("{}: exec needs a program", here()));
                 }
+                if argv.iter().any(|a| a.len() > MAX_ARG_BYTES) {
+                    return Err(format!(
+                        "{}: an exec argument may hold at most {MAX_ARG_BYTES} bytes (use shell for a long script)",
+                        here()
+                    ));
+                }
+                let bytes: usize = argv.iter().map(|a| a.len() + 1).sum();
+                if bytes > limits.command_bytes {
+                    return Err(format!(
+                        "{}: exec is {bytes} bytes; a job's command may hold at most {} (jobs.command_max)",
+                        here(),
+                        limits.command_bytes
+                    ));
+                }
                 Run::Exec(argv.clone())
             }
-            (None, Some(text), false) => Run::Shell(text.clone()),
+            (None, Some(text), false) => {
+                if text.len() > limits.command_bytes {
+                    return Err(format!(
+                        "{}: shell is {} bytes; a job's command may hold at most {} (jobs.command_max)",
+                        here(),
+                        text.len(),
+                        limits.command_bytes
+                    ));
+                }
+                Run::Shell(text.clone())
+            }
             (None, None, true) => Run::Noop,
             (None, None, false) => Run::Group,
             _ => {
@@ -158,6 +228,26 @@ pub fn build_tree(
         };
         if let Some(n) = &s.node {
             check_name("node", n).map_err(|e| format!("{}: {e}", here()))?;
+        }
+        if let Some(sel) = &s.node_selector {
+            if sel.len() > MAX_SELECTOR_LABELS {
+                return Err(format!(
+                    "{}: node_selector may name at most {MAX_SELECTOR_LABELS} labels",
+                    here()
+                ));
+            }
+            for (k, v) in sel {
+                let ok = |t: &str| {
+                    !t.is_empty() && t.len() <= MAX_LABEL_BYTES && !t.chars().any(char::is_control)
+                };
+                if !ok(k) || !ok(v) {
+                    return Err(format!(
+                        "{}: node_selector label {} must have a key and a value of 1-{MAX_LABEL_BYTES} printable characters",
+                        here(),
+                        quote(k)
+                    ));
+                }
+            }
         }
         if s.node.is_some() && s.node_selector.is_some() {
             return Err(format!("{}: set node or node_selector, not both", here()));
@@ -191,8 +281,9 @@ pub fn build_tree(
                 }
                 None => {
                     return Err(format!(
-                        "{}: needs {n:?}, which is no key in this tree",
-                        here()
+                        "{}: needs {}, which is no key in this tree",
+                        here(),
+                        quote(n)
                     ))
                 }
             }
@@ -220,6 +311,7 @@ pub fn build_tree(
             attempt: 1,
             retry_at: None,
             result: None,
+            hook: None,
         });
     }
     for (i, (_, parent)) in flat.iter().enumerate() {
@@ -247,6 +339,7 @@ pub fn build_tree(
         created_by: created_by.map(str::to_string),
         nodes: Vec::new(),
         admin: false,
+        request_digest: None,
     };
     Ok(NewTree { tree, jobs })
 }
@@ -351,6 +444,74 @@ mod tests {
             let e = build(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn commands_are_capped_and_errors_quote_little_of_the_input() {
+        let big = "x".repeat(10 << 20);
+        let limits = Limits {
+            command_bytes: 1000,
+        };
+        let try_build = |spec: serde_json::Value| {
+            let spec: JobSpec = serde_json::from_value(spec).unwrap();
+            let mut n = 0u128;
+            build_tree_with(&spec, &limits, "me", None, Ts(0), &mut || {
+                n += 1;
+                Uuid::from_u128(n)
+            })
+        };
+        let at_limit = "y".repeat(1000);
+        assert!(try_build(serde_json::json!({"name": "r", "shell": at_limit})).is_ok());
+        for (spec, why) in [
+            (
+                serde_json::json!({"name": "r", "shell": "y".repeat(1001)}),
+                "at most 1000",
+            ),
+            (
+                serde_json::json!({"name": "r", "exec": ["echo", "y".repeat(995)]}),
+                "at most 1000",
+            ),
+            (serde_json::json!({"name": big, "noop": true}), "job name"),
+            (
+                serde_json::json!({"name": "r", "key": big, "noop": true}),
+                "job key",
+            ),
+            (
+                serde_json::json!({"name": "r", "children": [{"name": "a", "needs": [big], "noop": true}]}),
+                "no key",
+            ),
+            (
+                serde_json::json!({"name": "r", "node": big, "exec": ["true"]}),
+                "node",
+            ),
+            (
+                serde_json::json!({"name": "r", "node_selector": {big.clone(): "v"}, "exec": ["true"]}),
+                "node_selector",
+            ),
+            (
+                serde_json::json!({"name": "r", "node_selector": {"k": big}, "exec": ["true"]}),
+                "node_selector",
+            ),
+            (
+                serde_json::json!({"name": "r", "tags": {"workspace": big}}),
+                "workspace",
+            ),
+            (
+                serde_json::json!({"name": "r", "tags": {"workspace": "w", "application": big}}),
+                "application",
+            ),
+        ] {
+            let e = try_build(spec).unwrap_err();
+            assert!(e.contains(why), "{why}: {e}");
+            assert!(e.len() < 400, "{why}: an error of {} bytes", e.len());
+        }
+        // One exec argument may not exceed what Linux takes, whatever the limit.
+        let e = build(
+            &serde_json::json!({"name": "r", "exec": ["echo", "z".repeat(MAX_ARG_BYTES + 1)]})
+                .to_string(),
+        )
+        .unwrap_err();
+        assert!(e.contains("use shell"), "{e}");
     }
 
     #[test]

@@ -7,8 +7,15 @@
   const PAGE = 25;
   const JOB_STATES = ['waiting', 'running', 'succeeded', 'failed', 'aborted'];
 
+  const RANK = { viewer: 1, operator: 2, admin: 3 };
+  const SCOPE_OF = { viewer: 'read', operator: 'operate', admin: 'admin' };
+  const LOG_TAIL = 64 * 1024; // what a log opens with (its end)
+  const LOG_PAGE = 256 * 1024; // what "Load earlier" adds
+  const LOG_KEEP = 512 * 1024; // what a followed log keeps on the page (characters)
+
   const st = {
-    user: null, admin: false,
+    // Who the caller is (GET /api/v1/me): cluster admin, role by workspace, token scopes.
+    user: null, admin: false, roles: new Map(), scopes: new Set(),
     events: null, eventsRetry: 500, eventsWanted: false, eventsEverOpen: false,
     view: null,
     jobs: { query: '', cursors: [null], idx: 0, next: null, ids: new Set() },
@@ -60,6 +67,11 @@
     $(id).hidden = true;
   }
 
+  /** A join command's hint (the server named an address other machines cannot reach). */
+  function showHint(id, hint) {
+    if (hint) showMsg(id, 'Note: ' + hint + '.'); else hideMsg(id);
+  }
+
   function csrf() {
     const m = document.cookie.match(/(?:^|;\s*)muster_csrf=([^;]*)/);
     return m ? decodeURIComponent(m[1]) : '';
@@ -71,20 +83,45 @@
     return isNaN(d) ? String(ts) : d.toLocaleString();
   }
 
+  /** A time relative to now: "12 s ago", "in 3 d". */
   function ago(ts) {
     if (!ts) return 'never';
-    const s = Math.round((Date.now() - new Date(ts).getTime()) / 1000);
-    if (isNaN(s)) return String(ts);
+    const d = Math.round((Date.now() - new Date(ts).getTime()) / 1000);
+    if (isNaN(d)) return String(ts);
+    const s = Math.abs(d);
     if (s < 5) return 'just now';
-    if (s < 90) return s + ' s ago';
-    if (s < 5400) return Math.round(s / 60) + ' min ago';
-    if (s < 129600) return Math.round(s / 3600) + ' h ago';
-    return Math.round(s / 86400) + ' d ago';
+    let n;
+    if (s < 90) n = s + ' s';
+    else if (s < 5400) n = Math.round(s / 60) + ' min';
+    else if (s < 129600) n = Math.round(s / 3600) + ' h';
+    else n = Math.round(s / 86400) + ' d';
+    return d >= 0 ? n + ' ago' : 'in ' + n;
   }
 
-  function timeCell(ts, relative) {
-    return el('time', { datetime: ts || '', title: when(ts), class: relative ? 'rel' : null, dataset: { ts: ts || '' } },
-      relative ? ago(ts) : when(ts));
+  /** The one way the page shows a time: relative, with the absolute time on hover. */
+  function timeCell(ts) {
+    if (!ts) return el('span', { class: 'muted' }, '—');
+    return el('time', { datetime: ts, title: when(ts), class: 'rel', dataset: { ts } }, ago(ts));
+  }
+
+  /** How long from one time to another, for people. */
+  function span(from, to) {
+    const s = (new Date(to) - new Date(from)) / 1000;
+    if (isNaN(s) || s < 0) return '';
+    if (s < 60) return s.toFixed(1) + ' s';
+    if (s < 3600) return Math.floor(s / 60) + ' min ' + Math.round(s % 60) + ' s';
+    return Math.floor(s / 3600) + ' h ' + Math.round((s % 3600) / 60) + ' min';
+  }
+
+  /** Whether the caller may act as `role` in workspace `ws` (and the token has the scope). */
+  function may(ws, role) {
+    if (!st.scopes.has(SCOPE_OF[role])) return false;
+    return st.admin || (RANK[st.roles.get(ws)] || 0) >= RANK[role];
+  }
+
+  /** The workspaces where the caller may run jobs. */
+  function runWorkspaces() {
+    return [...st.roles.keys()].filter((w) => may(w, 'operator')).sort();
   }
 
   function tagList(tags) {
@@ -134,17 +171,18 @@
     }
   }
 
-  /** One API call. With opts.token: as that bearer token; else the session cookie (+ CSRF). */
+  /** One API call. With opts.token: as that bearer token; else the session cookie (+ CSRF).
+   *  The body is sent as JSON, or as it is with opts.type (e.g. a TOML tree). */
   async function api(method, path, body, opts = {}) {
     const headers = {};
-    if (body !== undefined) headers['Content-Type'] = 'application/json';
+    if (body !== undefined) headers['Content-Type'] = opts.type || 'application/json';
     if (opts.token) headers.Authorization = 'Bearer ' + opts.token;
     else if (method !== 'GET') headers['X-CSRF-Token'] = csrf();
     let resp;
     try {
       resp = await fetch(path, {
         method, headers, credentials: 'same-origin',
-        body: body === undefined ? undefined : JSON.stringify(body),
+        body: body === undefined ? undefined : (opts.type ? body : JSON.stringify(body)),
       });
     } catch (e) {
       throw new ApiError(0, 'network', 'the server cannot be reached (' + e.message + ')');
@@ -177,6 +215,7 @@
       a.classList.toggle('active', a.dataset.view === name || (name === 'tree' && a.dataset.view === 'jobs'));
     }
     if (st.view === 'tree' && name !== 'tree') leaveTree();
+    if (st.view === 'procs' && name !== 'procs') closeProcLog();
     st.view = name;
     document.title = 'muster · ' + name;
   }
@@ -189,12 +228,24 @@
 
   async function route() {
     if (!st.user) return;
+    // Only the newest navigation shows: an older one still on its way is dropped.
+    const nav = (st.nav = (st.nav || 0) + 1);
+    // Roles change (an admin grants one): look again at each change of view.
+    try {
+      await whoami();
+    } catch (e) {
+      if (e.status === 401) return loggedOut('Your session ended: log in again.');
+    }
+    if (nav !== st.nav) return;
     const { parts, query } = parseHash();
     const view = parts[0] || 'jobs';
     try {
       if (view === 'nodes') { show('nodes'); await loadNodes(); }
       else if (view === 'tree' && parts[1]) { show('tree'); await openTree(parts[1], parts[2]); }
       else if (view === 'run') { show('run'); await loadRun(); }
+      else if (view === 'hq') { show('hq'); await loadHq(); }
+      else if (view === 'procs') { show('procs'); await loadProcs(parts[1]); }
+      else if (view === 'models') { show('models'); await loadModels(parts[1], parts[2]); }
       else if (view === 'workspaces') { show('workspaces'); await loadWorkspaces(); }
       else if (view === 'tokens') { show('tokens'); await loadTokens(); }
       else { show('jobs'); await loadJobs(query); }
@@ -205,24 +256,29 @@
 
   // ---- session -------------------------------------------------------------------------------
 
+  /** Who the caller is and what they may do; the page shows only the controls that allows. */
   async function whoami() {
-    const t = await api('GET', '/api/v1/tokens', undefined, { quiet401: true });
-    const mine = (t.items || []).find((x) => x.user);
-    st.user = mine ? mine.user : '?';
-    try {
-      await api('GET', '/api/v1/users', undefined, { quiet401: true });
-      st.admin = true;
-    } catch (_) {
-      st.admin = false;
-    }
+    const me = await api('GET', '/api/v1/me', undefined, { quiet401: true });
+    st.user = me.user;
+    st.scopes = new Set(me.scopes || []);
+    st.admin = !!me.admin && st.scopes.has('admin');
+    st.roles = new Map((me.workspaces || []).map((w) => [w.name, w.role]));
+    applyRoles();
+  }
+
+  function applyRoles() {
+    $('whoami').textContent = st.user + (st.admin ? ' (admin)' : '');
+    document.body.classList.toggle('is-admin', st.admin);
+    const runs = runWorkspaces().length > 0;
+    for (const a of document.querySelectorAll('[data-needs=run]')) a.hidden = !runs;
+    $('ws-form').hidden = !st.scopes.has('admin');
   }
 
   async function enterApp() {
     document.body.dataset.mode = 'app';
     $('nav').hidden = false;
     $('who').hidden = false;
-    $('whoami').textContent = st.user + (st.admin ? ' (admin)' : '');
-    document.body.classList.toggle('is-admin', st.admin);
+    applyRoles();
     connectEvents();
     await route();
   }
@@ -304,6 +360,7 @@
     try {
       const jt = await api('POST', '/api/v1/nodes/join-token', { ttl_s: 3600, uses: 1 }, { token });
       $('join-command').textContent = jt.command;
+      showHint('join-hint', jt.hint);
     } catch (e) {
       $('join-command').textContent = '(no join token: ' + e.message + ')';
     }
@@ -384,6 +441,8 @@
     if (ev.type === 'job') onJobEvent(ev);
     else if (ev.type === 'tree') onTreeEvent(ev);
     else if (ev.type === 'node') onNodeEvent(ev);
+    else if (ev.type === 'process' && st.view === 'procs') soon('procs', () => loadProcs(st.procLog && st.procLog.id));
+    else if ((ev.type === 'model' || ev.type === 'process') && st.view === 'models') soon('models', () => loadModels(...(st.model || [])));
     else if (ev.type === 'lagged') soon('route', route);
   }
 
@@ -394,7 +453,7 @@
         setBadge(row.querySelector('.state'), ev.state);
         if (ev.state !== 'running') {
           const fin = row.querySelector('.finished');
-          fin.replaceChildren(timeCell(ev.at, false));
+          fin.replaceChildren(timeCell(ev.at));
         }
       } else if (st.jobs.idx === 0) {
         soon('jobs', () => loadJobs(parseHash().query, true));
@@ -403,7 +462,7 @@
     if (st.tree && st.tree.id === ev.id) {
       st.tree.state = ev.state;
       setBadge($('tree-state'), ev.state);
-      $('tree-abort').hidden = ev.state !== 'running';
+      showAbort();
     }
   }
 
@@ -416,11 +475,14 @@
     job.attempt = ev.attempt;
     if (ev.node) job.node = ev.node;
     if (ev.state === 'running' && before.state !== 'running') job.started_at = ev.at;
+    if (ev.state !== 'running' && ev.state !== 'waiting' && !job.finished_at) job.finished_at = ev.at;
     const row = document.querySelector('#tree .job[data-job="' + CSS.escape(ev.id) + '"]');
     if (row) {
       setBadge(row.querySelector('.state'), ev.state);
       row.querySelector('.meta').textContent = jobMeta(job);
     }
+    if (st.log && st.log.id === ev.id) showDetails(job);
+    soon('edges', drawEdges, 100);
     // Exit codes and errors are not in events: fetch the tree once when a job ends.
     if (['succeeded', 'failed', 'aborted'].includes(ev.state)) {
       soon('tree', () => openTree(st.tree.id, st.log && st.log.id, true), 400);
@@ -448,6 +510,198 @@
   setInterval(() => {
     for (const t of document.querySelectorAll('time.rel')) t.textContent = ago(t.dataset.ts);
   }, 10000);
+
+  // ---- processes -----------------------------------------------------------------------------
+
+  function portsText(ports) {
+    const p = Object.entries(ports || {}).map(([k, v]) => k + '=' + v);
+    return p.length ? p.join(', ') : '—';
+  }
+
+  function uptime(p) {
+    if (!p.started_at || !['starting', 'healthy', 'unhealthy'].includes(p.state)) return '—';
+    return ago(p.started_at).replace(/ ago$/, '');
+  }
+
+  function procRow(p) {
+    const actions = [];
+    if (may(p.workspace, 'operator')) {
+      const verbs = ['starting', 'healthy', 'unhealthy', 'restarting', 'pending'].includes(p.state) && p.want !== 'stopped'
+        ? [['stop', 'Stop'], ['restart', 'Restart']] : [['start', 'Start']];
+      for (const [verb, label] of verbs) {
+        actions.push(el('button', {
+          type: 'button', class: 'small secondary', dataset: { action: verb },
+          onclick: async (e) => {
+            e.stopPropagation();
+            e.target.disabled = true;
+            try {
+              await api('POST', '/api/v1/processes/' + encodeURIComponent(p.id) + '/' + verb);
+              hideMsg('procs-error');
+              soon('procs', () => loadProcs(st.procLog && st.procLog.id));
+            } catch (err) {
+              e.target.disabled = false;
+              showMsg('procs-error', p.name + ': ' + err.message);
+            }
+          },
+        }, label));
+      }
+    }
+    return el('tr', { dataset: { proc: p.id }, class: 'clickable', onclick: () => { location.hash = '#/procs/' + p.id; } },
+      el('td', { class: 'name' }, el('a', { href: '#/procs/' + p.id }, el('b', {}, p.name))),
+      el('td', {}, badge(p.state)),
+      el('td', {}, p.node || '—'),
+      el('td', { class: 'mono ports' }, portsText(p.ports)),
+      el('td', { class: 'restarts' }, String(p.restarts ?? 0)),
+      el('td', { class: 'uptime' }, uptime(p)),
+      el('td', { class: 'reason' }, p.reason || ''),
+      el('td', {}, actions));
+  }
+
+  function closeProcLog() {
+    if (st.procLog && st.procLog.sock) st.procLog.sock.close();
+    st.procLog = null;
+  }
+
+  /** Follows a process's log over its websocket, keeping the last 512 KiB on the page. */
+  function followProcLog(p) {
+    if (st.procLog && st.procLog.id === p.id && st.procLog.sock && st.procLog.sock.readyState <= 1) return;
+    closeProcLog();
+    const pre = $('proc-log');
+    pre.textContent = '';
+    pre.dataset.proc = p.id;
+    $('proc-log-name').textContent = p.name;
+    $('proc-log-box').hidden = false;
+    if (!p.node) { pre.textContent = '(not started on a node yet)'; st.procLog = { id: p.id }; return; }
+    const sock = new WebSocket(wsUrl('/api/v1/processes/' + encodeURIComponent(p.id) + '/log/ws'));
+    st.procLog = { id: p.id, sock };
+    sock.onmessage = (m) => {
+      pre.textContent += m.data;
+      if (pre.textContent.length > 512 * 1024) pre.textContent = pre.textContent.slice(-512 * 1024);
+      pre.scrollTop = pre.scrollHeight;
+    };
+  }
+
+  async function loadProcs(open) {
+    hideMsg('procs-error');
+    try {
+      const r = await api('GET', '/api/v1/processes');
+      $('procs-body').replaceChildren(...r.items.map(procRow));
+      $('procs-empty').hidden = r.items.length > 0;
+      for (const row of document.querySelectorAll('#procs-body tr')) row.classList.toggle('selected', row.dataset.proc === open);
+      const p = open && r.items.find((x) => x.id === open);
+      if (p) followProcLog(p);
+      else { closeProcLog(); $('proc-log-box').hidden = true; }
+    } catch (e) {
+      if (e.status !== 401) showMsg('procs-error', e.message);
+    }
+  }
+
+  // ---- models --------------------------------------------------------------------------------
+
+  function modelRow(m) {
+    const href = '#/models/' + encodeURIComponent(m.workspace) + '/' + encodeURIComponent(m.name);
+    return el('tr', { dataset: { model: m.workspace + '/' + m.name }, class: 'clickable', onclick: () => { location.hash = href; } },
+      el('td', { class: 'name' }, el('a', { href }, el('b', {}, m.workspace + '/' + m.name))),
+      el('td', { class: 'live-version' }, m.live ? 'v' + m.live : '—'),
+      el('td', {}, String(m.versions)),
+      el('td', {}, String(m.replicas)),
+      el('td', {}, 'v' + m.last_version + ' ', badge(m.state)),
+      el('td', {}, ago(m.updated_at)));
+  }
+
+  function versionRow(m, v) {
+    const actions = [];
+    if (v.state === 'stopped' && may(m.workspace, 'operator')) {
+      actions.push(el('button', {
+        type: 'button', class: 'small secondary', dataset: { action: 'revert' },
+        onclick: async (e) => {
+          e.target.disabled = true;
+          try {
+            await api('POST', modelPath(m) + '/revert', { version: v.version });
+            hideMsg('models-error');
+          } catch (err) {
+            e.target.disabled = false;
+            showMsg('models-error', 'v' + v.version + ': ' + err.message);
+          }
+        },
+      }, 'Revert'));
+    }
+    return el('tr', { dataset: { version: String(v.version) } },
+      el('td', {}, 'v' + v.version),
+      el('td', { class: 'vstate' }, badge(v.state)),
+      el('td', {}, ago(v.created_at)),
+      el('td', {}, v.created_by || ''),
+      el('td', {}, v.node || '—'),
+      el('td', {}, v.tree ? el('a', { href: '#/tree/' + v.tree, class: 'mono tree' }, v.tree.slice(0, 8)) : '—'),
+      el('td', { class: 'error' }, v.error || ''),
+      el('td', {}, actions));
+  }
+
+  function ms(x) {
+    return x === null || x === undefined ? '—' : x + ' ms';
+  }
+
+  function replicaRow(r) {
+    return el('tr', { dataset: { process: r.process, version: String(r.version) } },
+      el('td', {}, 'v' + r.version),
+      el('td', {}, el('a', { href: '#/procs/' + r.process, class: 'mono' }, r.process.slice(0, 8))),
+      el('td', { class: 'rstate' }, badge(r.state)),
+      el('td', {}, r.node || '—'),
+      el('td', { class: 'mono' }, r.address || '—'),
+      el('td', { class: 'requests' }, String(r.requests)),
+      el('td', {}, ms(r.p50_ms)),
+      el('td', {}, ms(r.p99_ms)));
+  }
+
+  function modelPath(m) {
+    return '/api/v1/models/' + encodeURIComponent(m.workspace) + '/' + encodeURIComponent(m.name);
+  }
+
+  async function loadModels(ws, name) {
+    hideMsg('models-error');
+    st.model = ws && name ? [ws, name] : null;
+    try {
+      const r = await api('GET', '/api/v1/models');
+      $('models-body').replaceChildren(...r.items.map(modelRow));
+      $('models-empty').hidden = r.items.length > 0;
+      for (const row of document.querySelectorAll('#models-body tr')) row.classList.toggle('selected', row.dataset.model === ws + '/' + name);
+      if (!st.model) { $('model-box').hidden = true; return; }
+      const m = await api('GET', '/api/v1/models/' + encodeURIComponent(ws) + '/' + encodeURIComponent(name));
+      $('model-name').textContent = m.workspace + '/' + m.name;
+      $('model-live').textContent = m.live ? 'v' + m.live : '—';
+      $('model-versions-body').replaceChildren(...m.versions.map((v) => versionRow(m, v)));
+      const replicas = m.replicas.slice().sort((a, b) => b.version - a.version);
+      $('model-replicas-body').replaceChildren(...replicas.map(replicaRow));
+      $('model-box').hidden = false;
+    } catch (e) {
+      if (e.status !== 401) showMsg('models-error', e.message);
+    }
+  }
+
+  $('predict-form').addEventListener('submit', async (e) => {
+    e.preventDefault();
+    hideMsg('predict-error');
+    if (!st.model) return;
+    let data;
+    try {
+      data = JSON.parse($('predict-data').value);
+    } catch (err) {
+      showMsg('predict-error', 'data is not JSON: ' + err.message);
+      return;
+    }
+    const b = $('predict-submit');
+    b.disabled = true;
+    try {
+      const [ws, name] = st.model;
+      const r = await api('POST', '/api/v1/models/' + encodeURIComponent(ws) + '/' + encodeURIComponent(name) + '/predict', { data });
+      $('predict-result').textContent = JSON.stringify(r.result) + '  (v' + r.version + ')';
+      $('predict-result').hidden = false;
+    } catch (err) {
+      showMsg('predict-error', err.message);
+    } finally {
+      b.disabled = false;
+    }
+  });
 
   // ---- nodes ---------------------------------------------------------------------------------
 
@@ -480,7 +734,7 @@
       el('td', {}, (n.labels && n.labels.type) || '—'),
       el('td', {}, labels.length ? labels : '—'),
       el('td', {}, String(n.slots ?? '')),
-      el('td', {}, timeCell(n.last_seen, true)),
+      el('td', {}, timeCell(n.last_seen)),
       el('td', { class: 'mono' }, n.version || ''),
       el('td', {}, action));
   }
@@ -502,6 +756,7 @@
     try {
       const jt = await api('POST', '/api/v1/nodes/join-token', { ttl_s: 3600, uses: 1 });
       $('node-join-command').textContent = jt.command;
+      showHint('node-join-hint', jt.hint);
       $('node-join').hidden = false;
     } catch (e) {
       showMsg('nodes-error', e.message);
@@ -560,8 +815,8 @@
     el('td', {}, tagList(t.tags)),
     el('td', {}, String(t.jobs ?? '')),
     el('td', {}, (t.nodes || []).join(', ')),
-    el('td', {}, timeCell(t.created_at, true)),
-    el('td', { class: 'finished' }, t.finished_at ? timeCell(t.finished_at, false) : ''))));
+    el('td', {}, timeCell(t.created_at)),
+    el('td', { class: 'finished' }, t.finished_at ? timeCell(t.finished_at) : ''))));
     $('jobs-empty').hidden = r.items.length > 0;
     $('jobs-older').disabled = !st.jobs.next;
     $('jobs-newer').disabled = st.jobs.idx === 0;
@@ -594,16 +849,27 @@
     return 'group';
   }
 
+  /** What a job runs, as one line. */
+  function command(j) {
+    if (j.exec) return j.exec.map((w) => (/^[\w@%+=:,./-]+$/.test(w) ? w : "'" + w.replace(/'/g, "'\\''") + "'")).join(' ');
+    if (j.shell !== undefined) return j.shell;
+    if (j.noop) return '(no-op)';
+    return '(a group: it waits for its children)';
+  }
+
+  function keyOf(id) {
+    const j = st.tree && st.tree.jobs.get(id);
+    return j ? j.key : id;
+  }
+
   function jobMeta(j) {
     const parts = [];
     if (j.key && j.key !== j.name) parts.push('key ' + j.key);
     if (j.node) parts.push('on ' + j.node);
-    if (j.attempt > 1) parts.push('attempt ' + j.attempt);
+    if (j.attempt > 1 || j.retries > 0) parts.push('attempt ' + j.attempt + (j.retries > 0 ? '/' + (j.retries + 1) : ''));
     if (j.exit_code !== null && j.exit_code !== undefined) parts.push('exit ' + j.exit_code);
-    if (j.started_at && j.finished_at) {
-      const s = (new Date(j.finished_at) - new Date(j.started_at)) / 1000;
-      if (!isNaN(s)) parts.push(s.toFixed(1) + ' s');
-    }
+    if (j.started_at && j.finished_at) parts.push(span(j.started_at, j.finished_at));
+    if (j.needs && j.needs.length) parts.push('needs ' + j.needs.map(keyOf).join(', '));
     return parts.join(' · ');
   }
 
@@ -613,32 +879,114 @@
     const row = el('div', {
       class: 'job' + (selected ? ' selected' : ''), tabindex: '0', role: 'button',
       dataset: { job: j.id, key: j.key || '', kind: jobKind(j) },
-      title: j.exec ? j.exec.join(' ') : (j.shell || ''),
+      title: command(j),
       onclick: () => selectJob(j.id),
       onkeydown: (e) => { if (e.key === 'Enter') selectJob(j.id); },
-    }, badge(j.state), el('span', { class: 'name' }, j.name), el('span', { class: 'meta' }, jobMeta(j)),
+    }, badge(j.state), el('span', { class: 'name' }, j.name), el('span', { class: 'meta' }, ''),
     j.error ? el('span', { class: 'err' }, j.error) : null);
     const kids = (j.children || []).map(jobItem);
     return el('li', {}, row, kids.length ? el('ul', {}, kids) : null);
   }
 
   function firstJob(root, pred) {
-    if (pred(root)) return root;
-    for (const c of root.children || []) {
-      const f = firstJob(c, pred);
-      if (f) return f;
+    const stack = [root];
+    while (stack.length) {
+      const j = stack.pop();
+      if (pred(j)) return j;
+      stack.push(...(j.children || []).slice().reverse());
     }
     return null;
   }
 
+  /** The job a failed tree is about: the failed job that ended first (the others were aborted
+   *  because of it, or failed after it). */
+  function cause(root) {
+    let best = null;
+    firstJob(root, (j) => {
+      if (j.state === 'failed' && (!best || String(j.finished_at || '') < String(best.finished_at || ''))) best = j;
+      return false;
+    });
+    return best;
+  }
+
+  /** Draws the `needs` edges beside the tree: an arrow from each needed job to the job that
+   *  needs it, on the right of the rows (the nesting already shows children). */
+  function drawEdges() {
+    const svg = $('tree-edges');
+    const box = $('tree-box');
+    svg.replaceChildren(svg.querySelector('defs'));
+    $('edges-note').hidden = true;
+    if (!st.tree || box.offsetParent === null) return;
+    const base = box.getBoundingClientRect();
+    svg.setAttribute('width', String(box.clientWidth));
+    svg.setAttribute('height', String(box.scrollHeight));
+    // New SVG paths are copies of the one in the page (so no namespace is spelled out here).
+    const proto = svg.querySelector('#edge-proto');
+    const right = box.clientWidth - 30;
+    let n = 0;
+    for (const j of st.tree.jobs.values()) {
+      for (const need of j.needs || []) {
+        const from = box.querySelector('.job[data-job="' + CSS.escape(need) + '"]');
+        const to = box.querySelector('.job[data-job="' + CSS.escape(j.id) + '"]');
+        if (!from || !to) continue;
+        const y1 = from.getBoundingClientRect().top - base.top + box.scrollTop + from.offsetHeight / 2;
+        const y2 = to.getBoundingClientRect().top - base.top + box.scrollTop + to.offsetHeight / 2;
+        const bend = 10 + Math.min(18, Math.abs(y2 - y1) / 6) + (n % 3) * 3;
+        n += 1;
+        const path = proto.cloneNode(false);
+        path.removeAttribute('id');
+        path.setAttribute('d', `M ${right} ${y1} C ${right + bend} ${y1}, ${right + bend} ${y2}, ${right} ${y2}`);
+        path.dataset.from = keyOf(need);
+        path.dataset.to = j.key;
+        svg.append(path);
+      }
+    }
+    $('edges-note').hidden = n === 0;
+  }
+  window.addEventListener('resize', () => soon('edges', drawEdges, 100));
+
+  function showAbort() {
+    const t = st.tree;
+    $('tree-abort').hidden = !t || t.state !== 'running' || !may(t.root.tags && t.root.tags.workspace, 'operator');
+  }
+
+  /** Empties the tree view (a tree that cannot be shown must not leave the last one there). */
+  function clearTree() {
+    leaveTree();
+    $('tree-name').textContent = '';
+    $('tree-state').replaceChildren();
+    $('tree-state').className = '';
+    $('tree-state').removeAttribute('data-state');
+    $('tree-tags').replaceChildren();
+    $('tree-id').textContent = '';
+    $('tree').replaceChildren();
+    $('tree-abort').hidden = true;
+    $('job-details').replaceChildren();
+    $('log').textContent = '';
+    $('log-job').textContent = '';
+    $('log-earlier').hidden = true;
+    $('log-download').hidden = true;
+    logStatus('');
+    drawEdges();
+  }
+
   async function openTree(id, jobId, refresh) {
-    hideMsg('tree-error');
     const asked = performance.now();
+    // Answers that come back out of order: only the last asked is shown.
+    const ask = (st.treeAsk = (st.treeAsk || 0) + 1);
     let root;
     try {
       root = await api('GET', '/api/v1/jobs/' + encodeURIComponent(id) + '/tree');
+      if (ask !== st.treeAsk) return;
+      hideMsg('tree-error');
+      // A child's id: open its tree, on that job.
+      if (root.tree && root.tree !== root.id) {
+        return openTree(root.tree, jobId || root.id, refresh);
+      }
     } catch (e) {
-      if (e.status !== 401) showMsg('tree-error', e.message);
+      if (e.status === 401 || ask !== st.treeAsk) return;
+      if (st.view === 'tree' && !refresh) clearTree();
+      showMsg('tree-error', e.status === 404 || e.status === 400 ? 'No such tree: ' + e.message + '.' : e.message);
       return;
     }
     if (st.view !== 'tree') return;
@@ -649,8 +997,12 @@
     setBadge($('tree-state'), root.tree_state);
     $('tree-tags').replaceChildren(...tagList(root.tags));
     $('tree-id').textContent = treeId;
-    $('tree-abort').hidden = root.tree_state !== 'running';
     $('tree').replaceChildren(jobItem(root));
+    for (const row of document.querySelectorAll('#tree .job')) {
+      row.querySelector('.meta').textContent = jobMeta(st.tree.jobs.get(row.dataset.job));
+    }
+    showAbort();
+    drawEdges();
     // Events of this tree that came while the answer was on its way were not applied to it:
     // look once more, so no state change is missed.
     if (st.recent.some((e) => e.tree === treeId && e.t >= asked)) {
@@ -658,11 +1010,13 @@
     }
     if (refresh && st.log) {
       const j = st.tree.jobs.get(st.log.id);
-      if (j && !st.log.sock && j.state !== 'waiting' && st.log.ended !== j.attempt) followLog(j);
+      if (j) showDetails(j);
+      if (j && !st.log.sock && !st.log.loaded && j.state !== 'waiting' && st.log.ended !== j.attempt) followLog(j);
       return;
     }
     const pick = (jobId && st.tree.jobs.get(jobId))
       || firstJob(root, (j) => j.state === 'running' && jobKind(j) !== 'group')
+      || cause(root)
       || firstJob(root, (j) => jobKind(j) === 'exec' || jobKind(j) === 'shell')
       || root;
     selectJob(pick.id);
@@ -674,7 +1028,30 @@
     for (const r of document.querySelectorAll('#tree .job')) r.classList.toggle('selected', r.dataset.job === id);
     const target = '#/tree/' + st.tree.id + '/' + id;
     if (location.hash !== target) history.replaceState(null, '', target);
+    showDetails(j);
     followLog(j);
+  }
+
+  /** The selected job: what it runs, where, when, its attempts and how it ended. */
+  function showDetails(j) {
+    const rows = [
+      ['State', badge(j.state)],
+      ['Key', j.key],
+      ['Id', el('span', { class: 'mono' }, j.id)],
+      ['Runs', el('code', {}, command(j))],
+      ['Node', j.node || (j.want_node ? j.want_node + ' (pinned; not placed yet)' : '—')],
+      ['Attempt', String(j.attempt) + (j.retries > 0 ? ' of ' + (j.retries + 1) : '')],
+      ['Started', timeCell(j.started_at)],
+      ['Finished', timeCell(j.finished_at)],
+    ];
+    if (j.started_at && j.finished_at) rows.push(['Took', span(j.started_at, j.finished_at)]);
+    if (j.retry_at) rows.push(['Retry', timeCell(j.retry_at)]);
+    if (j.timeout_s) rows.push(['Timeout', j.timeout_s + ' s']);
+    if (j.exit_code !== null && j.exit_code !== undefined) rows.push(['Exit code', String(j.exit_code)]);
+    if (j.error) rows.push(['Error', el('span', { class: 'err' }, j.error)]);
+    if (j.needs && j.needs.length) rows.push(['Needs', j.needs.map(keyOf).join(', ')]);
+    $('job-details').replaceChildren(...rows.flatMap(([k, v]) => [
+      el('dt', {}, k), el('dd', { dataset: { field: k.toLowerCase().replace(' ', '-') } }, v)]));
   }
 
   function closeLog() {
@@ -696,37 +1073,161 @@
     $('log-status').textContent = text;
   }
 
+  function logUrl(log, params) {
+    const q = new URLSearchParams({ attempt: String(log.attempt), ...params });
+    return '/api/v1/jobs/' + encodeURIComponent(log.id) + '/log?' + q;
+  }
+
+  /** A part of a log: its bytes, where they start, and how big the whole log is. */
+  async function logPart(log, params) {
+    const resp = await fetch(logUrl(log, params), { credentials: 'same-origin' });
+    if (!resp.ok) {
+      let m = resp.statusText;
+      try { m = (await resp.json()).error.message; } catch (_) { /* not JSON */ }
+      throw new ApiError(resp.status, 'http_' + resp.status, m);
+    }
+    return {
+      bytes: new Uint8Array(await resp.arrayBuffer()),
+      offset: Number(resp.headers.get('X-Log-Offset') || 0),
+      size: Number(resp.headers.get('X-Log-Size') || 0),
+    };
+  }
+
+  /** Bytes from `offset` as text starting at a whole line (0x0A never occurs inside a UTF-8
+   *  character, so cutting there is safe); gives the text and where it starts. */
+  function wholeLines(bytes, offset) {
+    let cut = 0;
+    if (offset > 0) {
+      const nl = bytes.indexOf(10);
+      if (nl >= 0 && nl + 1 < bytes.length) cut = nl + 1;
+    }
+    return { text: new TextDecoder().decode(bytes.subarray(cut)), start: offset + cut };
+  }
+
+  function showEarlier(log) {
+    const b = $('log-earlier');
+    b.hidden = !(log.start > 0);
+    b.textContent = 'Load earlier (' + Math.ceil(log.start / 1024) + ' KiB before)';
+  }
+
+  /** An ended attempt's log: its end first (a big log opens at once), earlier parts on demand. */
+  async function loadTail(log) {
+    const pre = $('log');
+    logStatus('loading…');
+    let part;
+    try {
+      part = await logPart(log, { tail: String(LOG_TAIL) });
+    } catch (e) {
+      if (st.log !== log) return;
+      pre.dataset.status = 'error';
+      return logStatus('the log cannot be read: ' + e.message);
+    }
+    if (st.log !== log) return;
+    const { text, start } = wholeLines(part.bytes, part.offset);
+    pre.textContent = text;
+    pre.scrollTop = pre.scrollHeight;
+    log.start = start;
+    log.loaded = true;
+    showEarlier(log);
+    const j = st.tree && st.tree.jobs.get(log.id);
+    pre.dataset.status = 'ended';
+    logStatus('log complete' + (j ? ' (' + j.state + ')' : '') + ' · ' + Math.ceil(part.size / 1024) + ' KiB');
+  }
+
+  $('log-earlier').addEventListener('click', async () => {
+    const log = st.log;
+    if (!log || !(log.start > 0)) return;
+    const b = $('log-earlier');
+    b.disabled = true;
+    try {
+      const offset = Math.max(0, log.start - LOG_PAGE);
+      const part = await logPart(log, { offset: String(offset), limit: String(log.start - offset) });
+      if (st.log !== log) return;
+      const { text, start } = wholeLines(part.bytes, part.offset);
+      const pre = $('log');
+      const before = pre.scrollHeight;
+      pre.prepend(document.createTextNode(text));
+      pre.scrollTop += pre.scrollHeight - before;
+      log.start = start;
+      showEarlier(log);
+    } catch (e) {
+      logStatus('the earlier part cannot be read: ' + e.message);
+    } finally {
+      b.disabled = false;
+    }
+  });
+
   function followLog(j) {
     closeLog();
-    st.log = { id: j.id, attempt: j.attempt, sock: null, ended: null };
+    st.logOpens = (st.logOpens || 0) + 1;
+    st.log = { id: j.id, attempt: j.attempt, sock: null, ended: null, start: 0, loaded: false };
     const pre = $('log');
     pre.textContent = '';
     pre.dataset.job = j.id;
     $('log-job').textContent = '· ' + j.name;
+    $('log-earlier').hidden = true;
     const kind = jobKind(j);
+    const dl = $('log-download');
+    dl.hidden = kind === 'group' || kind === 'noop' || j.state === 'waiting';
+    dl.href = logUrl(st.log, {});
+    dl.setAttribute('download', 'muster-' + j.key + '-' + j.id + '.' + j.attempt + '.log');
     if (kind === 'group' || kind === 'noop') {
       logStatus('');
       pre.textContent = kind === 'group' ? '(a group of jobs: it has no log of its own)' : '(a no-op job: no log)';
       return;
     }
     if (j.state === 'waiting') {
-      logStatus('waiting to start…');
+      logStatus(j.retry_at ? 'waiting to retry…' : 'waiting to start…');
       pre.dataset.status = 'waiting';
       return; // Opened when the job's "running" event arrives.
     }
     const log = st.log;
-    const sock = new WebSocket(wsUrl('/api/v1/jobs/' + encodeURIComponent(j.id) + '/log/ws'));
+    if (j.state !== 'running') {
+      loadTail(log);
+      return;
+    }
+    // A running attempt is followed live; the page keeps its last LOG_KEEP characters.
+    const sock = new WebSocket(wsUrl('/api/v1/jobs/' + encodeURIComponent(j.id) + '/log/ws?attempt=' + j.attempt));
+    const utf8 = new TextEncoder();
     log.sock = sock;
     pre.dataset.status = 'following';
-    logStatus(j.state === 'running' ? 'following live…' : 'loading…');
-    sock.onmessage = (m) => {
+    logStatus('following live…');
+    // Chunks are put on the page once per frame: a big log arrives in thousands of messages,
+    // and laying the page out for each one would freeze it.
+    let chars = 0; // on the page, counted as it comes (reading textContent each time is slow)
+    let pending = [];
+    const flush = () => {
+      const data = pending.join('');
+      pending = [];
+      if (log.sock !== sock && !log.draining) return;
       const nearBottom = pre.scrollHeight - pre.scrollTop - pre.clientHeight < 40;
-      pre.append(document.createTextNode(typeof m.data === 'string' ? m.data : ''));
+      pre.append(document.createTextNode(data));
+      chars += data.length;
+      if (chars > LOG_KEEP * 1.25) {
+        const t = pre.textContent;
+        // At a line's start when there is one (a line longer than LOG_KEEP is cut in two).
+        const cut = t.indexOf('\n', t.length - LOG_KEEP) + 1 || t.length - LOG_KEEP;
+        log.start += utf8.encode(t.slice(0, cut)).length;
+        pre.textContent = t.slice(cut);
+        showEarlier(log);
+        chars = t.length - cut;
+      }
       if (nearBottom) pre.scrollTop = pre.scrollHeight;
+      log.draining = false;
+    };
+    sock.onmessage = (m) => {
+      if (typeof m.data !== 'string' || !m.data) return;
+      if (!pending.length) requestAnimationFrame(flush);
+      pending.push(m.data);
     };
     sock.onclose = (e) => {
       if (log.sock !== sock) return;
       log.sock = null;
+      if (pending.length) {
+        // What came last is still to be shown.
+        log.draining = true;
+        flush();
+      }
       const now = st.tree && st.tree.jobs.get(j.id);
       const state = now ? now.state : j.state;
       if (e.code === 1000 || e.code === 1005) {
@@ -754,15 +1255,18 @@
   async function loadRun() {
     hideMsg('run-error');
     hideMsg('script-error');
-    const [ws, nodes] = await Promise.all([
-      api('GET', '/api/v1/workspaces'),
-      api('GET', '/api/v1/nodes').catch(() => ({ items: [] })),
-    ]);
+    hideMsg('tree-form-error');
+    const nodes = await api('GET', '/api/v1/nodes').catch(() => ({ items: [] }));
+    // Only the workspaces where the caller may run jobs.
+    const mine = runWorkspaces();
+    $('run-none').hidden = mine.length > 0;
+    for (const f of ['run-form', 'tree-form']) $(f).querySelector('button[type=submit]').disabled = mine.length === 0;
+    $('tree-workspaces').textContent = mine.length ? mine.join(', ') : 'none';
     const wsSel = $('run-workspace');
     const keep = wsSel.value;
-    wsSel.replaceChildren(...ws.items.map((w) => el('option', { value: w.name }, w.name + (w.role ? ' (' + w.role + ')' : ''))));
-    if (keep) wsSel.value = keep;
-    if (!wsSel.value && st.user) wsSel.value = st.user;
+    wsSel.replaceChildren(...mine.map((w) => el('option', { value: w }, w + ' (' + st.roles.get(w) + ')')));
+    if (keep && mine.includes(keep)) wsSel.value = keep;
+    else if (mine.includes(st.user)) wsSel.value = st.user;
     const nodeSel = $('run-node');
     const keepNode = nodeSel.value;
     nodeSel.replaceChildren(el('option', { value: '' }, 'any node'),
@@ -801,6 +1305,16 @@
     }
     const body = { name, shell, tags };
     if ($('run-node').value) body.node = $('run-node').value;
+    const timeout = $('run-timeout').value.trim();
+    if (timeout) {
+      if (!/^[0-9]+$/.test(timeout) || Number(timeout) < 1) return showMsg('run-error', 'The timeout is a whole number of seconds, at least 1.');
+      body.timeout_s = Number(timeout);
+    }
+    const retries = $('run-retries').value.trim();
+    if (retries && retries !== '0') {
+      if (!/^[0-9]+$/.test(retries) || Number(retries) > 100) return showMsg('run-error', 'Retries is a whole number from 0 to 100.');
+      body.retries = Number(retries);
+    }
     const button = $('run-submit');
     button.disabled = true;
     try {
@@ -808,6 +1322,59 @@
       location.hash = '#/tree/' + r.id;
     } catch (e) {
       showMsg('run-error', e.message);
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  // The two ways to run: a command, or a whole tree.
+  for (const tab of document.querySelectorAll('#view-run .tab')) {
+    tab.addEventListener('click', () => {
+      for (const t of document.querySelectorAll('#view-run .tab')) {
+        const on = t === tab;
+        t.classList.toggle('active', on);
+        t.setAttribute('aria-selected', String(on));
+        $(t.dataset.tab).hidden = !on;
+      }
+    });
+  }
+
+  $('tree-file').addEventListener('change', async () => {
+    const f = $('tree-file').files[0];
+    if (!f) return;
+    $('tree-text').value = await f.text();
+    const ext = f.name.toLowerCase().split('.').pop();
+    $('tree-format').value = ext === 'toml' || ext === 'json' ? ext : 'auto';
+  });
+
+  $('tree-form').noValidate = true;
+  $('tree-form').addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    hideMsg('tree-form-error');
+    const text = $('tree-text').value;
+    if (!text.trim()) return showMsg('tree-form-error', 'Give the tree: paste it, or choose a file.');
+    let format = $('tree-format').value;
+    if (format === 'auto') format = text.trim().startsWith('{') ? 'json' : 'toml';
+    let body;
+    let opts = {};
+    if (format === 'json') {
+      try {
+        body = JSON.parse(text);
+      } catch (e) {
+        return showMsg('tree-form-error', 'The tree is not valid JSON: ' + e.message + '. Nothing was run.');
+      }
+    } else {
+      // TOML goes as it is: the server reads it as the CLI does, and names the line of a mistake.
+      body = text;
+      opts = { type: 'application/toml' };
+    }
+    const button = $('tree-submit');
+    button.disabled = true;
+    try {
+      const r = await api('POST', '/api/v1/jobs', body, opts);
+      location.hash = '#/tree/' + r.id;
+    } catch (e) {
+      showMsg('tree-form-error', e.message + '. Nothing was run.');
     } finally {
       button.disabled = false;
     }
@@ -842,6 +1409,70 @@
     }
   });
 
+  // ---- headquarters --------------------------------------------------------------------------
+
+  function hqWatcherRow(w) {
+    return el('tr', { 'data-watcher': w.name },
+      el('td', {}, w.name),
+      el('td', {}, badge(w.outcome)),
+      el('td', {}, timeCell(w.started_at)),
+      el('td', { class: 'num' }, w.duration_ms + ' ms'),
+      el('td', {}, w.message || ''));
+  }
+
+  function hqOrderRow(o) {
+    const tree = o.tree ? el('a', { href: '#/tree/' + o.tree, class: 'mono' }, o.tree.slice(0, 8)) : '';
+    return el('tr', { 'data-line': String(o.line), 'data-file': o.file },
+      el('td', { class: 'mono' }, o.file),
+      el('td', { class: 'num' }, String(o.line)),
+      el('td', { class: 'mono' }, o.text),
+      el('td', {}, badge(o.state)),
+      el('td', {}, tree),
+      el('td', {}, timeCell(o.finished_at)),
+      el('td', {}, o.message || ''));
+  }
+
+  async function loadHq() {
+    hideMsg('hq-error');
+    $('hq-sync').hidden = !st.scopes.has('operate');
+    try {
+      const [h, o] = await Promise.all([api('GET', '/api/v1/hq'), api('GET', '/api/v1/hq/orders?limit=200')]);
+      $('hq-head-id').textContent = h.head ? h.head.id.slice(0, 12) : '';
+      $('hq-head-message').textContent = h.head ? h.head.message : '(no commit)';
+      $('hq-branch').textContent = h.branch;
+      $('hq-remote').textContent = h.remote || '(none: HQ is local only)';
+      $('hq-path').textContent = h.path;
+      $('hq-last-sync').textContent = h.last_sync
+        ? (h.last_sync.ok ? 'ok' : 'failed') + ', ' + ago(h.last_sync.at) + ': ' + h.last_sync.message
+        : (h.remote ? 'not yet' : 'no remote');
+      if (h.error) showMsg('hq-repo-error', h.error); else hideMsg('hq-repo-error');
+      const c = $('hq-conflict');
+      c.hidden = !h.conflict;
+      c.textContent = h.conflict ? 'Conflict in ' + h.conflict.files.join(', ') + ': ' + h.conflict.message : '';
+      $('hq-problems').replaceChildren(...(h.problems || []).map((p) => el('li', { class: 'msg error' }, p.message)));
+      $('hq-watchers-body').replaceChildren(...h.watchers.map(hqWatcherRow), ...(h.reaper || []).map((t) => hqWatcherRow({
+        name: 'reaper: ' + t.name, outcome: t.ok ? 'ok' : 'failed', started_at: t.started_at, duration_ms: t.duration_ms, message: t.message })));
+      const items = o.items.slice().reverse();
+      $('hq-orders-body').replaceChildren(...items.map(hqOrderRow));
+      $('hq-orders-empty').hidden = items.length > 0;
+    } catch (e) {
+      if (e.status !== 401) showMsg('hq-error', e.message);
+    }
+  }
+
+  $('hq-sync').addEventListener('click', async () => {
+    const b = $('hq-sync');
+    b.disabled = true;
+    try {
+      await api('POST', '/api/v1/hq/sync');
+      await loadHq();
+    } catch (e) {
+      showMsg('hq-error', e.message);
+    } finally {
+      b.disabled = false;
+    }
+  });
+
   // ---- workspaces ----------------------------------------------------------------------------
 
   const ROLES = ['viewer', 'operator', 'admin'];
@@ -864,7 +1495,12 @@
   function workspaceCard(w) {
     const errId = 'ws-error-' + w.name;
     const err = el('p', { id: errId, class: 'msg error', role: 'alert', hidden: true });
+    // Only the workspace's admins manage its members; the others see who is in it.
+    const manage = may(w.name, 'admin');
     const rows = (w.members || []).map((m) => {
+      if (!manage) {
+        return el('tr', { dataset: { member: m.user } }, el('td', {}, m.user), el('td', {}, m.role), el('td', {}));
+      }
       const remove = el('button', { type: 'button', class: 'small secondary' });
       twoStep(remove, 'Remove', 'Click again to remove', async () => {
         try {
@@ -889,6 +1525,7 @@
       },
     }, el('label', {}, 'Add a member', user), el('label', {}, 'Role', role),
     el('button', { type: 'submit', class: 'small' }, 'Add'));
+    form.hidden = !manage;
     return el('div', { class: 'card ws', dataset: { workspace: w.name } },
       el('h2', {}, w.name, w.role ? el('span', { class: 'tag' }, 'you: ' + w.role) : null),
       err,
@@ -936,8 +1573,8 @@
         el('td', {}, t.name),
         el('td', {}, t.user || ''),
         el('td', {}, (t.scopes || []).map((s) => el('span', { class: 'tag' }, s))),
-        el('td', {}, timeCell(t.created_at, true)),
-        el('td', {}, t.expires_at ? timeCell(t.expires_at, false) : 'never'),
+        el('td', {}, timeCell(t.created_at)),
+        el('td', {}, t.expires_at ? timeCell(t.expires_at) : 'never'),
         el('td', {}, revoke));
     }));
   }

@@ -4,10 +4,10 @@
 //! Every user gets a personal workspace named after them, where they are `admin`; a tree's
 //! `workspace` tag defaults to it. Cluster admins (`User::admin`) may do everything everywhere.
 
-use crate::manager::now;
 use muster_core::names::check_name;
 use muster_core::Ts;
 use muster_store::{Store, StoreError, User};
+use muster_wire::util::now;
 use serde::{Deserialize, Serialize};
 
 /// A member's role in a workspace; each includes the ones before it.
@@ -90,7 +90,7 @@ pub fn create_workspace(
 
 pub fn workspace(store: &dyn Store, name: &str) -> Result<Option<Workspace>, AccountError> {
     Ok(match store.doc(WORKSPACE, name)? {
-        Some(v) => serde_json::from_str(&v).ok(),
+        Some(d) => serde_json::from_str(&d.value).ok(),
         None => None,
     })
 }
@@ -99,7 +99,7 @@ pub fn workspaces(store: &dyn Store) -> Result<Vec<Workspace>, AccountError> {
     Ok(store
         .docs(WORKSPACE, "")?
         .into_iter()
-        .filter_map(|(_, v)| serde_json::from_str(&v).ok())
+        .filter_map(|(_, d)| serde_json::from_str(&d.value).ok())
         .collect())
 }
 
@@ -109,10 +109,10 @@ pub fn members(store: &dyn Store, ws: &str) -> Result<Vec<(String, Role)>, Accou
     Ok(store
         .docs(MEMBER, &prefix)?
         .into_iter()
-        .filter_map(|(k, v)| {
+        .filter_map(|(k, d)| {
             Some((
                 k.strip_prefix(&prefix)?.to_string(),
-                serde_json::from_str(&v).ok()?,
+                serde_json::from_str(&d.value).ok()?,
             ))
         })
         .collect())
@@ -123,9 +123,9 @@ pub fn memberships(store: &dyn Store, user: &str) -> Result<Vec<(String, Role)>,
     Ok(store
         .docs(MEMBER, "")?
         .into_iter()
-        .filter_map(|(k, v)| {
+        .filter_map(|(k, d)| {
             let (ws, u) = k.split_once('/')?;
-            (u == user).then(|| Some((ws.to_string(), serde_json::from_str(&v).ok()?)))?
+            (u == user).then(|| Some((ws.to_string(), serde_json::from_str(&d.value).ok()?)))?
         })
         .collect())
 }

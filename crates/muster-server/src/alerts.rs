@@ -2,10 +2,8 @@
 //! tree failed, each POSTed as one JSON object. A background thread sends them, so nothing
 //! waits on the webhook; an alert that cannot be delivered is retried a few times, then logged.
 
-use crate::manager::now;
+use muster_wire::util::now;
 use serde_json::{json, Value};
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -33,7 +31,7 @@ impl Alerts {
                         match target.post(&body) {
                             Ok(()) => break,
                             Err(e) if attempt == 5 => {
-                                eprintln!("muster: alert not delivered to the webhook: {e}: {body}")
+                                tracing::error!("alert not delivered to the webhook: {e}: {body}")
                             }
                             Err(_) => {
                                 std::thread::sleep(delay);
@@ -60,57 +58,57 @@ impl Alerts {
     }
 }
 
+/// The webhook, and the HTTP client that posts to it.
 struct Target {
-    host: String,
-    port: u16,
-    path: String,
+    url: String,
+    agent: ureq::Agent,
 }
 
 impl Target {
     fn parse(url: &str) -> Result<Target, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("alerts.webhook_url {url:?}: only http:// URLs are supported (put a TLS proxy in front)"))?;
-        let (hostport, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], rest[i..].to_string()),
-            None => (rest, "/".to_string()),
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_string(),
-                p.parse()
-                    .map_err(|_| format!("alerts.webhook_url {url:?}: bad port"))?,
-            ),
-            None => (hostport.to_string(), 80),
-        };
-        Ok(Target { host, port, path })
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!(
+                "alerts.webhook_url {url:?}: give an http:// or https:// URL"
+            ));
+        }
+        url.parse::<ureq::http::Uri>()
+            .map_err(|e| format!("alerts.webhook_url {url:?}: {e}"))?;
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .http_status_as_error(false)
+            .user_agent("muster")
+            .build()
+            .into();
+        Ok(Target {
+            url: url.to_string(),
+            agent,
+        })
     }
 
-    fn post(&self, body: &str) -> std::io::Result<()> {
-        let addr = (self.host.as_str(), self.port)
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| std::io::Error::other("no address"))?;
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.set_write_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "POST {} HTTP/1.1\r\nHost: {}:{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: muster\r\n\r\n{body}",
-            self.path,
-            self.host,
-            self.port,
-            body.len()
-        )?;
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head)?;
-        let status = std::str::from_utf8(&head[9..12]).unwrap_or("000");
-        if status.starts_with('2') {
+    fn post(&self, body: &str) -> Result<(), String> {
+        let resp = self
+            .agent
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .send(body)
+            .map_err(|e| e.to_string())?;
+        if resp.status().is_success() {
             Ok(())
         } else {
-            Err(std::io::Error::other(format!(
-                "the webhook answered {status}"
-            )))
+            Err(format!("the webhook answered {}", resp.status()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhook_urls_are_checked_at_start() {
+        assert!(Target::parse("ftp://x").is_err());
+        assert!(Target::parse("http://exa mple/").is_err());
+        assert!(Target::parse("http://127.0.0.1:9/hook").is_ok());
+        assert!(Target::parse("https://hooks.example/x").is_ok());
     }
 }

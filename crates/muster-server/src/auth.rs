@@ -3,9 +3,9 @@
 //! Tokens are 256 random bits with a visible prefix (`mst_`), kept only as their SHA-256, so a
 //! request costs one hash, never a password hash. Password hashing runs off the async threads.
 
-use crate::blobs::hex;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
+use muster_wire::util::hex;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 

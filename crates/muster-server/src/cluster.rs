@@ -11,22 +11,62 @@
 //! tree from the store; compare-and-set on every job transition keeps a deposed leader from
 //! assigning anything twice.
 
-use crate::manager::Cmd;
+use crate::jobs::Cmd;
 use crate::App;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::RwLock;
 use std::time::Duration;
+
+/// This server's place in the cluster: its id in the election, whether it leads, and the
+/// leader's URL. Written only by [`lead`]; read by every request (an atomic and a read-mostly
+/// lock: a request never waits on a writer for long).
+pub struct Cluster {
+    server_id: String,
+    leading: AtomicBool,
+    leader_url: RwLock<Option<String>>,
+}
+
+impl Cluster {
+    /// This server, not leading yet.
+    pub fn new(server_id: String) -> Cluster {
+        Cluster {
+            server_id,
+            leading: AtomicBool::new(false),
+            leader_url: RwLock::new(None),
+        }
+    }
+
+    /// This server's id in the election (stable across restarts).
+    pub fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
+    /// Whether this server holds the leader lease now.
+    pub fn is_leader(&self) -> bool {
+        self.leading.load(Ordering::SeqCst)
+    }
+
+    /// The leader's URL, as its lease says.
+    pub fn leader_url(&self) -> Option<String> {
+        self.leader_url
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
 
 /// Keeps this server's part in the election: takes or renews the lease every third of its TTL.
 pub async fn lead(app: Arc<App>) {
     let ttl = app.config.server.lease_ttl;
     // The lease names the server by its id (stable across restarts); its URL is kept beside it.
-    let me = app.server_id.clone();
+    let me = app.cluster.server_id.clone();
     let mut leading = false;
     let mut published = false;
     loop {
@@ -43,30 +83,19 @@ pub async fn lead(app: Arc<App>) {
         if let Ok(Ok((holder, url))) = got {
             published = true;
             let now_leading = holder == me;
-            *app.leader_url.write().unwrap_or_else(|e| e.into_inner()) = url;
+            *app.cluster
+                .leader_url
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = url;
             if now_leading != leading {
                 leading = now_leading;
-                app.leading.store(leading, Ordering::SeqCst);
+                app.cluster.leading.store(leading, Ordering::SeqCst);
                 app.manager.send(Cmd::Lead(leading));
             }
         }
         // (A store error changes nothing: nobody can take the lease while the store is down.)
         tokio::time::sleep(ttl / 3).await;
     }
-}
-
-/// Whether a request must be handled by the leader.
-fn leader_only(method: &axum::http::Method, route: &str) -> bool {
-    use axum::http::Method;
-    matches!(
-        (method, route),
-        (&Method::POST, "/api/v1/jobs")
-            | (&Method::POST, "/api/v1/jobs/{id}/abort")
-            | (&Method::GET, "/api/v1/jobs/{id}/log")
-            | (&Method::POST, "/api/v1/scripts/{name}/run")
-            | (&Method::PATCH, "/api/v1/nodes/{id}")
-            | (&Method::DELETE, "/api/v1/nodes/{id}")
-    )
 }
 
 fn unavailable(msg: String) -> Response {
@@ -79,8 +108,16 @@ fn unavailable(msg: String) -> Response {
 
 /// Middleware: on a follower, leader-only requests are forwarded to the leader; agent
 /// connections are refused (the agent tries another server).
-pub async fn forward(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    if app.leading.load(Ordering::SeqCst) {
+/// The routes only the leader serves, as (method, path): marked where they are registered
+/// (`Routes::leader` in the API).
+pub type LeaderOnly = Arc<std::collections::HashSet<(String, String)>>;
+
+pub async fn forward(
+    State((app, leader_only)): State<(Arc<App>, LeaderOnly)>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if app.cluster.is_leader() {
         return next.run(req).await;
     }
     let route = req
@@ -91,30 +128,25 @@ pub async fn forward(State(app): State<Arc<App>>, req: Request, next: Next) -> R
     if route == "/api/v1/agent/ws" {
         return unavailable("this server does not lead the cluster: connect to the leader".into());
     }
-    if !leader_only(req.method(), &route) {
+    if !leader_only.contains(&(req.method().to_string(), route.clone())) {
         return next.run(req).await;
     }
-    let Some(leader) = app
-        .leader_url
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-    else {
+    let Some(leader) = app.cluster.leader_url() else {
         return unavailable("no server leads the cluster right now; try again".into());
     };
     if req.headers().contains_key("x-muster-forwarded") {
         return unavailable("the leader moved; try again".into());
     }
-    match proxy(&leader, req).await {
+    match proxy(&leader, req, app.config.server.body_max).await {
         Ok(r) => r,
         Err(e) => unavailable(format!("cannot reach the leader at {leader}: {e}")),
     }
 }
 
 /// Sends `req` to the leader and streams its answer back.
-async fn proxy(leader: &str, req: Request) -> Result<Response, String> {
+async fn proxy(leader: &str, req: Request, body_max: usize) -> Result<Response, String> {
     let (parts, body) = req.into_parts();
-    let body = axum::body::to_bytes(body, 64 << 20)
+    let body = axum::body::to_bytes(body, body_max)
         .await
         .map_err(|e| e.to_string())?;
     let path = parts

@@ -37,6 +37,8 @@ pub struct Config {
     pub hq: HqConfig,
     /// Notifications to operators.
     pub alerts: AlertsConfig,
+    /// Models: uploads, versions, predict routing.
+    pub models: ModelsConfig,
 }
 
 /// `[server]`
@@ -60,6 +62,9 @@ pub struct ServerConfig {
     pub tls_cert: String,
     /// The private key (PEM, PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
     pub tls_key: String,
+    /// The largest request body, in bytes (a job tree of 100,000 jobs takes a few MiB); a
+    /// bigger one is refused with 413 before it is parsed.
+    pub body_max: usize,
 }
 
 /// `[store]`
@@ -82,10 +87,18 @@ pub struct AuthConfig {
     /// How long a login token lasts.
     #[serde(with = "dur")]
     pub session_ttl: Duration,
-    /// After a failed login the next attempt from that user or address waits this long, doubling
-    /// with each further failure (at most 30 s).
+    /// After a failed login of a user from an address, the next attempt of that user from that
+    /// address waits this long, doubling with each further failure (at most 30 s). Other
+    /// addresses are not slowed, and an address the user logged in from lately is never slowed.
     #[serde(with = "dur")]
     pub login_delay: Duration,
+    /// Failed logins of one user per hour, from all addresses together, after which that user's
+    /// attempts wait (except from addresses the user logged in from lately): against guessing
+    /// spread over many addresses.
+    pub login_user_limit: u32,
+    /// Failed logins from one address per hour, of all users together, after which attempts
+    /// from it wait: against one address trying many users.
+    pub login_address_limit: u32,
 }
 
 /// `[perf]`
@@ -103,6 +116,10 @@ pub struct PulseConfig {
     /// How often the watchers run.
     #[serde(with = "dur")]
     pub interval: Duration,
+    /// How long the pulse waits for one watcher before going on without it (it keeps running,
+    /// and is skipped until it ends).
+    #[serde(with = "dur")]
+    pub watcher_timeout: Duration,
 }
 
 /// `[reaper]`
@@ -148,9 +165,47 @@ pub struct AgentConfig {
     /// the agent's own user.
     pub run_as: String,
     /// Where the agent serves its job logs to the servers (TLS under the cluster CA; port 0: any
-    /// free port, told to the server over the agent's connection); empty: no endpoint (logs then
-    /// travel over the agent's own connection).
+    /// free port, told to the server over the agent's connection). `auto` (the default): any
+    /// port on the address the agent reaches its first server from, so the endpoint is open on
+    /// that network only; an address like `0.0.0.0:7071` binds that; empty: no endpoint (logs
+    /// then travel over the agent's own connection).
     pub listen: String,
+    /// Whether each job attempt gets a cgroup v2 of its own, where the agent finds one it can
+    /// write (under its own cgroup; not on cgroup v1 hosts or with a read-only `/sys/fs/cgroup`):
+    /// the daemons a job leaves are then killed even if its supervisor dies. Without it, the
+    /// supervisor (a child subreaper) still kills them when the job ends.
+    pub cgroups: bool,
+    /// The ports the agent gives long-running processes (`MUSTER_PORT_<NAME>`, `PORT`), as
+    /// `LOW-HIGH`, inclusive.
+    pub port_range: String,
+    /// A long-running process's log is rotated at this many bytes...
+    pub process_log_max: u64,
+    /// ...keeping this many rotated files (`log.1` the newest).
+    pub process_log_keep: u32,
+    /// Whether the agent stops its long-running processes when it stops (`muster agent
+    /// --stop-processes`); by default they run on under their supervisors and are re-adopted.
+    pub stop_processes: bool,
+}
+
+impl AgentConfig {
+    /// `port_range` as numbers.
+    pub fn ports(&self) -> Result<(u16, u16), String> {
+        let bad = || {
+            format!(
+                "agent.port_range = {:?} is not a range like 20000-29999",
+                self.port_range
+            )
+        };
+        let (lo, hi) = self.port_range.split_once('-').ok_or_else(bad)?;
+        let (lo, hi): (u16, u16) = (
+            lo.trim().parse().map_err(|_| bad())?,
+            hi.trim().parse().map_err(|_| bad())?,
+        );
+        if lo == 0 || hi < lo {
+            return Err(bad());
+        }
+        Ok((lo, hi))
+    }
 }
 
 impl Default for AgentConfig {
@@ -161,7 +216,12 @@ impl Default for AgentConfig {
             slots: 0,
             labels: BTreeMap::new(),
             run_as: String::new(),
-            listen: "0.0.0.0:0".into(),
+            listen: "auto".into(),
+            cgroups: true,
+            port_range: "20000-29999".into(),
+            process_log_max: 16 << 20,
+            process_log_keep: 3,
+            stop_processes: false,
         }
     }
 }
@@ -193,16 +253,32 @@ pub struct JobsConfig {
     /// How long finished trees and their logs are kept.
     #[serde(with = "dur")]
     pub retention: Duration,
+    /// The largest command of one job, in bytes: its `shell` text, or its `exec` arguments
+    /// together (each of which Linux limits to 128 KiB). A `shell` text reaches the shell as a
+    /// file, so it may be bigger than a command line could be.
+    pub command_max: usize,
 }
 
 /// `[hq]`
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HqConfig {
-    /// The repository's path; empty: `<data_dir>/hq`.
+    /// The working copy's path; empty: `<data_dir>/hq`. Made on first start (a new repository,
+    /// or a clone of `remote`); an existing directory must be a git repository.
     pub path: String,
-    /// A remote to sync with.
+    /// A remote to sync with every pulse: a path, a `file://`, `ssh://` or `https://` URL (the
+    /// user's own git and ssh configuration applies). Required in cluster mode (a Redis store),
+    /// where every server keeps its own clone. Empty: HQ is local only.
     pub remote: String,
+    /// The branch HQ follows; empty: `main`.
+    pub branch: String,
+    /// With it, `POST /api/v1/hq/sync` also accepts no token but an `X-Hub-Signature-256:
+    /// sha256=HEX` header, the HMAC-SHA256 of the body under this secret (a git host's push
+    /// webhook). Empty: the route needs a token.
+    pub webhook_secret: String,
+    /// Files larger than this (bytes) that a deploy commits (a model's pickles) go to the blob
+    /// store, and HQ gets a small pointer file naming their hash, as git-lfs does. 0: 1 MiB.
+    pub max_file_size: u64,
 }
 
 /// `[alerts]`
@@ -211,6 +287,54 @@ pub struct HqConfig {
 pub struct AlertsConfig {
     /// Where alerts are POSTed as JSON; empty: nowhere.
     pub webhook_url: String,
+}
+
+/// `[models]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    /// The largest bundle upload (a `.tar.gz`), in bytes; the unpacked bundle is bounded by the
+    /// archive checks (entries, bytes, ratio).
+    pub upload_max: u64,
+    /// How many versions of a model before the live one keep their files and environments
+    /// (`revert` can go back to them); older ones are removed by the reaper.
+    pub keep_versions: u32,
+    /// How long a predict call may take, end to end, before it is answered 504.
+    #[serde(with = "dur")]
+    pub predict_timeout: Duration,
+    /// Calls the server keeps in flight to one replica; past it, a call goes to another replica,
+    /// and when every one is full it is refused with 503 and `Retry-After` (never queued
+    /// without bound).
+    pub replica_max_inflight: usize,
+    /// How long a deploy's new predictors may take to start and answer their health check.
+    #[serde(with = "dur")]
+    pub start_timeout: Duration,
+    /// How long the drain step waits for the old version's calls in flight.
+    #[serde(with = "dur")]
+    pub drain_timeout: Duration,
+    /// Where nodes keep the models' Python environments; empty: `<node data dir>/models/envs`.
+    pub envs_dir: String,
+    /// The pip wheel cache of the nodes; empty: `<node data dir>/models/wheels`.
+    pub wheels_dir: String,
+    /// The address predictors listen on, on their node (the server reaches them at the node's
+    /// address): `0.0.0.0`, or `127.0.0.1` when every node is this server's own machine.
+    pub predictor_host: String,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig {
+            upload_max: 512 << 20,
+            keep_versions: 3,
+            predict_timeout: Duration::from_secs(30),
+            replica_max_inflight: 256,
+            start_timeout: Duration::from_secs(300),
+            drain_timeout: Duration::from_secs(30),
+            envs_dir: String::new(),
+            wheels_dir: String::new(),
+            predictor_host: "0.0.0.0".into(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -229,6 +353,7 @@ impl Default for Config {
             jobs: JobsConfig::default(),
             hq: HqConfig::default(),
             alerts: AlertsConfig::default(),
+            models: ModelsConfig::default(),
         }
     }
 }
@@ -237,6 +362,7 @@ impl Default for PulseConfig {
     fn default() -> Self {
         PulseConfig {
             interval: Duration::from_secs(5),
+            watcher_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -267,6 +393,7 @@ impl Default for ServerConfig {
             lease_ttl: Duration::from_secs(6),
             tls_cert: String::new(),
             tls_key: String::new(),
+            body_max: 16 << 20,
         }
     }
 }
@@ -277,6 +404,8 @@ impl Default for AuthConfig {
             password_hash: "argon2id".into(),
             session_ttl: Duration::from_secs(30 * 86_400),
             login_delay: Duration::from_millis(250),
+            login_user_limit: 100,
+            login_address_limit: 100,
         }
     }
 }
@@ -301,6 +430,7 @@ impl Default for JobsConfig {
             backoff_max: Duration::from_secs(60),
             log_max: 64 << 20,
             retention: Duration::from_secs(30 * 86_400),
+            command_max: muster_core::spec::DEFAULT_COMMAND_BYTES,
         }
     }
 }
@@ -332,10 +462,11 @@ impl Config {
             ));
         }
         if !self.agent.listen.is_empty()
+            && self.agent.listen != "auto"
             && self.agent.listen.parse::<std::net::SocketAddr>().is_err()
         {
             return Err(format!(
-                "agent.listen = {:?} is not an address like 0.0.0.0:7071 (or empty for no log endpoint)",
+                "agent.listen = {:?} is not an address like 0.0.0.0:7071 (or auto, or empty for no log endpoint)",
                 self.agent.listen
             ));
         }
@@ -344,8 +475,39 @@ impl Config {
                 "server.tls_cert and server.tls_key go together: set both or neither".into(),
             );
         }
+        if self.auth.login_user_limit == 0 || self.auth.login_address_limit == 0 {
+            return Err(
+                "auth.login_user_limit and auth.login_address_limit must be at least 1".into(),
+            );
+        }
+        if self.server.body_max < 4096 {
+            return Err("server.body_max must be at least 4096 bytes".into());
+        }
+        if self.jobs.command_max == 0 {
+            return Err("jobs.command_max must be at least 1 byte".into());
+        }
         if self.jobs.log_max < 1024 {
             return Err("jobs.log_max must be at least 1024 bytes".into());
+        }
+        self.agent.ports()?;
+        if self.models.keep_versions == 0 || self.models.replica_max_inflight == 0 {
+            return Err(
+                "models.keep_versions and models.replica_max_inflight must be at least 1".into(),
+            );
+        }
+        if self
+            .models
+            .predictor_host
+            .parse::<std::net::IpAddr>()
+            .is_err()
+        {
+            return Err(format!(
+                "models.predictor_host = {:?} is not an IP address like 0.0.0.0",
+                self.models.predictor_host
+            ));
+        }
+        if self.agent.process_log_max < 4096 {
+            return Err("agent.process_log_max must be at least 4096 bytes".into());
         }
         Ok(())
     }

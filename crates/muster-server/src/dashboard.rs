@@ -1,9 +1,9 @@
 //! The dashboards (SPEC §10), served by the binary itself: one HTML page and its script and
 //! style, embedded at build time (no CDN, no network at run time). The page is the setup form
-//! while no user exists, then the admin dashboard (login, nodes, jobs, a tree with live states,
+//! while no user exists, then the admin dashboard (login, nodes, jobs, processes, a tree with live states,
 //! a live log, the run form, workspaces and tokens). Everything it shows comes from `/api/v1`
 //! with the session cookie (and the CSRF token on writes); live updates from
-//! `/api/v1/events/ws`.
+//! `/api/v1/events/ws`. It offers only what `/api/v1/me` says the caller may do.
 
 use crate::App;
 use axum::extract::{Path, State};

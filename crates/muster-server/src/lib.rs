@@ -1,16 +1,19 @@
-//! muster-server: the control plane and the node agent.
+//! muster-server: the control plane (the node agent is `muster-agent`; what crosses the wire
+//! between them is `muster-wire`).
 //!
 //! - [`config`]: the one configuration struct and how file, env and flags combine.
-//! - [`manager`]: the job manager thread, sole writer of job state, with group commit.
-//! - [`protocol`]: the agent protocol messages; [`session`]: the server's side of a connection.
-//! - [`agent`]: the node agent and the per-attempt [`agent::supervisor`].
+//! - [`jobs`]: the job manager thread, sole writer of job state, with group commit, and the
+//!   hooks other parts react to job outcomes with.
+//! - [`session`]: the server's side of an agent connection.
+//! - [`hq`]: headquarters, the git repository of desired state: the pulse and its watchers
+//!   (sync, orders), node control scripts, the reaper's frame.
+//! - [`models`]: models (SPEC §8): versions, deploy trees and their steps, predict routing.
 //! - [`api`]: the HTTP API (thin routes over the pieces above).
 //! - [`auth`], [`blobs`]: passwords and tokens; the content-addressed blob store.
 //!
 //! [`run`] serves an [`App`] on a listener the caller bound until `shutdown` resolves.
 
 pub mod accounts;
-pub mod agent;
 pub mod alerts;
 pub mod api;
 pub mod auth;
@@ -19,90 +22,65 @@ pub mod cluster;
 pub mod config;
 pub mod dashboard;
 pub mod discovery;
-pub mod manager;
+pub mod hq;
+pub mod jobs;
+pub mod links;
+pub mod login_limit;
+pub mod logs;
 pub mod metrics;
+pub mod models;
 pub mod nodes;
 pub mod perf;
-pub mod protocol;
+pub mod processes;
+pub mod server;
 pub mod session;
 pub mod tls;
 
-use crate::agent::Link;
 use crate::blobs::Blobs;
 use crate::config::Config;
-use crate::manager::{Manager, ManagerConfig};
-use crate::protocol::ToAgent;
+use crate::jobs::{Manager, ManagerConfig};
+pub use crate::server::Server;
 use muster_core::sched::Backoff;
 use muster_store::Store;
-use std::collections::HashMap;
+use muster_wire::protocol::Link;
 use std::future::Future;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc::UnboundedSender;
 
 /// Everything the server shares between requests.
 pub struct App {
     pub config: Config,
     pub store: Arc<dyn Store>,
     pub manager: Manager,
+    /// The named hooks of job outcomes (see [`jobs::hooks`]).
+    pub hooks: jobs::hooks::Hooks,
     pub blobs: Blobs,
-    /// Connected agents by node name.
-    pub agents: Mutex<HashMap<String, UnboundedSender<ToAgent>>>,
-    /// Open log streams: id → where the agent's chunks go.
-    pub streams: Mutex<HashMap<u64, UnboundedSender<(String, bool)>>>,
-    pub next_id: AtomicU64,
+    /// The connected agents: where to reach each node, its log endpoint, relayed log streams.
+    pub links: links::Links,
+    /// The live log hubs (one stream per followed attempt, fanned out).
+    pub logs: logs::Logs,
+    /// Long-running processes (SPEC §5a), also the internal API services and models use.
+    pub processes: processes::Processes,
     /// The URL jobs and join commands are given.
     pub url: String,
     pub metrics: metrics::Metrics,
     /// The perf log of this run, with `[perf] enabled`.
     pub perf: Option<perf::PerfLog>,
-    pub login_limiter: api::LoginLimiter,
+    /// Slows password guessing (see [`login_limit`]).
+    pub login_limiter: login_limit::LoginLimiter,
     /// Who each recently seen token is (see [`api::CallerCache`]).
     pub callers: api::CallerCache,
     /// Where alerts go (`[alerts] webhook_url`).
     pub alerts: Arc<alerts::Alerts>,
-    /// This server's id in the leader election.
-    pub server_id: String,
-    /// Whether this server holds the leader lease (see [`cluster`]).
-    pub leading: std::sync::atomic::AtomicBool,
-    /// The leader's URL, as its lease says.
-    pub leader_url: std::sync::RwLock<Option<String>>,
+    /// This server's place in the cluster: its id, whether it leads, the leader's URL.
+    pub cluster: cluster::Cluster,
     /// The cluster CA (shared by the servers through the store) and this server's TLS.
-    pub ca: tls::ClusterCa,
+    pub ca: muster_wire::pki::ClusterCa,
     pub tls: Arc<tls::CurrentTls>,
-    /// Where connected agents serve their log files (see [`agent::logs`]), by node name.
-    pub log_endpoints: Mutex<HashMap<String, LogEndpoint>>,
-}
-
-/// A node's log endpoint, as its authenticated connection told it.
-#[derive(Clone, Debug)]
-pub struct LogEndpoint {
-    pub node_id: String,
-    pub addr: std::net::SocketAddr,
-    /// The connection that told it.
-    pub session: u64,
-    /// Dials that failed in a row, and until when the connection path is used instead.
-    pub failures: u32,
-    pub retry_at: Option<std::time::Instant>,
-}
-
-impl LogEndpoint {
-    /// Notes a failed dial: the endpoint rests 30 s, doubling with each failure in a row up to an
-    /// hour, so a firewalled endpoint does not delay every follow while a one-off failure (the
-    /// agent restarting, say) does not give the direct path up for good.
-    pub fn failed(&mut self, now: std::time::Instant) {
-        self.failures = self.failures.saturating_add(1);
-        let rest = 30u64
-            .saturating_mul(1 << (self.failures - 1).min(7))
-            .min(3600);
-        self.retry_at = Some(now + std::time::Duration::from_secs(rest));
-    }
-
-    /// Whether a follow should dial it now.
-    pub fn usable(&self, now: std::time::Instant) -> bool {
-        self.retry_at.is_none_or(|t| now >= t)
-    }
+    /// Headquarters: the repository, the pulse's watchers, the order verbs, the reaper's tasks.
+    pub hq: hq::Hq,
+    /// Models (SPEC §8): their versions and this server's predict routes.
+    pub models: models::Models,
 }
 
 impl App {
@@ -125,6 +103,7 @@ impl App {
         } else {
             std::path::PathBuf::from(&config.store.blob_dir)
         };
+        secure_data_dir(&config);
         let blobs = Blobs::new(&blob_dir).map_err(|e| format!("blob store: {e}"))?;
         let mc = ManagerConfig {
             backoff: Backoff {
@@ -139,28 +118,58 @@ impl App {
         };
         let metrics = metrics::Metrics::default();
         let alerts = Arc::new(alerts::Alerts::start(&config.alerts.webhook_url)?);
-        let login_delay = config.auth.login_delay;
+        let login_limits = login_limit::Limits {
+            base: config.auth.login_delay,
+            per_user: config.auth.login_user_limit,
+            per_address: config.auth.login_address_limit,
+        };
         // Stable across restarts, so a restarted server renews its own lease at once.
         let id_file = config.data_dir.join("server-id");
         let server_id = match std::fs::read_to_string(&id_file) {
             Ok(id) if !id.trim().is_empty() => id.trim().to_string(),
             _ => {
                 let id = muster_core::Uuid::now_v7().to_string();
-                std::fs::write(&id_file, &id).map_err(|e| format!("{}: {e}", id_file.display()))?;
+                muster_wire::perms::write(&id_file, &id)
+                    .map_err(|e| format!("{}: {e}", id_file.display()))?;
                 id
             }
         };
-        let (manager, handle) =
-            Manager::start(store.clone(), mc, metrics.jobs.clone(), alerts.clone())
-                .map_err(|e| format!("job manager: {e}"))?;
+        // What reacts to job outcomes: the job tokens and alerts here; services and models
+        // register their named hooks in `hooks` before this server leads.
+        let hooks = jobs::hooks::Hooks::default();
+        let links = links::Links::default();
+        let processes = processes::Processes::new(store.clone(), links.clone(), url.clone());
+        let models = models::Models::new(
+            store.clone(),
+            processes.clone(),
+            config.models.replica_max_inflight,
+        );
+        hooks.register(
+            models::DEPLOY_HOOK,
+            Arc::new(models::DeployHook {
+                models: models.clone(),
+                alerts: alerts.clone(),
+            }),
+        );
+        let reactions = jobs::manager::Reactions {
+            observers: vec![
+                Box::new(jobs::observers::JobTokens::new(store.clone())),
+                Box::new(jobs::observers::AlertOnFailure(alerts.clone())),
+                Box::new(processes::OnNodeLost(processes.clone())),
+            ],
+            hooks: hooks.clone(),
+            clock: Arc::new(jobs::clock::SystemClock),
+        };
+        let (manager, handle) = Manager::start(store.clone(), mc, metrics.jobs.clone(), reactions)
+            .map_err(|e| format!("job manager: {e}"))?;
         // The store may be coming up with us (cluster mode): wait for it a while.
         let mut tries = 0;
         let ca = loop {
-            match tls::ClusterCa::load_or_create(&*store) {
+            match tls::load_or_create_ca(&*store) {
                 Ok(ca) => break ca,
                 Err(e) if tries < 30 => {
                     if tries == 0 {
-                        eprintln!("muster: waiting for the store to load the cluster CA: {e}");
+                        tracing::warn!("waiting for the store to load the cluster CA: {e}");
                     }
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_secs(1));
@@ -177,6 +186,15 @@ impl App {
             )?)
         };
         let tls = Arc::new(tls::CurrentTls::new(ca.server_tls(public)?));
+        let hq = hq::Hq::new(&config);
+        hq::orders::register_builtin(hq.verbs());
+        hq.add_watcher(Box::new(hq::sync::SyncWatcher::default()));
+        hq.add_watcher(Box::new(hq::orders::OrdersWatcher::default()));
+        hq.add_watcher(Box::new(models::uploads::UploadsWatcher));
+        hq.reaper().register(Arc::new(hq::reaper::ExpiredJobs));
+        hq.reaper()
+            .register(Arc::new(models::lifecycle::DeletedModels));
+        models::lifecycle::register_verbs(hq.verbs());
         let perf = if config.perf.enabled {
             Some(perf::PerfLog::start(&config.data_dir).map_err(|e| format!("perf log: {e}"))?)
         } else {
@@ -186,23 +204,27 @@ impl App {
             config,
             store,
             manager,
+            hooks,
             blobs,
-            agents: Mutex::new(HashMap::new()),
-            streams: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
+            links,
+            logs: logs::Logs::default(),
+            processes,
             url,
             metrics,
             perf,
-            login_limiter: api::LoginLimiter::new(login_delay),
+            login_limiter: login_limit::LoginLimiter::new(
+                login_limits,
+                Arc::new(jobs::clock::SystemClock),
+            ),
             callers: api::CallerCache::default(),
             alerts,
-            server_id,
-            leading: std::sync::atomic::AtomicBool::new(false),
-            leader_url: std::sync::RwLock::new(None),
+            cluster: cluster::Cluster::new(server_id),
             ca,
             tls,
-            log_endpoints: Mutex::new(HashMap::new()),
+            hq,
+            models,
         });
+        app.models.set_app(&app);
         Ok((app, handle))
     }
 
@@ -220,10 +242,62 @@ impl App {
         })
     }
 
+    /// What cannot write for lack of space, for `/readyz`: the store (its last write failed
+    /// so, or its SQLite file's disk is full) or the blob store (its disk is full); `None`
+    /// when there is room.
+    pub fn no_space(&self) -> Option<String> {
+        let url = self.config.store_url();
+        let sqlite_dir = url
+            .strip_prefix("sqlite://")
+            .map(|p| {
+                std::path::Path::new(p)
+                    .parent()
+                    .unwrap_or(std::path::Path::new("."))
+            })
+            .map(|d| {
+                if d.as_os_str().is_empty() {
+                    std::path::Path::new(".")
+                } else {
+                    d
+                }
+            });
+        if self.manager.store_full() || sqlite_dir.is_some_and(blobs::disk_full) {
+            return Some(
+                "the store cannot write: no space left on its disk (free space there)".into(),
+            );
+        }
+        if blobs::disk_full(self.blobs.dir()) {
+            return Some(
+                "the blob store cannot write: no space left on its disk (free space there)".into(),
+            );
+        }
+        None
+    }
+
     /// Stops the job manager after its current batch (it commits first).
     pub fn stop(&self) {
-        self.manager.send(manager::Cmd::Shutdown);
+        self.manager.send(jobs::Cmd::Shutdown);
     }
+}
+
+/// Makes the data dir private to our user (0700) if it is not, and the server's files in it
+/// (keys, the setup code, the perf logs; the store and blob store see to their own), with a
+/// warning for each one fixed: what an older version or a hand left open to other users.
+fn secure_data_dir(config: &Config) {
+    let d = &config.data_dir;
+    if let Err(e) = muster_wire::perms::create_dir_all(d) {
+        tracing::warn!("cannot make the data dir {}: {e}", d.display());
+    }
+    let paths = [
+        d.clone(),
+        d.join("setup-code"),
+        d.join("server-key"),
+        d.join("server-id"),
+        discovery::cluster_key_path(config),
+        d.join("perf"),
+        d.join("perf").join("logs"),
+    ];
+    muster_wire::perms::repair_all(paths.iter().map(std::path::PathBuf::as_path));
 }
 
 /// Serves the HTTP API of `app` on `listener` until `shutdown` resolves.
@@ -232,9 +306,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let reaper = tokio::spawn(reaper(app.clone()));
+    let loops = hq::start(app.clone());
     let watch = tokio::spawn(watch_store(app.clone()));
     let lead = tokio::spawn(cluster::lead(app.clone()));
+    let procs = tokio::spawn(processes::run(app.clone()));
+    let model_routes = tokio::spawn(models::routes::run(app.clone()));
+    let model_watch = tokio::spawn(models::lifecycle::watch(app.clone()));
     let listener = tls::Sniff::new(listener, app.tls.clone())?;
     let files = (
         app.config.server.tls_cert.clone(),
@@ -248,22 +325,16 @@ pub async fn run(
     )
     .with_graceful_shutdown(shutdown)
     .await;
-    reaper.abort();
+    for l in loops {
+        l.abort();
+    }
     renew.abort();
     watch.abort();
     lead.abort();
+    procs.abort();
+    model_routes.abort();
+    model_watch.abort();
     res
-}
-
-/// Every `reaper.interval`: removes finished trees older than `jobs.retention`, their records and
-/// the log blobs no remaining job refers to.
-async fn reaper(app: Arc<App>) {
-    let mut tick = tokio::time::interval(app.config.reaper.interval);
-    loop {
-        tick.tick().await;
-        let app = app.clone();
-        let _ = tokio::task::spawn_blocking(move || reap_once(&app)).await;
-    }
 }
 
 /// Pings the store every second and tells the operators (`[alerts]`) when it becomes
@@ -288,7 +359,11 @@ async fn watch_store(app: Arc<App>) {
                 },
                 app.config.store_url(),
             );
-            eprintln!("muster: {kind}: {url}");
+            if ok {
+                tracing::info!("{kind}: {}", redact(&url));
+            } else {
+                tracing::error!("{kind}: {}", redact(&url));
+            }
             app.alerts
                 .send(kind, serde_json::json!({"store": redact(&url)}));
         }
@@ -303,16 +378,17 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// One pass of the reaper; returns how many trees it removed.
+/// Removes finished trees older than `jobs.retention`, their records and the log blobs no
+/// remaining job refers to (the reaper's `expired_jobs` task); returns how many trees it removed.
 pub fn reap_once(app: &App) -> usize {
-    let before = manager::now().plus_ms(-(app.config.jobs.retention.as_millis() as i64));
+    let before = muster_wire::util::now().plus_ms(-(app.config.jobs.retention.as_millis() as i64));
     let mut removed = 0;
     loop {
         match app.store.purge_finished(before, 1000) {
             Ok((trees, blobs)) => {
                 for b in &blobs {
                     if let Err(e) = app.blobs.delete(b) {
-                        eprintln!("muster: reaper: cannot delete blob {b}: {e}");
+                        tracing::warn!("reaper: cannot delete blob {b}: {e}");
                     }
                 }
                 removed += trees.len();
@@ -321,7 +397,7 @@ pub fn reap_once(app: &App) -> usize {
                 }
             }
             Err(e) => {
-                eprintln!("muster: reaper: {e}");
+                tracing::error!("reaper: {e}");
                 return removed;
             }
         }
@@ -332,37 +408,8 @@ pub fn reap_once(app: &App) -> usize {
 struct AppCa(Arc<App>);
 
 impl std::ops::Deref for AppCa {
-    type Target = tls::ClusterCa;
-    fn deref(&self) -> &tls::ClusterCa {
+    type Target = muster_wire::pki::ClusterCa;
+    fn deref(&self) -> &muster_wire::pki::ClusterCa {
         &self.0.ca
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::LogEndpoint;
-    use std::time::Instant;
-
-    #[test]
-    fn an_unreachable_log_endpoint_rests_longer_each_time_and_is_tried_again() {
-        let mut ep = LogEndpoint {
-            node_id: "n1".into(),
-            addr: "127.0.0.1:1".parse().unwrap(),
-            session: 1,
-            failures: 0,
-            retry_at: None,
-        };
-        let t0 = Instant::now();
-        assert!(ep.usable(t0));
-        let mut rests = Vec::new();
-        for _ in 0..10 {
-            ep.failed(t0);
-            assert!(!ep.usable(t0));
-            let rest = ep.retry_at.unwrap() - t0;
-            assert!(ep.usable(t0 + rest));
-            rests.push(rest.as_secs());
-        }
-        assert_eq!(rests, [30, 60, 120, 240, 480, 960, 1920, 3600, 3600, 3600]);
-        assert_eq!(ep.failures, 10);
     }
 }

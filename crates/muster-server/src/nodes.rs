@@ -3,13 +3,13 @@
 //! kept only as their SHA-256.
 
 use crate::auth::{random_hex, sha256_hex};
-use crate::manager::now;
 use muster_core::Ts;
-use muster_store::{Store, StoreError};
+use muster_store::{Docs, Store, StoreError};
+use muster_wire::util::now;
 use serde::{Deserialize, Serialize};
-use std::sync::Mutex;
 
-const JOIN: &str = "join_token";
+/// Node credentials: the SHA-256 of the credential → the node id, as plain text (not JSON,
+/// as it always was stored).
 const CRED: &str = "node_cred";
 
 #[derive(Serialize, Deserialize)]
@@ -18,8 +18,9 @@ struct JoinToken {
     uses_left: u32,
 }
 
-/// Serializes redemptions in this process, so a token's use count cannot be overspent.
-static REDEEM: Mutex<()> = Mutex::new(());
+/// Join tokens by the SHA-256 of their text. Spent through [`Docs::update`], so servers
+/// sharing a store cannot overspend one between them.
+const JOIN_TOKENS: Docs<JoinToken> = Docs::new("join_token");
 
 /// A new join token: `mjt_` + 128 random bits, `.` the server's Ed25519 public key, `.` the
 /// SHA-256 fingerprint of the cluster CA, both in hex. An agent with no `--server` trusts only
@@ -36,45 +37,45 @@ pub fn create_join_token(
     let text = format!(
         "mjt_{}.{}.{ca_fingerprint}",
         random_hex(16),
-        crate::discovery::hex(server_key)
+        muster_wire::util::hex(server_key)
     );
     let expires_at = now().plus_ms(ttl_ms);
-    let doc = serde_json::to_string(&JoinToken {
-        expires_at,
-        uses_left: uses,
-    })
-    .expect("serializable");
-    store.put_doc(JOIN, &sha256_hex(&text), Some(&doc))?;
+    JOIN_TOKENS.put(
+        store,
+        &sha256_hex(&text),
+        &JoinToken {
+            expires_at,
+            uses_left: uses,
+        },
+    )?;
     Ok((text, expires_at))
 }
 
-/// Spends one use of a join token; `Err` says why it is refused.
+/// Spends one use of a join token; `Err` says why it is refused. A compare-and-set on the
+/// token's document: a racing redemption (on this server or another sharing the store) makes
+/// this one read again, so `uses` redemptions succeed at most, and the document is deleted with
+/// its last use (or once found expired).
 pub fn redeem_join_token(store: &dyn Store, text: &str) -> Result<Result<(), String>, StoreError> {
-    let _g = REDEEM.lock().unwrap_or_else(|e| e.into_inner());
-    let key = sha256_hex(text);
-    let Some(doc) = store.doc(JOIN, &key)? else {
-        return Ok(Err("the join token is not valid".into()));
-    };
-    let Ok(mut t) = serde_json::from_str::<JoinToken>(&doc) else {
-        return Ok(Err("the join token is not valid".into()));
-    };
-    if t.expires_at <= now() {
-        store.put_doc(JOIN, &key, None)?;
-        return Ok(Err(
-            "the join token has expired: make a new one with `muster nodes join-token`".into(),
-        ));
-    }
-    t.uses_left = t.uses_left.saturating_sub(1);
-    if t.uses_left == 0 {
-        store.put_doc(JOIN, &key, None)?;
-    } else {
-        store.put_doc(
-            JOIN,
-            &key,
-            Some(&serde_json::to_string(&t).expect("serializable")),
-        )?;
-    }
-    Ok(Ok(()))
+    let at = now();
+    // Set by every run of the closure; the run whose write landed is the last one.
+    let mut verdict = Ok(());
+    JOIN_TOKENS.update(store, &sha256_hex(text), |token| {
+        let Some(mut t) = token.filter(|t| t.uses_left > 0) else {
+            verdict = Err("the join token is not valid".to_string());
+            return None;
+        };
+        if t.expires_at <= at {
+            verdict = Err(
+                "the join token has expired: make a new one with `muster nodes join-token`"
+                    .to_string(),
+            );
+            return None;
+        }
+        verdict = Ok(());
+        t.uses_left -= 1;
+        (t.uses_left > 0).then_some(t)
+    })?;
+    Ok(verdict)
 }
 
 /// A node's own credential: `mnc_` + 256 random bits.
@@ -86,13 +87,13 @@ pub fn issue_credential(store: &dyn Store, node_id: &str) -> Result<String, Stor
 
 /// The node a credential belongs to.
 pub fn node_of_credential(store: &dyn Store, text: &str) -> Result<Option<String>, StoreError> {
-    store.doc(CRED, &sha256_hex(text))
+    Ok(store.doc(CRED, &sha256_hex(text))?.map(|d| d.value))
 }
 
 /// Revokes every credential of a node.
 pub fn revoke_node(store: &dyn Store, node_id: &str) -> Result<(), StoreError> {
-    for (key, id) in store.docs(CRED, "")? {
-        if id == node_id {
+    for (key, d) in store.docs(CRED, "")? {
+        if d.value == node_id {
             store.put_doc(CRED, &key, None)?;
         }
     }

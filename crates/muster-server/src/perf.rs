@@ -3,7 +3,7 @@
 //! one) holding `<pid>.log`, one line per timed call: `time route status micros`. A writer
 //! thread does the file I/O, so a request only sends a line down a channel.
 
-use crate::manager::now;
+use muster_wire::util::now;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -22,17 +22,17 @@ impl PerfLog {
     /// Makes the next run directory under `<data_dir>/perf/logs` and starts the writer.
     pub fn start(data_dir: &Path) -> std::io::Result<PerfLog> {
         let logs = data_dir.join("perf").join("logs");
-        std::fs::create_dir_all(&logs)?;
+        muster_wire::perms::create_dir_all(&logs)?;
         let mut n = runs(&logs).last().copied().unwrap_or(0) + 1;
         let dir = loop {
             let d = logs.join(n.to_string());
-            match std::fs::create_dir(&d) {
+            match muster_wire::perms::create_dir(&d) {
                 Ok(()) => break d,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
                 Err(e) => return Err(e),
             }
         };
-        let file = std::fs::File::create(dir.join(format!("{}.log", std::process::id())))?;
+        let file = muster_wire::perms::create(&dir.join(format!("{}.log", std::process::id())))?;
         let (tx, rx) = channel::<String>();
         std::thread::Builder::new()
             .name("perf-log".into())

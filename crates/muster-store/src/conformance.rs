@@ -6,7 +6,10 @@
 //!
 //! Ids come from [`Uuid::now_v7`], so trees made later sort newer, as in the server.
 
-use crate::{Change, Created, Event, Node, Store, Token, TreeFilter, User, SETUP_CODE_KEY};
+use crate::{
+    Change, Created, Doc, DocCond, DocWrite, Docs, Event, Node, Store, Token, TreeFilter, User,
+    Version, SETUP_CODE_KEY,
+};
 use muster_core::{Job, JobState, OnFailure, Run, Tags, Tree, TreeState, Ts, Uuid};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Barrier};
@@ -34,6 +37,13 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("meta_values", meta_values),
     ("nodes_crud", nodes_crud),
     ("documents", documents),
+    ("document_versions", document_versions),
+    ("document_put_if", document_put_if),
+    ("document_create_if_absent", document_create_if_absent),
+    ("document_delete_if", document_delete_if),
+    ("typed_documents", typed_documents),
+    ("document_counter_race", document_counter_race),
+    ("document_spend_race", document_spend_race),
     ("leases", leases),
     ("events_in_order", events_in_order),
     ("ping", ping),
@@ -97,6 +107,7 @@ pub fn fixture(tags: Tags, n: usize) -> (Tree, Vec<Job>) {
         attempt: 1,
         retry_at: None,
         result: None,
+        hook: None,
     };
     let mut jobs = Vec::with_capacity(n);
     jobs.push(job(root, None, ids.clone(), "root".to_string()));
@@ -116,6 +127,7 @@ pub fn fixture(tags: Tags, n: usize) -> (Tree, Vec<Job>) {
         created_by: Some("tester".to_string()),
         nodes: Vec::new(),
         admin: false,
+        request_digest: None,
     };
     (tree, jobs)
 }
@@ -1224,10 +1236,7 @@ pub fn documents(s: &dyn Store) {
         .unwrap();
     s.put_doc("workspace", "acme/ann", Some("other kind"))
         .unwrap();
-    assert_eq!(
-        s.doc("member", "acme/bob").unwrap().as_deref(),
-        Some("\"viewer\"")
-    );
+    assert_eq!(text(s, "member", "acme/bob").as_deref(), Some("\"viewer\""));
     assert_eq!(s.doc("member", "acme/zed").unwrap(), None);
     let keys: Vec<String> = s
         .docs("member", "acme/")
@@ -1246,16 +1255,383 @@ pub fn documents(s: &dyn Store) {
         !s.create_doc("workspace", "beta", "{\"x\":1}").unwrap(),
         "create_doc must not overwrite"
     );
-    assert_eq!(s.doc("workspace", "beta").unwrap().as_deref(), Some("{}"));
+    assert_eq!(text(s, "workspace", "beta").as_deref(), Some("{}"));
     s.put_doc("member", "acme/bob", Some("\"operator\""))
         .unwrap();
     assert_eq!(
-        s.doc("member", "acme/bob").unwrap().as_deref(),
+        text(s, "member", "acme/bob").as_deref(),
         Some("\"operator\"")
     );
     s.put_doc("member", "acme/bob", None).unwrap();
     assert_eq!(s.doc("member", "acme/bob").unwrap(), None);
     assert_eq!(s.docs("member", "acme/").unwrap().len(), 1);
+}
+
+/// The text of a document, without its version.
+fn text(s: &dyn Store, kind: &str, key: &str) -> Option<String> {
+    s.doc(kind, key).unwrap().map(|d| d.value)
+}
+
+/// The version a write that must succeed gave.
+fn written(w: DocWrite, what: &str) -> Version {
+    match w {
+        DocWrite::Done(Some(v)) => v,
+        other => panic!("{what}: expected a write with a version, got {other:?}"),
+    }
+}
+
+/// Versions: a created document has one, every write gives a greater one, reads and listings
+/// show the stored one, and a key deleted and created again never shows an old version.
+pub fn document_versions(s: &dyn Store) {
+    let v1 = written(
+        s.write_doc("order", "a", Some("1"), DocCond::Absent)
+            .unwrap(),
+        "create",
+    );
+    assert!(v1 >= Version(1), "versions start at 1 or more: {v1}");
+    assert_eq!(
+        s.doc("order", "a").unwrap(),
+        Some(Doc {
+            value: "1".into(),
+            version: v1
+        })
+    );
+    let v2 = written(
+        s.write_doc("order", "a", Some("2"), DocCond::Any).unwrap(),
+        "put",
+    );
+    assert!(v2 > v1, "a put gives a greater version: {v1} then {v2}");
+    // The plain put_doc bumps the version too.
+    s.put_doc("order", "a", Some("3")).unwrap();
+    let v3 = s.doc("order", "a").unwrap().unwrap().version;
+    assert!(v3 > v2, "put_doc gives a greater version: {v2} then {v3}");
+    // Writing the same text again is still a write.
+    s.put_doc("order", "a", Some("3")).unwrap();
+    let v4 = s.doc("order", "a").unwrap().unwrap().version;
+    assert!(v4 > v3, "an identical put still bumps: {v3} then {v4}");
+    // Other documents and kinds do not disturb this one.
+    s.put_doc("order", "b", Some("x")).unwrap();
+    s.put_doc("other", "a", Some("y")).unwrap();
+    assert_eq!(s.doc("order", "a").unwrap().unwrap().version, v4);
+    let listed = s.docs("order", "").unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|(k, d)| (k.as_str(), d.value.as_str()))
+            .collect::<Vec<_>>(),
+        [("a", "3"), ("b", "x")]
+    );
+    for (k, d) in &listed {
+        assert_eq!(
+            s.doc("order", k).unwrap().as_ref(),
+            Some(d),
+            "a listing shows the stored version of {k}"
+        );
+    }
+    // Deleted and created again: a version past every one it had.
+    s.put_doc("order", "a", None).unwrap();
+    assert_eq!(s.doc("order", "a").unwrap(), None);
+    let again = written(
+        s.write_doc("order", "a", Some("new"), DocCond::Absent)
+            .unwrap(),
+        "create again",
+    );
+    assert!(
+        again > v4,
+        "a recreated document must not reuse an old version: {again} after {v4}"
+    );
+    // So a compare-and-set against the old document's version cannot hit the new one.
+    assert!(!s.put_doc_if("order", "a", "stale", v1).unwrap());
+    assert_eq!(text(s, "order", "a").as_deref(), Some("new"));
+}
+
+/// put_if: the current version writes and moves the version on; a stale version or an absent
+/// document writes nothing.
+pub fn document_put_if(s: &dyn Store) {
+    let v1 = written(
+        s.write_doc("order", "k", Some("one"), DocCond::Absent)
+            .unwrap(),
+        "create",
+    );
+    let v2 = written(
+        s.write_doc("order", "k", Some("two"), DocCond::At(v1))
+            .unwrap(),
+        "put_if at the current version",
+    );
+    assert!(v2 > v1);
+    assert_eq!(
+        s.write_doc("order", "k", Some("late"), DocCond::At(v1))
+            .unwrap(),
+        DocWrite::Conflict(Some(v2)),
+        "a stale version conflicts and names the current one"
+    );
+    assert_eq!(
+        s.doc("order", "k").unwrap(),
+        Some(Doc {
+            value: "two".into(),
+            version: v2
+        }),
+        "a failed put_if changes nothing, not even the version"
+    );
+    assert!(!s.put_doc_if("order", "k", "late", v1).unwrap());
+    assert!(s.put_doc_if("order", "k", "three", v2).unwrap());
+    assert_eq!(text(s, "order", "k").as_deref(), Some("three"));
+    assert_eq!(
+        s.write_doc("order", "ghost", Some("x"), DocCond::At(v1))
+            .unwrap(),
+        DocWrite::Conflict(None),
+        "put_if on an absent document"
+    );
+    assert_eq!(
+        s.doc("order", "ghost").unwrap(),
+        None,
+        "put_if creates nothing"
+    );
+    assert_eq!(s.docs("order", "").unwrap().len(), 1);
+}
+
+/// create-if-absent: the first create wins, the second changes nothing.
+pub fn document_create_if_absent(s: &dyn Store) {
+    let v = written(
+        s.write_doc("order", "k", Some("first"), DocCond::Absent)
+            .unwrap(),
+        "first create",
+    );
+    assert_eq!(
+        s.write_doc("order", "k", Some("second"), DocCond::Absent)
+            .unwrap(),
+        DocWrite::Conflict(Some(v)),
+        "a second create conflicts"
+    );
+    assert!(!s.create_doc("order", "k", "third").unwrap());
+    assert_eq!(
+        s.doc("order", "k").unwrap(),
+        Some(Doc {
+            value: "first".into(),
+            version: v
+        }),
+        "the first create stays, at its version"
+    );
+    // A create that is a delete (nothing to store) on an absent key does nothing.
+    assert_eq!(
+        s.write_doc("order", "none", None, DocCond::Absent).unwrap(),
+        DocWrite::Done(None)
+    );
+    assert_eq!(s.docs("order", "").unwrap().len(), 1);
+}
+
+/// delete_if: a stale version deletes nothing; the current one deletes; absent conflicts.
+pub fn document_delete_if(s: &dyn Store) {
+    let v1 = written(
+        s.write_doc("order", "k", Some("a"), DocCond::Any).unwrap(),
+        "put",
+    );
+    let v2 = written(
+        s.write_doc("order", "k", Some("b"), DocCond::Any).unwrap(),
+        "put",
+    );
+    assert_eq!(
+        s.write_doc("order", "k", None, DocCond::At(v1)).unwrap(),
+        DocWrite::Conflict(Some(v2)),
+        "delete_if with a stale version"
+    );
+    assert!(!s.delete_doc_if("order", "k", v1).unwrap());
+    assert_eq!(
+        s.doc("order", "k").unwrap().map(|d| d.version),
+        Some(v2),
+        "still there, unchanged"
+    );
+    assert_eq!(
+        s.write_doc("order", "k", None, DocCond::At(v2)).unwrap(),
+        DocWrite::Done(None)
+    );
+    assert_eq!(s.doc("order", "k").unwrap(), None);
+    assert!(
+        s.docs("order", "").unwrap().is_empty(),
+        "gone from listings"
+    );
+    assert_eq!(
+        s.write_doc("order", "k", None, DocCond::At(v2)).unwrap(),
+        DocWrite::Conflict(None),
+        "deleting twice"
+    );
+    assert_eq!(
+        s.write_doc("order", "k", None, DocCond::Any).unwrap(),
+        DocWrite::Done(None),
+        "an unconditional delete of nothing"
+    );
+}
+
+/// A document type for the typed checks.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Counter {
+    n: u64,
+    by: String,
+}
+
+const COUNTERS: Docs<Counter> = Docs::new("counter");
+
+/// The typed layer: values in, values out, with versions; update retries, deletes, skips
+/// no-op writes.
+pub fn typed_documents(s: &dyn Store) {
+    let c = |n: u64| Counter { n, by: "t".into() };
+    assert_eq!(COUNTERS.kind(), "counter");
+    assert_eq!(COUNTERS.get(s, "a").unwrap(), None);
+    let v1 = COUNTERS.create(s, "a", &c(1)).unwrap().expect("created");
+    assert_eq!(COUNTERS.create(s, "a", &c(9)).unwrap(), None, "exists");
+    assert_eq!(COUNTERS.get(s, "a").unwrap(), Some((c(1), v1)));
+    let v2 = COUNTERS.put_if(s, "a", &c(2), v1).unwrap().expect("put_if");
+    assert!(v2 > v1);
+    assert_eq!(COUNTERS.put_if(s, "a", &c(3), v1).unwrap(), None, "stale");
+    assert_eq!(COUNTERS.get(s, "a").unwrap(), Some((c(2), v2)));
+    let v3 = COUNTERS.put(s, "b", &c(7)).unwrap();
+    assert_eq!(
+        COUNTERS.list(s, "").unwrap(),
+        vec![("a".to_string(), c(2), v2), ("b".to_string(), c(7), v3)]
+    );
+    // update: read, modify, write.
+    let (got, v4) = COUNTERS
+        .update(s, "a", |old| Some(c(old.expect("a exists").n + 10)))
+        .unwrap()
+        .expect("updated");
+    assert_eq!(got, c(12));
+    assert!(v4 > v2);
+    assert_eq!(COUNTERS.get(s, "a").unwrap(), Some((c(12), v4)));
+    // An update that changes nothing writes nothing: the version stays.
+    let same = COUNTERS.update(s, "a", |old| old).unwrap();
+    assert_eq!(same, Some((c(12), v4)));
+    // An update of an absent document creates it; returning None deletes.
+    let (fresh, _) = COUNTERS
+        .update(s, "new", |old| {
+            assert_eq!(old, None);
+            Some(c(1))
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(fresh, c(1));
+    assert_eq!(COUNTERS.update(s, "new", |_| None).unwrap(), None);
+    assert_eq!(COUNTERS.get(s, "new").unwrap(), None);
+    assert_eq!(COUNTERS.update(s, "nothing", |_| None).unwrap(), None);
+    assert_eq!(COUNTERS.get(s, "nothing").unwrap(), None);
+    // update retries after a conflict: a writer sneaks in after the first read.
+    let mut calls = 0;
+    let (after, _) = COUNTERS
+        .update(s, "b", |old| {
+            calls += 1;
+            if calls == 1 {
+                COUNTERS.put(s, "b", &c(100)).unwrap();
+            }
+            Some(c(old.unwrap().n + 1))
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(calls, 2, "one conflict, one retry");
+    assert_eq!(
+        after,
+        c(101),
+        "the retry starts from what the other writer left"
+    );
+    // delete_if and delete.
+    let (_, vb) = COUNTERS.get(s, "b").unwrap().unwrap();
+    assert!(!COUNTERS.delete_if(s, "b", v1).unwrap(), "stale");
+    assert!(COUNTERS.delete_if(s, "b", vb).unwrap());
+    COUNTERS.delete(s, "a").unwrap();
+    COUNTERS.delete(s, "a").unwrap();
+    assert!(COUNTERS.list(s, "").unwrap().is_empty());
+    // A document that is not a `Counter` is an error, not a silent None.
+    s.put_doc("counter", "bad", Some("not json")).unwrap();
+    assert!(COUNTERS.get(s, "bad").is_err());
+    assert!(COUNTERS.list(s, "").is_err());
+    assert!(COUNTERS.update(s, "bad", |_| None).is_err());
+    assert_eq!(text(s, "counter", "bad").as_deref(), Some("not json"));
+}
+
+/// How many threads, and increments per thread, the counter race runs.
+const RACERS: usize = 8;
+const INCREMENTS: usize = 50;
+
+/// `RACERS` threads each add 1 to one counter `INCREMENTS` times through [`Docs::update`]: no
+/// increment is lost, and every successful write got its own, greater version.
+pub fn document_counter_race(s: &dyn Store) {
+    let barrier = Barrier::new(RACERS);
+    let versions: Vec<Vec<Version>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..RACERS)
+            .map(|i| {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    barrier.wait();
+                    let mut seen = Vec::with_capacity(INCREMENTS);
+                    for _ in 0..INCREMENTS {
+                        let (_, v) = COUNTERS
+                            .update(s, "hits", |old| {
+                                Some(Counter {
+                                    n: old.map_or(0, |c| c.n) + 1,
+                                    by: format!("racer-{i}"),
+                                })
+                            })
+                            .unwrap()
+                            .unwrap();
+                        seen.push(v);
+                    }
+                    seen
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (last, _) = COUNTERS.get(s, "hits").unwrap().unwrap();
+    assert_eq!(
+        last.n,
+        (RACERS * INCREMENTS) as u64,
+        "every increment counts once"
+    );
+    for seen in &versions {
+        assert!(
+            seen.windows(2).all(|w| w[0] < w[1]),
+            "one thread's writes get increasing versions"
+        );
+    }
+    let mut all: Vec<Version> = versions.into_iter().flatten().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), RACERS * INCREMENTS, "no version was given twice");
+}
+
+/// A single-use-style document: `uses` uses, spent by racers that delete it on the last one
+/// (as join tokens are). Exactly `uses` racers succeed and the document is gone.
+pub fn document_spend_race(s: &dyn Store) {
+    const TOKENS: Docs<u32> = Docs::new("token");
+    for uses in [1u32, 3] {
+        let key = format!("t{uses}");
+        assert!(TOKENS.create(s, &key, &uses).unwrap().is_some());
+        let barrier = Barrier::new(RACERS);
+        let wins: usize = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..RACERS)
+                .map(|_| {
+                    let (barrier, key) = (&barrier, &key);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        let mut spent = false;
+                        TOKENS
+                            .update(s, key, |left| {
+                                // The last call is the one whose write counted.
+                                spent = left.is_some_and(|n| n > 0);
+                                left.filter(|n| *n > 1).map(|n| n - 1)
+                            })
+                            .unwrap();
+                        usize::from(spent)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(wins, uses as usize, "exactly {uses} racers spend a use");
+        assert_eq!(
+            TOKENS.get(s, &key).unwrap(),
+            None,
+            "spent documents are deleted"
+        );
+    }
 }
 
 /// Leases: one holder at a time; the holder renews; another takes it only after it expires.

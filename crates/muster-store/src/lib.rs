@@ -11,6 +11,11 @@
 //! - Events are hints for live views; the store itself is the truth. An engine delivers the events
 //!   published through it to every subscriber of every process sharing the store (in-process for
 //!   memory and SQLite, pub/sub for Redis).
+//! - Documents are versioned: every write of a document is one atomic step that first checks its
+//!   [`DocCond`] (any, absent, or at a version) and gives the document a version greater than
+//!   any of its kind had, so a compare-and-set against a version read earlier fails if anyone
+//!   wrote the document since, in any process sharing the store. [`Docs`] is the typed layer
+//!   over it, with a read-modify-write retry loop ([`Docs::update`]).
 //!
 //! No SQL outside `sqlite.rs`.
 
@@ -20,12 +25,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub mod conformance;
+mod docs;
 mod memory;
 pub mod migrate;
 mod redis;
 mod resp;
 mod sqlite;
 
+pub use docs::Docs;
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
 pub use sqlite::SqliteStore;
@@ -36,6 +43,11 @@ pub enum StoreError {
     /// The backing service cannot be reached (the API answers 503 `store unavailable`).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store cannot write for lack of space (a full disk: SQLite's `SQLITE_FULL`, Redis
+    /// unable to persist or out of memory). Reads still work; the API answers 507
+    /// `insufficient_storage`, and writes succeed again once space is freed.
+    #[error("store full: {0}")]
+    NoSpace(String),
     /// A URL or argument the engine cannot use.
     #[error("invalid store request: {0}")]
     Invalid(String),
@@ -126,7 +138,7 @@ pub struct Node {
     pub version: String,
 }
 
-/// A live change, fanned out to every server (job, tree and node states).
+/// A live change, fanned out to every server (job, tree, node, process and model states).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
@@ -155,6 +167,72 @@ pub enum Event {
         state: String,
         at: Ts,
     },
+    /// A long-running process changed state (SPEC §5a).
+    Process {
+        id: Uuid,
+        workspace: String,
+        name: String,
+        state: muster_core::process::ProcState,
+        reason: String,
+        node: Option<String>,
+        at: Ts,
+    },
+    /// A model changed (SPEC §8): a version deployed, its live version switched, the model
+    /// deleted. Every server refreshes its predict routes on it.
+    Model {
+        workspace: String,
+        name: String,
+        live: Option<u32>,
+        at: Ts,
+    },
+}
+
+/// The version of a stored document (see [`Store::write_doc`]): only its order means anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Version(pub u64);
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "v{}", self.0)
+    }
+}
+
+/// A stored document as the engines keep it: text and version. [`Docs`] is the typed view.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Doc {
+    /// The document's text (JSON for everything written through [`Docs`]).
+    pub value: String,
+    /// Its version now.
+    pub version: Version,
+}
+
+/// The condition a [`Store::write_doc`] checks before it writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DocCond {
+    /// Write whatever is stored.
+    Any,
+    /// Write only if there is no document under the key (create-if-absent).
+    Absent,
+    /// Write only if the document exists at exactly this version (compare-and-set).
+    At(Version),
+}
+
+/// What a [`Store::write_doc`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum DocWrite {
+    /// The condition held and the write happened: the document's version now, `None` when it
+    /// was deleted (or was already absent).
+    Done(Option<Version>),
+    /// The condition failed and nothing changed: the document's version now, `None` when absent.
+    Conflict(Option<Version>),
+}
+
+impl DocWrite {
+    /// Whether the write happened.
+    pub fn done(self) -> bool {
+        matches!(self, DocWrite::Done(_))
+    }
 }
 
 /// The [`Store::meta`] key holding the hash of the one-time setup code that
@@ -213,33 +291,46 @@ pub trait Store: Send + Sync + 'static {
     fn meta(&self, key: &str) -> Result<Option<String>>;
     fn set_meta(&self, key: &str, value: Option<&str>) -> Result<()>;
 
-    /// Stores (`Some`) or deletes (`None`) a small document of one `kind` (workspaces,
-    /// memberships) under `key`.
+    /// Writes a small document of one `kind` (workspaces, memberships, join tokens) under `key`
+    /// if `cond` holds, atomically: stores `value` (`Some`) or deletes the document (`None`).
+    /// A stored document gets a new version, greater than every version any document of this
+    /// kind had, so a key deleted and created again never shows an old version (no ABA). A
+    /// failed condition changes nothing and answers the current version.
+    fn write_doc(
+        &self,
+        kind: &str,
+        key: &str,
+        value: Option<&str>,
+        cond: DocCond,
+    ) -> Result<DocWrite>;
+    /// A document and its version; `None` when there is none.
+    fn doc(&self, kind: &str, key: &str) -> Result<Option<Doc>>;
+    /// The documents of a kind whose key starts with `prefix`, sorted by key (bytewise).
+    fn docs(&self, kind: &str, prefix: &str) -> Result<Vec<(String, Doc)>>;
+
+    /// Stores (`Some`) or deletes (`None`) a document whatever its version.
     fn put_doc(&self, kind: &str, key: &str, value: Option<&str>) -> Result<()> {
-        let _ = (kind, key, value);
-        Err(StoreError::Invalid(
-            "documents are not supported by this engine".into(),
-        ))
+        self.write_doc(kind, key, value, DocCond::Any).map(|_| ())
     }
     /// Stores a document only if its key is free, atomically; `false` when it exists.
     fn create_doc(&self, kind: &str, key: &str, value: &str) -> Result<bool> {
-        let _ = (kind, key, value);
-        Err(StoreError::Invalid(
-            "documents are not supported by this engine".into(),
-        ))
+        Ok(self
+            .write_doc(kind, key, Some(value), DocCond::Absent)?
+            .done())
     }
-    fn doc(&self, kind: &str, key: &str) -> Result<Option<String>> {
-        let _ = (kind, key);
-        Err(StoreError::Invalid(
-            "documents are not supported by this engine".into(),
-        ))
+    /// Replaces a document only if it is at version `expected`; `false` (and nothing written)
+    /// when it is at another version or absent.
+    fn put_doc_if(&self, kind: &str, key: &str, value: &str, expected: Version) -> Result<bool> {
+        Ok(self
+            .write_doc(kind, key, Some(value), DocCond::At(expected))?
+            .done())
     }
-    /// The documents of a kind whose key starts with `prefix`, sorted by key.
-    fn docs(&self, kind: &str, prefix: &str) -> Result<Vec<(String, String)>> {
-        let _ = (kind, prefix);
-        Err(StoreError::Invalid(
-            "documents are not supported by this engine".into(),
-        ))
+    /// Deletes a document only if it is at version `expected`; `false` (and nothing deleted)
+    /// when it is at another version or absent.
+    fn delete_doc_if(&self, kind: &str, key: &str, expected: Version) -> Result<bool> {
+        Ok(self
+            .write_doc(kind, key, None, DocCond::At(expected))?
+            .done())
     }
 
     /// Takes or renews a lease: when `name` is free, expired, or held by `holder`, `holder`

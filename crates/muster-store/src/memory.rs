@@ -4,8 +4,8 @@
 //! is atomic.
 
 use crate::{
-    Change, Created, Event, Node, PurgedBlobs, Result, Store, StoreError, Token, Tree, TreeFilter,
-    User,
+    Change, Created, Doc, DocCond, DocWrite, Event, Node, PurgedBlobs, Result, Store, StoreError,
+    Token, Tree, TreeFilter, User, Version,
 };
 use muster_core::{Job, TreeState, Ts, Uuid};
 use std::collections::{BTreeMap, HashMap};
@@ -38,7 +38,10 @@ struct Inner {
     /// By token id.
     tokens: BTreeMap<String, Token>,
     meta: BTreeMap<String, String>,
-    docs: BTreeMap<(String, String), String>,
+    /// By (kind, key): the text and version.
+    docs: BTreeMap<(String, String), Doc>,
+    /// Per kind, the last version given to any of its documents (see [`Store::write_doc`]).
+    doc_seq: HashMap<String, u64>,
     leases: BTreeMap<String, (String, std::time::Instant)>,
     nodes: BTreeMap<String, Node>,
 }
@@ -347,27 +350,50 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn put_doc(&self, kind: &str, key: &str, value: Option<&str>) -> Result<()> {
+    fn write_doc(
+        &self,
+        kind: &str,
+        key: &str,
+        value: Option<&str>,
+        cond: DocCond,
+    ) -> Result<DocWrite> {
         let mut g = self.lock();
         let k = (kind.to_string(), key.to_string());
-        match value {
-            Some(v) => g.docs.insert(k, v.to_string()),
-            None => g.docs.remove(&k),
+        let cur = g.docs.get(&k).map(|d| d.version);
+        let holds = match cond {
+            DocCond::Any => true,
+            DocCond::Absent => cur.is_none(),
+            DocCond::At(v) => cur == Some(v),
         };
-        Ok(())
-    }
-
-    fn create_doc(&self, kind: &str, key: &str, value: &str) -> Result<bool> {
-        let mut g = self.lock();
-        let k = (kind.to_string(), key.to_string());
-        if g.docs.contains_key(&k) {
-            return Ok(false);
+        if !holds {
+            return Ok(DocWrite::Conflict(cur));
         }
-        g.docs.insert(k, value.to_string());
-        Ok(true)
+        if value.is_none() && cur.is_none() {
+            return Ok(DocWrite::Done(None));
+        }
+        // Past every version this kind gave, deletes included, so no key shows one twice.
+        let seq = g.doc_seq.entry(kind.to_string()).or_default();
+        *seq = (*seq).max(cur.map_or(0, |v| v.0)) + 1;
+        let version = Version(*seq);
+        Ok(DocWrite::Done(match value {
+            Some(v) => {
+                g.docs.insert(
+                    k,
+                    Doc {
+                        value: v.to_string(),
+                        version,
+                    },
+                );
+                Some(version)
+            }
+            None => {
+                g.docs.remove(&k);
+                None
+            }
+        }))
     }
 
-    fn doc(&self, kind: &str, key: &str) -> Result<Option<String>> {
+    fn doc(&self, kind: &str, key: &str) -> Result<Option<Doc>> {
         Ok(self
             .lock()
             .docs
@@ -375,12 +401,12 @@ impl Store for MemoryStore {
             .cloned())
     }
 
-    fn docs(&self, kind: &str, prefix: &str) -> Result<Vec<(String, String)>> {
+    fn docs(&self, kind: &str, prefix: &str) -> Result<Vec<(String, Doc)>> {
         let g = self.lock();
         Ok(g.docs
             .range((kind.to_string(), prefix.to_string())..)
             .take_while(|((k, key), _)| k == kind && key.starts_with(prefix))
-            .map(|((_, key), v)| (key.clone(), v.clone()))
+            .map(|((_, key), d)| (key.clone(), d.clone()))
             .collect())
     }
 

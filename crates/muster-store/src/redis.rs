@@ -27,7 +27,11 @@
 //! - `users` (name → JSON), `tokens` (id → JSON), `tokens:byhash` (hash → id), `meta`
 //!   (key → value), `nodes` (id → JSON): hashes.
 //! - `docs:<kind>`: hash key → document; `dockeys:<kind>`: zset of the same keys (score 0), for
-//!   prefix listings with `ZRANGEBYLEX`.
+//!   prefix listings with `ZRANGEBYLEX`; `docver:<kind>`: hash key → the document's version (a
+//!   document without one predates versions and is at version 1); `docseq`: hash kind → the
+//!   last version given in that kind. The values hash is the one it always was, so documents
+//!   written before versions existed read as they did; value and version are read together in
+//!   one `MULTI`, written together in one script.
 //!
 //! Events go through pub/sub on the channel `<prefix>events:<db>` (pub/sub is not scoped by
 //! database, so the number keeps two clusters in two databases of one Redis apart). One
@@ -36,8 +40,8 @@
 
 use crate::resp::{encode, Conn, Pool, Reply, Target};
 use crate::{
-    Change, Created, Event, Node, PurgedBlobs, Result, Store, StoreError, Token, Tree, TreeFilter,
-    User,
+    Change, Created, Doc, DocCond, DocWrite, Event, Node, PurgedBlobs, Result, Store, StoreError,
+    Token, Tree, TreeFilter, User, Version,
 };
 use muster_core::{Job, TreeState, Ts, Uuid};
 use std::collections::{HashMap, HashSet};
@@ -254,22 +258,33 @@ redis.call('HDEL', tokens, id)
 return 1
 "#;
 
-/// Writes a small document: ARGV: values hash, key zset, key, mode (`put`, `create`, `delete`),
-/// value. Returns 1 when written (for `create`: 0 when the key exists).
-const PUT_DOC: &str = r#"
-local h, z, key, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if mode == 'delete' then
+/// Writes a document if its condition holds. ARGV: values hash, versions hash, key zset, seq
+/// hash, kind, key, condition (`any`, `absent` or `at`), expected version, op (`put` or
+/// `delete`), value. Returns `{1, new version (0: deleted or absent)}` when written, `{0,
+/// current version (0: absent)}` when the condition failed.
+const WRITE_DOC: &str = r#"
+local h, vh, z, sh, kind, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local cond, exp, op = ARGV[7], tonumber(ARGV[8]), ARGV[9]
+local cur = 0
+if redis.call('HEXISTS', h, key) == 1 then
+  cur = tonumber(redis.call('HGET', vh, key) or '1')
+end
+if (cond == 'absent' and cur ~= 0) or (cond == 'at' and cur ~= exp) then return {0, cur} end
+if op == 'delete' and cur == 0 then return {1, 0} end
+local nv = tonumber(redis.call('HGET', sh, kind) or '0')
+if cur > nv then nv = cur end
+nv = nv + 1
+redis.call('HSET', sh, kind, nv)
+if op == 'delete' then
   redis.call('HDEL', h, key)
+  redis.call('HDEL', vh, key)
   redis.call('ZREM', z, key)
-  return 1
+  return {1, 0}
 end
-if mode == 'create' then
-  if redis.call('HSETNX', h, key, ARGV[5]) == 0 then return 0 end
-else
-  redis.call('HSET', h, key, ARGV[5])
-end
+redis.call('HSET', h, key, ARGV[10])
+redis.call('HSET', vh, key, nv)
 redis.call('ZADD', z, 0, key)
-return 1
+return {1, nv}
 "#;
 
 /// Takes or renews a lease: ARGV: key, holder, ttl ms. Returns the holder after the call.
@@ -331,7 +346,7 @@ struct Scripts {
     consume_setup_code: Script,
     put_token: Script,
     delete_token: Script,
-    put_doc: Script,
+    write_doc: Script,
     lease: Script,
 }
 
@@ -420,6 +435,27 @@ fn bulks(r: Reply) -> Result<Vec<Option<Vec<u8>>>> {
     r.array()?.into_iter().map(bulk).collect()
 }
 
+/// A document version from a script's reply (0: none).
+fn doc_version(v: i64) -> Result<Option<Version>> {
+    match v {
+        0 => Ok(None),
+        v if v > 0 => Ok(Some(Version(v as u64))),
+        v => Err(StoreError::Other(format!("bad document version {v}"))),
+    }
+}
+
+/// The version in the versions hash; a document without one was written before versions and
+/// is at version 1.
+fn stored_version(v: Option<&str>) -> Result<Version> {
+    match v {
+        None => Ok(Version(1)),
+        Some(s) => s
+            .parse()
+            .map(Version)
+            .map_err(|_| StoreError::Other(format!("bad stored document version {s:?}"))),
+    }
+}
+
 fn arg(s: impl Into<Vec<u8>>) -> Vec<u8> {
     s.into()
 }
@@ -449,7 +485,7 @@ impl RedisStore {
                 consume_setup_code: Script::new(CONSUME_SETUP_CODE),
                 put_token: Script::new(PUT_TOKEN),
                 delete_token: Script::new(DELETE_TOKEN),
-                put_doc: Script::new(PUT_DOC),
+                write_doc: Script::new(WRITE_DOC),
                 lease: Script::new(LEASE),
             },
             events,
@@ -473,11 +509,12 @@ impl RedisStore {
         format!("{}job:{id}", self.prefix)
     }
 
-    /// The hash of the documents of `kind` (key → value) and the zset of their keys (score 0,
-    /// for prefix ranges).
-    fn doc_keys(&self, kind: &str) -> (String, String) {
+    /// The hash of the documents of `kind` (key → value), the hash of their versions and the
+    /// zset of their keys (score 0, for prefix ranges).
+    fn doc_keys(&self, kind: &str) -> (String, String, String) {
         (
             format!("{}docs:{kind}", self.prefix),
+            format!("{}docver:{kind}", self.prefix),
             format!("{}dockeys:{kind}", self.prefix),
         )
     }
@@ -488,11 +525,35 @@ impl RedisStore {
         docs.into_iter().flatten().map(|d| from_json(&d)).collect()
     }
 
-    fn write_doc(&self, kind: &str, key: &str, mode: &str, value: &str) -> Result<bool> {
-        let (h, z) = self.doc_keys(kind);
-        let args = [arg(h), arg(z), arg(key), arg(mode), arg(value)];
-        let r = self.pool.with(|c| self.scripts.put_doc.eval(c, &args))?;
-        Ok(r.int()? == 1)
+    /// Runs `cmds` in one `MULTI`/`EXEC` (so they see one moment of the data) and returns
+    /// their replies.
+    fn multi(&self, cmds: &[&[&[u8]]]) -> Result<Vec<Reply>> {
+        let replies = self.pool.with(|c| {
+            c.send(&["MULTI"]);
+            for cmd in cmds {
+                c.send(cmd);
+            }
+            c.send(&["EXEC"]);
+            c.recv_all()
+        })?;
+        let n = replies.len();
+        let mut it = replies.into_iter();
+        // MULTI's +OK, then a +QUEUED (or an error) per command.
+        for r in it.by_ref().take(n.saturating_sub(1)) {
+            r.check()?;
+        }
+        let out = it
+            .next()
+            .ok_or_else(|| StoreError::Other("no reply to EXEC".into()))?
+            .array()?;
+        if out.len() != cmds.len() {
+            return Err(StoreError::Other(format!(
+                "EXEC answered {} replies for {} commands",
+                out.len(),
+                cmds.len()
+            )));
+        }
+        Ok(out)
     }
 
     /// The listing indexes `tree` belongs in.
@@ -1136,25 +1197,63 @@ impl Store for RedisStore {
         Ok(r.opt_string()?.unwrap_or_default())
     }
 
-    fn put_doc(&self, kind: &str, key: &str, value: Option<&str>) -> Result<()> {
-        match value {
-            Some(v) => self.write_doc(kind, key, "put", v)?,
-            None => self.write_doc(kind, key, "delete", "")?,
+    fn write_doc(
+        &self,
+        kind: &str,
+        key: &str,
+        value: Option<&str>,
+        cond: DocCond,
+    ) -> Result<DocWrite> {
+        let (h, vh, z) = self.doc_keys(kind);
+        let (cond, expected) = match cond {
+            DocCond::Any => ("any", 0),
+            DocCond::Absent => ("absent", 0),
+            DocCond::At(v) => ("at", v.0),
         };
-        Ok(())
+        let args = [
+            arg(h),
+            arg(vh),
+            arg(z),
+            arg(self.key("docseq")),
+            arg(kind),
+            arg(key),
+            arg(cond),
+            arg(expected.to_string()),
+            arg(if value.is_some() { "put" } else { "delete" }),
+            arg(value.unwrap_or_default()),
+        ];
+        let r = self.pool.with(|c| self.scripts.write_doc.eval(c, &args))?;
+        let mut it = r.array()?.into_iter();
+        let (Some(done), Some(v)) = (it.next(), it.next()) else {
+            return Err(StoreError::Other("write_doc answered too little".into()));
+        };
+        let v = doc_version(v.int()?)?;
+        Ok(if done.int()? == 1 {
+            DocWrite::Done(v)
+        } else {
+            DocWrite::Conflict(v)
+        })
     }
 
-    fn create_doc(&self, kind: &str, key: &str, value: &str) -> Result<bool> {
-        self.write_doc(kind, key, "create", value)
+    fn doc(&self, kind: &str, key: &str) -> Result<Option<Doc>> {
+        let (h, vh, _) = self.doc_keys(kind);
+        let k = key.as_bytes();
+        let replies = self.multi(&[&[b"HGET", h.as_bytes(), k], &[b"HGET", vh.as_bytes(), k]])?;
+        let mut it = replies.into_iter();
+        let value = it.next().map(Reply::opt_string).transpose()?.flatten();
+        let version = it.next().map(Reply::opt_string).transpose()?.flatten();
+        value
+            .map(|value| {
+                Ok(Doc {
+                    value,
+                    version: stored_version(version.as_deref())?,
+                })
+            })
+            .transpose()
     }
 
-    fn doc(&self, kind: &str, key: &str) -> Result<Option<String>> {
-        let (h, _) = self.doc_keys(kind);
-        self.pool.call(&["HGET", &h, key])?.opt_string()
-    }
-
-    fn docs(&self, kind: &str, prefix: &str) -> Result<Vec<(String, String)>> {
-        let (h, z) = self.doc_keys(kind);
+    fn docs(&self, kind: &str, prefix: &str) -> Result<Vec<(String, Doc)>> {
+        let (h, vh, z) = self.doc_keys(kind);
         // Every UTF-8 key starting with `prefix` sorts before `prefix` + byte 0xFF.
         let (min, max) = if prefix.is_empty() {
             (b"-".to_vec(), b"+".to_vec())
@@ -1175,16 +1274,25 @@ impl Store for RedisStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut cmd: Vec<&str> = Vec::with_capacity(keys.len() + 2);
-        cmd.extend(["HMGET", h.as_str()]);
-        cmd.extend(keys.iter().map(String::as_str));
-        let values = self.pool.call(&cmd)?.strings()?;
+        let mut values: Vec<&[u8]> = Vec::with_capacity(keys.len() + 2);
+        values.extend([b"HMGET".as_slice(), h.as_bytes()]);
+        values.extend(keys.iter().map(|k| k.as_bytes()));
+        let mut versions = values.clone();
+        versions[1] = vh.as_bytes();
+        // Values and versions from one moment, so each pair belongs together.
+        let mut replies = self.multi(&[&values, &versions])?.into_iter();
+        let (Some(values), Some(versions)) = (replies.next(), replies.next()) else {
+            return Err(StoreError::Other("EXEC answered too little".into()));
+        };
+        let (values, versions) = (values.strings()?, versions.strings()?);
         // A key deleted between the two reads is left out.
-        Ok(keys
-            .into_iter()
-            .zip(values)
-            .filter_map(|(k, v)| v.map(|v| (k, v)))
-            .collect())
+        keys.into_iter()
+            .zip(values.into_iter().zip(versions))
+            .filter_map(|(k, (value, version))| {
+                let value = value?;
+                Some(stored_version(version.as_deref()).map(|version| (k, Doc { value, version })))
+            })
+            .collect()
     }
 
     fn put_node(&self, node: &Node) -> Result<()> {

@@ -4,7 +4,9 @@
 //!
 //! Every I/O failure (refused, reset, timed out, closed) is [`StoreError::Unavailable`]; an
 //! error reply from Redis is [`StoreError::Other`], except the ones that mean "try later"
-//! (`LOADING`, `BUSY`, `MASTERDOWN`, `TRYAGAIN`, auth failures), which are `Unavailable` too.
+//! (`LOADING`, `BUSY`, `MASTERDOWN`, `TRYAGAIN`, auth failures), which are `Unavailable` too,
+//! and the ones that mean "no room" (`MISCONF`: it cannot persist; `OOM`), which are
+//! [`StoreError::NoSpace`].
 
 use crate::{Result, StoreError};
 use std::io::{self, BufRead, BufReader, Write};
@@ -88,6 +90,8 @@ pub(crate) fn redis_error(msg: &str) -> StoreError {
         "LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "NOAUTH" | "WRONGPASS" | "CLUSTERDOWN" => {
             StoreError::Unavailable(format!("Redis: {msg}"))
         }
+        // It cannot persist writes (its disk is full, say) or is at `maxmemory`: no room.
+        "MISCONF" | "OOM" => StoreError::NoSpace(format!("Redis: {msg}")),
         _ => StoreError::Other(format!("Redis: {msg}")),
     }
 }
@@ -307,8 +311,22 @@ impl Conn {
 
     /// One command, one reply (the reply may be an error reply).
     pub(crate) fn call<A: AsRef<[u8]>>(&mut self, args: &[A]) -> Result<Reply> {
+        // A big command (a 100,000-job tree is tens of MB, and the script that stores it runs
+        // as long) gets time in proportion: 1 s more per MB, on a busy machine too.
+        let bytes: usize = args.iter().map(|a| a.as_ref().len()).sum();
+        let big = bytes > 1 << 20;
+        if big {
+            let t = IO_TIMEOUT + Duration::from_millis(bytes as u64 / 1000);
+            let _ = self.reader.get_ref().set_read_timeout(Some(t));
+            let _ = self.writer.set_write_timeout(Some(t));
+        }
         self.send(args);
-        self.recv()
+        let r = self.recv();
+        if big {
+            let _ = self.reader.get_ref().set_read_timeout(Some(IO_TIMEOUT));
+            let _ = self.writer.set_write_timeout(Some(IO_TIMEOUT));
+        }
+        r
     }
 
     /// Whether the connection is still usable: nothing unread and not closed by the server

@@ -9,7 +9,7 @@
 //! Records are kept whole as JSON (`doc` columns); the columns beside them exist only to be
 //! searched. UUIDs are 16-byte blobs of their big-endian bytes, so UUID v7 ids sort by time.
 //!
-//! Schema (version 1, `PRAGMA user_version`):
+//! Schema (version 2, `PRAGMA user_version`):
 //! - `trees(id PK, workspace, application, version, instance, state, finished_at, doc)`, with
 //!   indexes `(workspace, id)`, `(application, id)`, `(version, id)`, `(instance, id)`,
 //!   `(state, id)` and `(finished_at)`: a listing with any one filter, newest first, from a
@@ -21,10 +21,16 @@
 //! - `idempotency(key PK, tree)` with `(tree)`.
 //! - `users(name PK, doc)`, `tokens(id PK, hash UNIQUE, user, doc)`, `meta(key PK, value)`,
 //!   `nodes(id PK, doc)`.
+//! - `docs(kind, key, value, version)` (primary key `(kind, key)`: prefix listings are a range
+//!   of it) and `doc_seq(kind PK, last)`, the last version given in each kind.
+//!
+//! Version 2 added `docs.version` and `doc_seq`: opening a version-1 file adds the column, every
+//! existing document at version 1 (and the first write after gives 2). A file of a newer version
+//! than this code knows is refused rather than written with the wrong rules.
 
 use crate::{
-    Change, Created, Event, Node, PurgedBlobs, Result, Store, StoreError, Token, Tree, TreeFilter,
-    User,
+    Change, Created, Doc, DocCond, DocWrite, Event, Node, PurgedBlobs, Result, Store, StoreError,
+    Token, Tree, TreeFilter, User, Version,
 };
 use muster_core::{Job, Ts, Uuid};
 use rusqlite::types::Value;
@@ -42,7 +48,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The capacity of the event channel; a subscriber further behind misses events.
 const EVENT_CAPACITY: usize = 65_536;
 /// The schema version this code writes.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS trees (
@@ -115,7 +121,12 @@ CREATE TABLE IF NOT EXISTS docs (
     kind TEXT NOT NULL,
     key TEXT NOT NULL,
     value TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (kind, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS doc_seq (
+    kind TEXT PRIMARY KEY NOT NULL,
+    last INTEGER NOT NULL
 ) WITHOUT ROWID;
 ";
 
@@ -133,6 +144,8 @@ impl From<rusqlite::Error> for StoreError {
             Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::CannotOpen) => {
                 StoreError::Unavailable(e.to_string())
             }
+            // SQLITE_FULL: a write found the disk full (ENOSPC, or the quota).
+            Some(ErrorCode::DiskFull) => StoreError::NoSpace(e.to_string()),
             _ => StoreError::Other(e.to_string()),
         }
     }
@@ -154,6 +167,29 @@ fn uuid_from(bytes: &[u8]) -> Result<Uuid> {
     Uuid::from_slice(bytes).map_err(|e| StoreError::Other(format!("bad stored id: {e}")))
 }
 
+/// Takes group and other permissions off the file `path`, with a warning, if it has any.
+fn private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return;
+    }
+    let tight = mode & !0o077;
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(tight)) {
+        Ok(()) => tracing::warn!(
+            path = %path.display(),
+            "{} was open to other users (mode {mode:o}); made it {tight:o}: it holds secrets",
+            path.display()
+        ),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "cannot tighten the mode of {}: {e}", path.display())
+        }
+    }
+}
+
 /// The pragmas every connection gets.
 fn configure(conn: &Connection) -> Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
@@ -163,6 +199,18 @@ fn configure(conn: &Connection) -> Result<()> {
     // 32 MiB of page cache per connection.
     conn.pragma_update(None, "cache_size", -32_768)?;
     Ok(())
+}
+
+/// Whether `table` has a column named `column`.
+fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool> {
+    let mut stmt = conn.prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?;
+    Ok(stmt.exists([table, column])?)
+}
+
+fn version_of(v: i64) -> Result<Version> {
+    u64::try_from(v)
+        .map(Version)
+        .map_err(|_| StoreError::Other(format!("bad stored document version {v}")))
 }
 
 /// Runs a query returning JSON docs in column 0 and decodes them.
@@ -198,9 +246,36 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore> {
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
-                })?;
+                // Private to our user, as the data dir it usually is (see muster_wire::perms).
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|e| {
+                        StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+                    })?;
+            }
+        }
+        // The database holds the cluster CA's private key and password hashes: private to our
+        // user. SQLite makes its -wal and -shm files with the database file's mode, so making
+        // that file 0600 first covers all three.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot create {}: {e}",
+                        path.display()
+                    )))
+                }
             }
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -226,8 +301,20 @@ impl SqliteStore {
                 )));
             }
             tx.execute_batch(SCHEMA)?;
+            // A version-1 file has `docs` without `version` (CREATE TABLE IF NOT EXISTS left it
+            // as it was): its documents start at version 1.
+            if !has_column(&tx, "docs", "version")? {
+                tx.execute_batch("ALTER TABLE docs ADD COLUMN version INTEGER NOT NULL DEFAULT 1")?;
+            }
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             tx.commit()?;
+        }
+        // Files an older version made 0644 (and the -wal/-shm that copied their mode) are
+        // closed now that all three exist.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            private(Path::new(&p));
         }
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
@@ -679,50 +766,100 @@ impl Store for SqliteStore {
         })
     }
 
-    fn put_doc(&self, kind: &str, key: &str, value: Option<&str>) -> Result<()> {
+    fn write_doc(
+        &self,
+        kind: &str,
+        key: &str,
+        value: Option<&str>,
+        cond: DocCond,
+    ) -> Result<DocWrite> {
+        // Check and write in one immediate transaction: the write lock is taken before the
+        // read, so no other connection (in this process or another) writes in between.
         self.write(|tx| {
-            match value {
-                Some(v) => tx
-                    .prepare_cached(
-                        "INSERT OR REPLACE INTO docs (kind, key, value) VALUES (?1, ?2, ?3)",
-                    )?
-                    .execute([kind, key, v])?,
-                None => tx
-                    .prepare_cached("DELETE FROM docs WHERE kind = ?1 AND key = ?2")?
-                    .execute([kind, key])?,
+            let cur: Option<i64> = tx
+                .prepare_cached("SELECT version FROM docs WHERE kind = ?1 AND key = ?2")?
+                .query_row([kind, key], |r| r.get(0))
+                .optional()?;
+            let cur = cur.map(version_of).transpose()?;
+            let holds = match cond {
+                DocCond::Any => true,
+                DocCond::Absent => cur.is_none(),
+                DocCond::At(v) => cur == Some(v),
             };
-            Ok(())
+            if !holds {
+                return Ok(DocWrite::Conflict(cur));
+            }
+            if value.is_none() && cur.is_none() {
+                return Ok(DocWrite::Done(None));
+            }
+            // Past every version this kind gave, deletes included (and past a document that
+            // predates `doc_seq`), so no key shows one version twice.
+            let seq: Option<i64> = tx
+                .prepare_cached("SELECT last FROM doc_seq WHERE kind = ?1")?
+                .query_row([kind], |r| r.get(0))
+                .optional()?;
+            let next = seq.unwrap_or(0).max(cur.map_or(0, |v| v.0 as i64)) + 1;
+            tx.prepare_cached("INSERT OR REPLACE INTO doc_seq (kind, last) VALUES (?1, ?2)")?
+                .execute(params![kind, next])?;
+            Ok(DocWrite::Done(match value {
+                Some(v) => {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO docs (kind, key, value, version) VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![kind, key, v, next])?;
+                    Some(version_of(next)?)
+                }
+                None => {
+                    tx.prepare_cached("DELETE FROM docs WHERE kind = ?1 AND key = ?2")?
+                        .execute([kind, key])?;
+                    None
+                }
+            }))
         })
     }
 
-    fn create_doc(&self, kind: &str, key: &str, value: &str) -> Result<bool> {
-        self.write(|tx| {
-            Ok(tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO docs (kind, key, value) VALUES (?1, ?2, ?3)",
-                )?
-                .execute([kind, key, value])?
-                > 0)
-        })
-    }
-
-    fn doc(&self, kind: &str, key: &str) -> Result<Option<String>> {
+    fn doc(&self, kind: &str, key: &str) -> Result<Option<Doc>> {
         let r = self.reader();
-        let mut stmt = r.prepare_cached("SELECT value FROM docs WHERE kind = ?1 AND key = ?2")?;
-        Ok(stmt.query_row([kind, key], |r| r.get(0)).optional()?)
+        let mut stmt =
+            r.prepare_cached("SELECT value, version FROM docs WHERE kind = ?1 AND key = ?2")?;
+        let row: Option<(String, i64)> = stmt
+            .query_row([kind, key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        row.map(|(value, v)| {
+            Ok(Doc {
+                value,
+                version: version_of(v)?,
+            })
+        })
+        .transpose()
     }
 
-    fn docs(&self, kind: &str, prefix: &str) -> Result<Vec<(String, String)>> {
+    fn docs(&self, kind: &str, prefix: &str) -> Result<Vec<(String, Doc)>> {
         let r = self.reader();
         // A range on the primary key: `key >= prefix AND key < prefix || U+10FFFF`.
         let mut stmt = r.prepare_cached(
-            "SELECT key, value FROM docs WHERE kind = ?1 AND key >= ?2 AND key < ?3 ORDER BY key",
+            "SELECT key, value, version FROM docs WHERE kind = ?1 AND key >= ?2 AND key < ?3 ORDER BY key",
         )?;
         let upper = format!("{prefix}\u{10FFFF}");
         let rows = stmt.query_map([kind, prefix, upper.as_str()], |r| {
-            Ok((r.get(0)?, r.get(1)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
         })?;
-        Ok(rows.collect::<std::result::Result<Vec<(String, String)>, _>>()?)
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, value, v) = row?;
+            out.push((
+                key,
+                Doc {
+                    value,
+                    version: version_of(v)?,
+                },
+            ));
+        }
+        Ok(out)
     }
 
     fn lease(&self, name: &str, holder: &str, ttl_ms: u64) -> Result<String> {

@@ -186,9 +186,114 @@ fn migrate_copies_everything_and_is_idempotent() {
     assert_eq!(to.log_blob(ids[7].1, 1).unwrap(), Some("ab".repeat(32)));
     assert_eq!(to.meta("cluster_name").unwrap().as_deref(), Some("prod"));
     assert_eq!(
-        to.doc("member", "a/ann").unwrap().as_deref(),
+        to.doc("member", "a/ann")
+            .unwrap()
+            .map(|d| d.value)
+            .as_deref(),
         Some("\"admin\"")
     );
     let again = migrate(&*from, &*to, |_| {}).unwrap();
     assert_eq!((again.trees, again.skipped_trees), (0, 1203));
+}
+
+/// A database of schema version 1 (documents without versions), as the previous muster wrote
+/// it: opening it keeps every document, each at version 1, and writes move on from there.
+#[test]
+fn sqlite_version_1_documents_get_versions() {
+    use muster_store::{DocCond, DocWrite, Version};
+    let dir = TempDir::new("schema1");
+    let path = dir.0.join("old.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE docs (kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+                 PRIMARY KEY (kind, key)) WITHOUT ROWID;
+             INSERT INTO docs VALUES ('member', 'acme/ann', '\"admin\"');
+             INSERT INTO docs VALUES ('member', 'acme/bob', '\"viewer\"');
+             INSERT INTO docs VALUES ('join_token', 'abc', '{}');
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let url = format!("sqlite://{}", path.display());
+    let s = open(&url).unwrap();
+    let members = s.docs("member", "acme/").unwrap();
+    assert_eq!(
+        members
+            .iter()
+            .map(|(k, d)| (k.as_str(), d.value.as_str(), d.version))
+            .collect::<Vec<_>>(),
+        [
+            ("acme/ann", "\"admin\"", Version(1)),
+            ("acme/bob", "\"viewer\"", Version(1))
+        ]
+    );
+    assert!(!s
+        .put_doc_if("member", "acme/ann", "\"x\"", Version(2))
+        .unwrap());
+    assert_eq!(
+        s.write_doc(
+            "member",
+            "acme/ann",
+            Some("\"operator\""),
+            DocCond::At(Version(1))
+        )
+        .unwrap(),
+        DocWrite::Done(Some(Version(2)))
+    );
+    // A deleted old document that comes back does not show version 1 again.
+    assert!(s.delete_doc_if("join_token", "abc", Version(1)).unwrap());
+    match s
+        .write_doc("join_token", "abc", Some("{}"), DocCond::Absent)
+        .unwrap()
+    {
+        DocWrite::Done(Some(v)) => assert!(v > Version(1), "{v}"),
+        other => panic!("{other:?}"),
+    }
+    drop(s);
+    // Reopening a version-2 file changes nothing.
+    let s = open(&url).unwrap();
+    assert_eq!(
+        s.doc("member", "acme/ann").unwrap().unwrap().version,
+        Version(2)
+    );
+    assert_eq!(
+        s.doc("member", "acme/bob").unwrap().unwrap().version,
+        Version(1)
+    );
+    let v: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, 2);
+}
+
+/// Two stores on one file (as two processes would be), each with threads, increment one
+/// counter through the compare-and-set loop: nothing is lost across connections.
+#[test]
+fn sqlite_counter_race_across_two_stores() {
+    use muster_store::Docs;
+    const N: Docs<u64> = Docs::new("counter");
+    let dir = TempDir::new("race");
+    let url = dir.url("shared.db");
+    let stores = [open(&url).unwrap(), open(&url).unwrap()];
+    let (threads, each) = (8, 50);
+    let barrier = std::sync::Barrier::new(threads);
+    std::thread::scope(|scope| {
+        for i in 0..threads {
+            let (s, barrier) = (&stores[i % 2], &barrier);
+            scope.spawn(move || {
+                barrier.wait();
+                for _ in 0..each {
+                    N.update(&**s, "c", |n| Some(n.unwrap_or(0) + 1)).unwrap();
+                }
+            });
+        }
+    });
+    for s in &stores {
+        assert_eq!(
+            N.get(&**s, "c").unwrap().map(|(n, _)| n),
+            Some((threads * each) as u64)
+        );
+    }
 }

@@ -8,7 +8,10 @@
 
 use muster_core::{JobState, TreeState, Ts};
 use muster_store::conformance::{self, fixture, tags};
-use muster_store::{open, Change, Created, Event, RedisStore, Store, StoreError, TreeFilter};
+use muster_store::{
+    open, Change, Created, Doc, DocCond, DocWrite, Docs, Event, RedisStore, Store, StoreError,
+    TreeFilter, Version,
+};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -145,6 +148,20 @@ fn raw_command(port: u16, cmd: &str) -> Option<String> {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).ok()?;
     Some(line.trim_end().to_string())
+}
+
+/// Sends one command of several words and returns the first reply line.
+fn raw_args(port: u16, parts: &[&str]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut cmd = format!("*{}\r\n", parts.len()).into_bytes();
+    for p in parts {
+        cmd.extend_from_slice(format!("${}\r\n{p}\r\n", p.len()).as_bytes());
+    }
+    s.write_all(&cmd).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line.trim_end().to_string()
 }
 
 fn node_event(n: usize) -> Event {
@@ -444,39 +461,169 @@ fn redis_first_listing_page_timing() {
 fn redis_documents() {
     let server = RedisServer::start();
     let s = open(&server.url()).unwrap();
+    let text = |kind: &str, key: &str| s.doc(kind, key).unwrap().map(|d| d.value);
     assert_eq!(s.doc("ws", "a").unwrap(), None);
     assert!(s.create_doc("ws", "a", "1").unwrap());
     assert!(
         !s.create_doc("ws", "a", "2").unwrap(),
         "create keeps the first"
     );
-    assert_eq!(s.doc("ws", "a").unwrap().as_deref(), Some("1"));
+    assert_eq!(text("ws", "a").as_deref(), Some("1"));
     s.put_doc("ws", "a", Some("3")).unwrap();
     s.put_doc("ws", "ab", Some("4")).unwrap();
     s.put_doc("ws", "b", Some("5")).unwrap();
     s.put_doc("member", "a/x", Some("6")).unwrap();
     s.put_doc("member", "é/x", Some("7")).unwrap();
-    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+    let pairs = |v: Vec<(String, Doc)>| -> Vec<(String, String)> {
+        v.into_iter().map(|(k, d)| (k, d.value)).collect()
+    };
+    let want = |v: &[(&str, &str)]| -> Vec<(String, String)> {
         v.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
     };
     assert_eq!(
-        s.docs("ws", "").unwrap(),
-        pairs(&[("a", "3"), ("ab", "4"), ("b", "5")])
+        pairs(s.docs("ws", "").unwrap()),
+        want(&[("a", "3"), ("ab", "4"), ("b", "5")])
     );
     assert_eq!(
-        s.docs("ws", "a").unwrap(),
-        pairs(&[("a", "3"), ("ab", "4")])
+        pairs(s.docs("ws", "a").unwrap()),
+        want(&[("a", "3"), ("ab", "4")])
     );
-    assert_eq!(s.docs("member", "é").unwrap(), pairs(&[("é/x", "7")]));
+    assert_eq!(pairs(s.docs("member", "é").unwrap()), want(&[("é/x", "7")]));
     assert!(s.docs("ws", "c").unwrap().is_empty());
     s.put_doc("ws", "a", None).unwrap();
     s.put_doc("ws", "zz", None).unwrap();
     assert_eq!(s.doc("ws", "a").unwrap(), None);
-    assert_eq!(s.docs("ws", "a").unwrap(), pairs(&[("ab", "4")]));
+    assert_eq!(pairs(s.docs("ws", "a").unwrap()), want(&[("ab", "4")]));
     assert!(
         s.create_doc("ws", "a", "8").unwrap(),
         "a deleted key is free again"
     );
+}
+
+/// Documents an earlier muster wrote (a value in `docs:<kind>`, no version): they read as they
+/// did, at version 1, and compare-and-set works on them from there.
+#[test]
+fn redis_documents_written_before_versions() {
+    let server = RedisServer::start();
+    let s = open(&server.url()).unwrap();
+    let hset = |key: &str, field: &str, value: &str| {
+        let r = raw_args(server.port, &["HSET", key, field, value]);
+        assert!(r.starts_with(':'), "{r}");
+    };
+    let zadd = |key: &str, member: &str| {
+        let r = raw_args(server.port, &["ZADD", key, "0", member]);
+        assert!(r.starts_with(':'), "{r}");
+    };
+    hset("muster:docs:member", "acme/ann", "\"admin\"");
+    zadd("muster:dockeys:member", "acme/ann");
+    hset("muster:docs:member", "acme/bob", "\"viewer\"");
+    zadd("muster:dockeys:member", "acme/bob");
+    assert_eq!(
+        s.doc("member", "acme/ann").unwrap(),
+        Some(Doc {
+            value: "\"admin\"".into(),
+            version: Version(1)
+        })
+    );
+    assert_eq!(
+        s.docs("member", "acme/")
+            .unwrap()
+            .into_iter()
+            .map(|(k, d)| (k, d.version))
+            .collect::<Vec<_>>(),
+        [
+            ("acme/ann".to_string(), Version(1)),
+            ("acme/bob".to_string(), Version(1))
+        ]
+    );
+    assert!(!s
+        .put_doc_if("member", "acme/ann", "\"x\"", Version(2))
+        .unwrap());
+    assert_eq!(
+        s.write_doc(
+            "member",
+            "acme/ann",
+            Some("\"operator\""),
+            DocCond::At(Version(1))
+        )
+        .unwrap(),
+        DocWrite::Done(Some(Version(2)))
+    );
+    // Deleted and created again: never version 1 again.
+    assert!(s.delete_doc_if("member", "acme/bob", Version(1)).unwrap());
+    match s
+        .write_doc("member", "acme/bob", Some("\"viewer\""), DocCond::Absent)
+        .unwrap()
+    {
+        DocWrite::Done(Some(v)) => assert!(v > Version(1), "{v}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Several stores (separate clients, as several servers are) on one Redis: a counter
+/// incremented through the compare-and-set loop from all of them loses nothing, and a
+/// single-use document raced from two of them is spent exactly once, round after round.
+#[test]
+fn redis_compare_and_set_documents_across_clients() {
+    const COUNTER: Docs<u64> = Docs::new("counter");
+    const USES: Docs<u32> = Docs::new("uses");
+    let server = RedisServer::start();
+    let stores: Vec<Arc<dyn Store>> = (0..4).map(|_| open(&server.url()).unwrap()).collect();
+    let (threads, each) = (8, 100);
+    let barrier = Barrier::new(threads);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for i in 0..threads {
+            let (s, barrier) = (&stores[i % stores.len()], &barrier);
+            scope.spawn(move || {
+                barrier.wait();
+                for _ in 0..each {
+                    COUNTER
+                        .update(&**s, "c", |n| Some(n.unwrap_or(0) + 1))
+                        .unwrap();
+                }
+            });
+        }
+    });
+    eprintln!(
+        "redis: {} CAS increments over {} clients in {:?}",
+        threads * each,
+        stores.len(),
+        started.elapsed()
+    );
+    for s in &stores {
+        assert_eq!(
+            COUNTER.get(&**s, "c").unwrap().map(|(n, _)| n),
+            Some((threads * each) as u64)
+        );
+    }
+    // Single use, two clients, several racers on each, 20 rounds.
+    let (a, b) = (&stores[0], &stores[1]);
+    for round in 0..20 {
+        let key = format!("token-{round}");
+        assert!(USES.create(&**a, &key, &1).unwrap().is_some());
+        let barrier = Barrier::new(6);
+        let wins: usize = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..6)
+                .map(|i| {
+                    let (s, barrier, key) = (if i % 2 == 0 { a } else { b }, &barrier, &key);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        let mut spent = false;
+                        USES.update(&**s, key, |left| {
+                            spent = left.is_some_and(|n| n > 0);
+                            left.filter(|n| *n > 1).map(|n| n - 1)
+                        })
+                        .unwrap();
+                        usize::from(spent)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(wins, 1, "round {round}: a single use is spent exactly once");
+        assert_eq!(USES.get(&**b, &key).unwrap(), None);
+    }
 }

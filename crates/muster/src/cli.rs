@@ -15,8 +15,17 @@ use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+#[path = "cli_models.rs"]
+mod models;
+
 /// The server used when nothing else names one.
 const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
+
+/// What the exit status says, for `--help`.
+pub const EXIT_STATUS: &str = "Exit status:
+  0  done; with -f (jobs run, jobs tree, jobs logs): the job or tree succeeded
+  1  with -f: the job or tree ended failed or aborted; or the command failed (why is on stderr)
+  2  bad usage (an unknown flag, a missing argument)";
 /// How often `--follow` polls the state of a tree.
 const POLL: Duration = Duration::from_millis(200);
 
@@ -29,9 +38,26 @@ pub enum ClientCmd {
     /// Revoke the saved login's token on its server and forget it.
     Logout(LogoutArgs),
     /// Run, list, inspect, follow and abort jobs.
+    ///
+    /// A job is named by its id, or by TREE/KEY: the job with that key in the tree whose id is
+    /// TREE (keys are unique in a tree); TREE/A/B walks down the tree key by key.
+    #[command(after_help = EXIT_STATUS)]
     Jobs {
         #[command(subcommand)]
         cmd: JobsCmd,
+    },
+    /// Run long-running processes on the fleet: supervised, health-checked, restarted.
+    ///
+    /// `muster procs run --port http -- python3 -m http.server '$PORT'` starts a web server on
+    /// a free port of a fitting node ($PORT in the command is that port).
+    Procs {
+        #[command(subcommand)]
+        cmd: ProcsCmd,
+    },
+    /// Deploy models (bundles as versions, zero-downtime switches) and call their predict.
+    Models {
+        #[command(subcommand)]
+        cmd: models::ModelsCmd,
     },
     /// List, add and remove users (adding and removing: cluster admins only).
     Users {
@@ -48,7 +74,7 @@ pub enum ClientCmd {
         #[command(subcommand)]
         cmd: TokensCmd,
     },
-    /// List, inspect, label, drain and remove nodes; make join tokens for new agents.
+    /// List, inspect, label, drain, wait for and remove nodes; make join tokens for new agents.
     Nodes {
         #[command(subcommand)]
         cmd: NodesCmd,
@@ -57,6 +83,12 @@ pub enum ClientCmd {
     Scripts {
         #[command(subcommand)]
         cmd: ScriptsCmd,
+    },
+    /// Headquarters, the git repository of desired state: its status, a sync now, the orders
+    /// and their outcomes, its history.
+    Hq {
+        #[command(subcommand)]
+        cmd: HqCmd,
     },
     /// Read the perf logs of a data dir on this machine (no server needed).
     Perf {
@@ -83,7 +115,8 @@ pub struct SetupArgs {
     /// The one-time setup code.
     #[arg(long, conflicts_with = "code_file")]
     code: Option<String>,
-    /// A file holding the one-time setup code (the server writes <data-dir>/setup-code).
+    /// A file holding the one-time setup code (the server writes <data-dir>/setup-code at its
+    /// first start; a server just started gets a few seconds to write it).
     #[arg(long, value_name = "PATH")]
     code_file: Option<PathBuf>,
     /// Read the password from the first line of stdin (else env MUSTER_PASSWORD, else a prompt).
@@ -109,14 +142,22 @@ pub struct LoginArgs {
 #[derive(Subcommand)]
 pub enum JobsCmd {
     /// Submit a job tree: from a JSON or TOML file, or one job from the command line after `--`.
+    ///
+    /// Prints the tree's id on stdout (and the id of each of its jobs on stderr).
+    #[command(after_help = EXIT_STATUS)]
     Run(RunArgs),
     /// List job trees, newest first.
     Ls(LsArgs),
-    /// Show one job.
+    /// Show one job, with its children.
     Show(ShowArgs),
-    /// Draw the tree of a job (with -f: live, until it ends).
+    /// Draw the tree of a job with the id of every job (with -f: live, until it ends).
+    #[command(after_help = EXIT_STATUS)]
     Tree(TreeArgs),
     /// Print the log of a job (with -f: follow it until the job ends).
+    ///
+    /// A job that has not started has no log yet: it says why it waits; with -f it waits for
+    /// the job, saying where it is queued and why.
+    #[command(after_help = EXIT_STATUS)]
     Logs(LogsArgs),
     /// Abort the tree a job belongs to.
     Abort(AbortArgs),
@@ -204,7 +245,8 @@ pub struct LsArgs {
 pub struct ShowArgs {
     #[command(flatten)]
     server: ServerOpt,
-    /// The job id.
+    /// The job: its id, or TREE/KEY (the job with that key in tree TREE; TREE/A/B: B under A).
+    #[arg(value_name = "JOB")]
     id: String,
     /// Print the job as JSON.
     #[arg(long)]
@@ -215,7 +257,8 @@ pub struct ShowArgs {
 pub struct TreeArgs {
     #[command(flatten)]
     server: ServerOpt,
-    /// A job id (the tree's id is its root's).
+    /// A job: its id (the tree's id is its root's), or TREE/KEY for a part of a tree.
+    #[arg(value_name = "JOB")]
     id: String,
     /// Print the nested tree as JSON.
     #[arg(long, conflicts_with = "follow")]
@@ -229,9 +272,10 @@ pub struct TreeArgs {
 pub struct LogsArgs {
     #[command(flatten)]
     server: ServerOpt,
-    /// The job id.
+    /// The job: its id, or TREE/KEY (the job with that key in tree TREE; TREE/A/B: B under A).
+    #[arg(value_name = "JOB")]
     id: String,
-    /// Stream the log until the job ends.
+    /// Stream the log until the job ends; exit 0 if it succeeded, 1 otherwise.
     #[arg(short = 'f', long)]
     follow: bool,
     /// The attempt (default: the latest).
@@ -243,7 +287,8 @@ pub struct LogsArgs {
 pub struct AbortArgs {
     #[command(flatten)]
     server: ServerOpt,
-    /// A job id; its whole tree is aborted.
+    /// A job (its id, or TREE/KEY); its whole tree is aborted.
+    #[arg(value_name = "JOB")]
     id: String,
 }
 
@@ -299,6 +344,8 @@ pub enum NodesCmd {
     Undrain(NodeArgs),
     /// Remove a node and revoke its credential (its agent stops).
     Rm(NodeArgs),
+    /// Wait until a node has joined and is ready for jobs.
+    Wait(NodeWaitArgs),
     /// Make a join token for new agents; prints the command to run on the new node.
     JoinToken(JoinTokenArgs),
 }
@@ -312,6 +359,17 @@ pub struct NodeArgs {
     /// Print the JSON answer.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+pub struct NodeWaitArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// The node's name or id.
+    node: String,
+    /// Give up after this many seconds (exit 1).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    timeout: u64,
 }
 
 #[derive(Args)]
@@ -341,8 +399,51 @@ pub struct JoinTokenArgs {
 }
 
 #[derive(Subcommand)]
+pub enum HqCmd {
+    /// The repository, head commit, last sync, a conflict, problems and each watcher's last run.
+    Status(ListArgs),
+    /// Sync with the remote now (runs a pulse) and show the outcome.
+    Sync(ListArgs),
+    /// The orders of HQ's orders files and their outcomes; `resolve FILE` restarts a stopped file.
+    Orders(HqOrdersArgs),
+    /// HQ's last commits.
+    Log(HqLogArgs),
+}
+
+#[derive(Args)]
+pub struct HqOrdersArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// `resolve FILE`: an admin accepts an edited orders file (its lines up to where it was
+    /// count as processed; later lines run).
+    #[arg(num_args = 0..=2, value_names = ["resolve", "FILE"])]
+    action: Vec<String>,
+    /// Only this orders file (e.g. deployer/orders).
+    #[arg(long)]
+    file: Option<String>,
+    /// Only orders in this state (pending, running, succeeded, failed, rejected).
+    #[arg(long)]
+    state: Option<String>,
+    /// Print the server's answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct HqLogArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// How many commits.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Print the server's answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
 pub enum ScriptsCmd {
-    /// List the scripts (the executables in the server's scripts directory).
+    /// List the scripts (the executables in HQ `scripts/`).
     Ls(ListArgs),
     /// Run a script on every ready node matching --nodes, as one job tree.
     Run(ScriptRunArgs),
@@ -483,6 +584,17 @@ pub fn run(cmd: ClientCmd) -> Result<()> {
         ClientCmd::Setup(a) => setup(a),
         ClientCmd::Login(a) => login(a),
         ClientCmd::Logout(a) => logout(a),
+        ClientCmd::Procs { cmd } => match cmd {
+            ProcsCmd::Run(a) => procs_run(*a),
+            ProcsCmd::Ls(a) => procs_ls(a),
+            ProcsCmd::Show(a) => procs_show(a),
+            ProcsCmd::Logs(a) => procs_logs(a),
+            ProcsCmd::Stop(a) => procs_verb(a, "stop"),
+            ProcsCmd::Start(a) => procs_verb(a, "start"),
+            ProcsCmd::Restart(a) => procs_verb(a, "restart"),
+            ProcsCmd::Rm(a) => procs_verb(a, "rm"),
+        },
+        ClientCmd::Models { cmd } => models::run(cmd),
         ClientCmd::Users { cmd } => match cmd {
             UsersCmd::Ls(a) => users_ls(a),
             UsersCmd::Add(a) => users_add(a),
@@ -502,6 +614,12 @@ pub fn run(cmd: ClientCmd) -> Result<()> {
         ClientCmd::Perf {
             cmd: PerfCmd::Summary(a),
         } => perf_summary(a),
+        ClientCmd::Hq { cmd } => match cmd {
+            HqCmd::Status(a) => hq_status(a),
+            HqCmd::Sync(a) => hq_sync(a),
+            HqCmd::Orders(a) => hq_orders(a),
+            HqCmd::Log(a) => hq_log(a),
+        },
         ClientCmd::Scripts { cmd } => match cmd {
             ScriptsCmd::Ls(a) => scripts_ls(a),
             ScriptsCmd::Run(a) => scripts_run(a),
@@ -519,6 +637,7 @@ pub fn run(cmd: ClientCmd) -> Result<()> {
                 nodes_patch(a, json!({"state": "ready"}), "ready for jobs again")
             }
             NodesCmd::Rm(a) => nodes_rm(a),
+            NodesCmd::Wait(a) => nodes_wait(a),
             NodesCmd::JoinToken(a) => nodes_join_token(a),
         },
         ClientCmd::Jobs { cmd } => match cmd {
@@ -921,13 +1040,64 @@ fn read_line_no_echo() -> std::io::Result<String> {
     Ok(line.trim_end_matches(['\n', '\r']).to_string())
 }
 
+/// How long `setup --code-file` waits for a server that is starting to write its code.
+const CODE_FILE_WAIT: Duration = Duration::from_secs(30);
+
+/// Reads the setup code file, waiting for it a while when it is not there yet (`muster up &`
+/// followed at once by `muster setup`: the server writes it a moment later).
+fn read_code_file(p: &Path) -> Result<String> {
+    let deadline = std::time::Instant::now() + CODE_FILE_WAIT;
+    let mut said = false;
+    loop {
+        match std::fs::read_to_string(p) {
+            Ok(code) if !code.trim().is_empty() => return Ok(code.trim().to_string()),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                bail!("cannot read the setup code from {}: {e}", p.display())
+            }
+            _ if std::time::Instant::now() >= deadline => bail!(
+                "no setup code in {} after {} s: is the server starting with that data dir? (it writes the code at its first start, while no user exists)",
+                p.display(),
+                CODE_FILE_WAIT.as_secs()
+            ),
+            _ => {
+                if !said {
+                    eprintln!(
+                        "muster: waiting for the server to write {}…",
+                        p.display()
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Saves new credentials in place of the saved ones; the token they held is revoked when it was
+/// for the same server, so logging in again leaves no second session behind.
+fn replace_credentials(new: &Credentials) -> Result<PathBuf> {
+    let old = load_credentials().ok().flatten();
+    let path = save_credentials(new)?;
+    if let Some(old) = old.filter(|o| o.token != new.token) {
+        if normalize_url(&old.server) == normalize_url(&new.server) {
+            // Best effort: a token that has expired or was revoked answers 401, which is fine.
+            if let Ok(c) = Client::new(normalize_url(&old.server), Some(old.token)) {
+                let _ = c.post("/api/v1/logout", &json!({}), &[]);
+            }
+        } else {
+            eprintln!(
+                "muster: the saved login for {} is replaced; its token stays valid until it expires (`muster tokens revoke` there)",
+                normalize_url(&old.server)
+            );
+        }
+    }
+    Ok(path)
+}
+
 fn setup(a: SetupArgs) -> Result<()> {
     let code = match (&a.code, &a.code_file) {
         (Some(c), _) => c.trim().to_string(),
-        (None, Some(p)) => std::fs::read_to_string(p)
-            .with_context(|| format!("cannot read the setup code from {}", p.display()))?
-            .trim()
-            .to_string(),
+        (None, Some(p)) => read_code_file(p)?,
         (None, None) => bail!("give the one-time setup code: --code-file <data-dir>/setup-code (written by the server on first start), or --code CODE"),
     };
     if code.is_empty() {
@@ -946,7 +1116,7 @@ fn setup(a: SetupArgs) -> Result<()> {
         .as_str()
         .ok_or_else(|| anyhow!("the server gave no token"))?
         .to_string();
-    let path = save_credentials(&Credentials {
+    let path = replace_credentials(&Credentials {
         server: base.clone(),
         token,
         username: a.username.clone(),
@@ -973,7 +1143,7 @@ fn login(a: LoginArgs) -> Result<()> {
         .as_str()
         .ok_or_else(|| anyhow!("the server gave no token"))?
         .to_string();
-    let path = save_credentials(&Credentials {
+    let path = replace_credentials(&Credentials {
         server: base.clone(),
         token,
         username: a.username.clone(),
@@ -1104,34 +1274,54 @@ fn jobs_run(a: RunArgs) -> Result<()> {
         .as_str()
         .ok_or_else(|| anyhow!("the server gave no tree id"))?
         .to_string();
+    let jobs = v["jobs"].as_array().map(Vec::as_slice).unwrap_or_default();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
-    } else if a.follow {
-        eprintln!(
-            "tree {id}{}",
-            if status == 200 {
-                " (already submitted with this idempotency key)"
-            } else {
-                ""
-            }
-        );
     } else {
         if status == 200 {
             eprintln!("muster: this idempotency key was used before; here is the tree it made");
         }
-        println!("{id}");
+        if a.follow || jobs.len() > 1 {
+            eprint!("{}", made_jobs(&id, jobs));
+        }
+        if !a.follow {
+            println!("{id}");
+        }
     }
     if !a.follow {
         return Ok(());
     }
-    let jobs = v["jobs"].as_array().map(Vec::len).unwrap_or(0);
-    let state = if jobs == 1 {
+    let state = if jobs.len() == 1 {
         follow_log(&client, &id)?;
         wait_tree(&client, &id)?
     } else {
         follow_tree(&client, &id)?
     };
     finish(&id, &state)
+}
+
+/// What `jobs run` made: the tree, then each job's id, key and name (with more than one job).
+fn made_jobs(tree: &str, jobs: &[Value]) -> String {
+    if jobs.len() <= 1 {
+        return format!("tree {tree} (one job: logs with `muster jobs logs {tree}`)\n");
+    }
+    let mut rows = vec![vec![
+        "  ID".to_string(),
+        "KEY".to_string(),
+        "NAME".to_string(),
+    ]];
+    for j in jobs {
+        rows.push(vec![
+            format!("  {}", text(&j["id"])),
+            text(&j["key"]),
+            text(&j["name"]),
+        ]);
+    }
+    format!(
+        "tree {tree}: {} jobs (a job's log: `muster jobs logs {tree}/KEY`)\n{}",
+        jobs.len(),
+        table(&rows)
+    )
 }
 
 /// The end of a followed tree: fine if it succeeded, else an error (exit code 1).
@@ -1153,6 +1343,97 @@ fn wait_tree(client: &Client, id: &str) -> Result<String> {
         }
         std::thread::sleep(POLL);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Naming jobs: an id, or TREE/KEY[/KEY…]
+
+/// The children of a job in a nested tree.
+fn kids(j: &Value) -> &[Value] {
+    j["children"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+/// Every job of a nested tree, in pre-order (without recursion: trees may be deep).
+fn all_jobs(root: &Value) -> Vec<&Value> {
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(j) = stack.pop() {
+        out.push(j);
+        stack.extend(kids(j).iter().rev());
+    }
+    out
+}
+
+/// The whole nested tree that job `id` belongs to (`GET /jobs/{id}/tree` of a child shows the
+/// child alone).
+fn whole_tree(client: &Client, id: &str) -> Result<Value> {
+    let t = client.get_json(&format!("/api/v1/jobs/{}/tree", seg(id)), &[])?;
+    if t["id"] == t["tree"] {
+        return Ok(t);
+    }
+    client.get_json(
+        &format!("/api/v1/jobs/{}/tree", seg(&text(&t["tree"]))),
+        &[],
+    )
+}
+
+/// The job `name` names: an id as it is, or `TREE/KEY` — the job with that key in the tree
+/// (keys are unique in a tree) — where `TREE/A/B` walks down: B under A.
+fn job_id(client: &Client, name: &str) -> Result<String> {
+    let name = name.trim().trim_end_matches('/');
+    let mut parts = name.split('/');
+    let first = parts.next().unwrap_or_default();
+    let keys: Vec<&str> = parts.collect();
+    if keys.is_empty() {
+        return Ok(first.to_string());
+    }
+    if first.is_empty() || keys.iter().any(|k| k.is_empty()) {
+        bail!("{name:?} is not a job: give its id, or TREE/KEY (a tree's id, then job keys)");
+    }
+    let tree = whole_tree(client, first).with_context(|| format!("tree {first}"))?;
+    let mut at = all_jobs(&tree)
+        .into_iter()
+        .find(|j| j["id"] == first)
+        .unwrap_or(&tree);
+    for (i, key) in keys.iter().enumerate() {
+        // TREE/ROOTKEY names the root itself.
+        if i == 0 && at["key"] == *key {
+            continue;
+        }
+        let under = all_jobs(at);
+        let found = kids(at)
+            .iter()
+            .find(|c| c["key"] == *key)
+            .or_else(|| under.iter().skip(1).copied().find(|j| j["key"] == *key));
+        match found {
+            Some(j) => at = j,
+            None => {
+                let known: Vec<String> = under
+                    .iter()
+                    .skip(1)
+                    .take(12)
+                    .map(|j| text(&j["key"]))
+                    .collect();
+                bail!(
+                    "no job with key {key:?} under {} in tree {first}{}",
+                    text(&at["key"]),
+                    if known.is_empty() {
+                        " (it has no children)".to_string()
+                    } else {
+                        format!(
+                            " (its keys: {}{})",
+                            known.join(", "),
+                            if under.len() > 13 { ", …" } else { "" }
+                        )
+                    }
+                )
+            }
+        }
+    }
+    Ok(text(&at["id"]))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1182,10 +1463,20 @@ fn jobs_ls(a: LsArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    if items(&v).is_empty() {
+        if a.cursor.is_some() {
+            eprintln!("muster: no more job trees");
+        } else if q.iter().any(|(k, _)| *k != "limit") {
+            eprintln!("muster: no job trees match");
+        } else {
+            eprintln!("muster: no job trees yet (run one: muster jobs run -- echo hello)");
+        }
+        return Ok(());
+    }
     let mut rows = vec![["ID", "STATE", "NAME", "WORKSPACE", "JOBS", "CREATED"]
         .map(String::from)
         .to_vec()];
-    for t in v["items"].as_array().map(Vec::as_slice).unwrap_or_default() {
+    for t in items(&v) {
         let name = text(&t["name"]);
         let name = if name.chars().count() > 40 {
             format!("{}…", name.chars().take(39).collect::<String>())
@@ -1225,7 +1516,8 @@ fn short_time(v: &Value) -> String {
     }
 }
 
-fn print_table(rows: &[Vec<String>]) {
+/// Rows as aligned columns.
+fn table(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
         .map(|i| {
@@ -1249,7 +1541,11 @@ fn print_table(rows: &[Vec<String>]) {
         out.push_str(line.trim_end());
         out.push('\n');
     }
-    print!("{out}");
+    out
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    print!("{}", table(rows));
 }
 
 /// What a job runs, for people.
@@ -1268,11 +1564,28 @@ fn what(job: &Value) -> String {
 
 fn jobs_show(a: ShowArgs) -> Result<()> {
     let client = authed_client(&a.server)?;
-    let j = client.get_json(&format!("/api/v1/jobs/{}", seg(&a.id)), &[])?;
+    let id = job_id(&client, &a.id)?;
+    let j = client.get_json(&format!("/api/v1/jobs/{}", seg(&id)), &[])?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
     }
+    // Children and needs are ids: their keys and states come from the tree.
+    let related = |list: &Value| list.as_array().is_some_and(|l| !l.is_empty());
+    let tree = if related(&j["children"]) || related(&j["needs"]) {
+        Some(whole_tree(&client, &id)?)
+    } else {
+        None
+    };
+    let by_id: std::collections::HashMap<String, &Value> = tree
+        .as_ref()
+        .map(|t| {
+            all_jobs(t)
+                .into_iter()
+                .map(|x| (text(&x["id"]), x))
+                .collect()
+        })
+        .unwrap_or_default();
     let mut rows: Vec<(&str, String)> = vec![
         ("id", text(&j["id"])),
         ("name", text(&j["name"])),
@@ -1309,11 +1622,15 @@ fn jobs_show(a: ShowArgs) -> Result<()> {
     if !j["error"].is_null() {
         rows.push(("error", text(&j["error"])));
     }
-    if let Some(c) = j["children"].as_array().filter(|c| !c.is_empty()) {
-        rows.push(("children", c.len().to_string()));
-    }
     if let Some(n) = j["needs"].as_array().filter(|n| !n.is_empty()) {
-        rows.push(("needs", n.iter().map(text).collect::<Vec<_>>().join(", ")));
+        let needs: Vec<String> = n
+            .iter()
+            .map(|id| match by_id.get(&text(id)) {
+                Some(x) => format!("{} [{}]", text(&x["key"]), text(&x["state"])),
+                None => text(id),
+            })
+            .collect();
+        rows.push(("needs", needs.join(", ")));
     }
     if let Some(t) = j["tags"].as_object() {
         let tags: Vec<String> = t
@@ -1335,6 +1652,23 @@ fn jobs_show(a: ShowArgs) -> Result<()> {
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in rows {
         println!("{k:<w$}  {v}", k = format!("{k}:"), w = w + 1);
+    }
+    if let Some(c) = j["children"].as_array().filter(|c| !c.is_empty()) {
+        println!("children:");
+        let mut kids = Vec::new();
+        for id in c {
+            let id = text(id);
+            kids.push(match by_id.get(&id) {
+                Some(x) => vec![
+                    format!("  {id}"),
+                    text(&x["key"]),
+                    format!("[{}]", text(&x["state"])),
+                    text(&x["name"]),
+                ],
+                None => vec![format!("  {id}")],
+            });
+        }
+        print_table(&kids);
     }
     Ok(())
 }
@@ -1359,48 +1693,66 @@ fn job_line(j: &Value) -> String {
     s
 }
 
-/// Draws a nested tree (from `GET /jobs/{id}/tree`), without recursion: trees may be deep.
+/// Draws a nested tree (from `GET /jobs/{id}/tree`) with each job's id in front, without
+/// recursion: trees may be deep.
 fn render_tree(root: &Value) -> String {
     let mut out = format!("tree {} {}", text(&root["tree"]), text(&root["tree_state"]));
     if let Some(f) = root["on_failure"].as_str() {
         out.push_str(&format!(" (on failure: {f})"));
     }
     out.push('\n');
-    out.push_str(&job_line(root));
-    out.push('\n');
-    // (job, the prefix of its line, whether it is the last of its siblings)
-    let mut stack: Vec<(&Value, String, bool)> = Vec::new();
-    let kids = root["children"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    for (i, k) in kids.iter().enumerate().rev() {
-        stack.push((k, String::new(), i + 1 == kids.len()));
-    }
-    while let Some((j, prefix, last)) = stack.pop() {
-        out.push_str(&prefix);
-        out.push_str(if last { "└─ " } else { "├─ " });
+    let line = |out: &mut String, j: &Value, drawing: &str| {
+        out.push_str(&text(&j["id"]));
+        out.push_str("  ");
+        out.push_str(drawing);
         out.push_str(&job_line(j));
         out.push('\n');
+    };
+    line(&mut out, root, "");
+    // (job, the prefix of its line, whether it is the last of its siblings)
+    let mut stack: Vec<(&Value, String, bool)> = Vec::new();
+    for (i, k) in kids(root).iter().enumerate().rev() {
+        stack.push((k, String::new(), i + 1 == kids(root).len()));
+    }
+    while let Some((j, prefix, last)) = stack.pop() {
+        line(
+            &mut out,
+            j,
+            &format!("{prefix}{}", if last { "└─ " } else { "├─ " }),
+        );
         let child_prefix = format!("{prefix}{}", if last { "   " } else { "│  " });
-        let kids = j["children"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        for (i, k) in kids.iter().enumerate().rev() {
-            stack.push((k, child_prefix.clone(), i + 1 == kids.len()));
+        for (i, k) in kids(j).iter().enumerate().rev() {
+            stack.push((k, child_prefix.clone(), i + 1 == kids(j).len()));
         }
     }
     out
 }
 
+/// The nested tree of job `id` (for a child: its part of the tree), with the tree's state.
+fn subtree(client: &Client, id: &str) -> Result<Value> {
+    let whole = whole_tree(client, id)?;
+    if whole["id"] == id {
+        return Ok(whole);
+    }
+    let mut part = all_jobs(&whole)
+        .into_iter()
+        .find(|j| j["id"] == id)
+        .cloned()
+        .ok_or_else(|| anyhow!("job {id} is not in its tree"))?;
+    for k in ["tree_state", "on_failure"] {
+        part[k] = whole[k].clone();
+    }
+    Ok(part)
+}
+
 fn jobs_tree(a: TreeArgs) -> Result<()> {
     let client = authed_client(&a.server)?;
+    let id = job_id(&client, &a.id)?;
     if a.follow {
-        let state = follow_tree(&client, &a.id)?;
-        return finish(&a.id, &state);
+        let state = follow_tree(&client, &id)?;
+        return finish(&id, &state);
     }
-    let t = client.get_json(&format!("/api/v1/jobs/{}/tree", seg(&a.id)), &[])?;
+    let t = subtree(&client, &id)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&t)?);
     } else {
@@ -1415,7 +1767,7 @@ fn follow_tree(client: &Client, id: &str) -> Result<String> {
     let tty = std::io::stdout().is_terminal();
     let mut last = String::new();
     loop {
-        let t = client.get_json(&format!("/api/v1/jobs/{}/tree", seg(id)), &[])?;
+        let t = subtree(client, id)?;
         let drawn = render_tree(&t);
         if drawn != last {
             let mut out = std::io::stdout().lock();
@@ -1468,13 +1820,157 @@ fn log_path(id: &str) -> String {
     format!("/api/v1/jobs/{}/log", seg(id))
 }
 
-/// Follows a job's log until the job ends, attempt after attempt when it is retried.
-fn follow_log(client: &Client, id: &str) -> Result<()> {
+fn is_final(j: &Value) -> bool {
+    matches!(
+        j["state"].as_str(),
+        Some("succeeded" | "failed" | "aborted")
+    )
+}
+
+/// Whether a node's `workspaces` label lets it run jobs of `ws`.
+fn node_takes(n: &Value, ws: &str) -> bool {
+    n["labels"]["workspaces"]
+        .as_str()
+        .is_some_and(|w| w.split(',').any(|x| x.trim() == ws || x.trim() == "*"))
+}
+
+/// Why a waiting job has not started, as well as the client can tell: a retry's backoff, the
+/// jobs it waits for, or where it is queued (the nodes it may run on and their states).
+fn waiting_reason(client: &Client, j: &Value) -> String {
+    if let Some(at) = j["retry_at"].as_str() {
+        let why = j["error"]
+            .as_str()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        return format!("an attempt failed{why}; the next one starts at {at}");
+    }
+    let deps: Vec<String> = j["children"]
+        .as_array()
+        .into_iter()
+        .chain(j["needs"].as_array())
+        .flatten()
+        .map(text)
+        .collect();
+    if !deps.is_empty() {
+        if let Ok(tree) = whole_tree(client, &text(&j["id"])) {
+            let jobs = all_jobs(&tree);
+            let pending: Vec<String> = deps
+                .iter()
+                .filter_map(|d| jobs.iter().find(|x| text(&x["id"]) == *d))
+                .filter(|x| x["state"] != "succeeded")
+                .map(|x| format!("{} [{}]", text(&x["key"]), text(&x["state"])))
+                .collect();
+            if !pending.is_empty() {
+                return format!("it starts once these succeed: {}", pending.join(", "));
+            }
+        }
+    }
+    if j["exec"].is_null() && j["shell"].is_null() && j["noop"].is_null() {
+        return "a group: it ends with its children".into();
+    }
+    let Ok(nodes) = client.get_json("/api/v1/nodes", &[]) else {
+        return "queued for a node".into();
+    };
+    let want = j["want_node"].as_str();
+    let selector = j["node_selector"].as_object();
+    let fits: Vec<&Value> = items(&nodes)
+        .iter()
+        .filter(|n| want.is_none_or(|w| n["name"] == w || n["id"] == w))
+        .filter(|n| selector.is_none_or(|s| s.iter().all(|(k, v)| n["labels"][k] == *v)))
+        .collect();
+    let named = |ns: &[&Value]| {
+        ns.iter()
+            .map(|n| format!("{} ({})", text(&n["name"]), text(&n["state"])))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if fits.is_empty() {
+        return match (want, selector) {
+            (Some(w), _) => format!("queued for node {w:?}, which has not joined"),
+            (None, Some(s)) if !s.is_empty() => {
+                format!(
+                    "queued for a node with labels {}, and none has joined",
+                    Value::Object(s.clone())
+                )
+            }
+            _ => "queued: no node has joined".into(),
+        };
+    }
+    let ready: Vec<&Value> = fits
+        .iter()
+        .copied()
+        .filter(|n| n["state"] == "ready")
+        .collect();
+    if ready.is_empty() {
+        return match fits.as_slice() {
+            [n] => {
+                let state = text(&n["state"]);
+                let fix = if state == "draining" {
+                    format!(
+                        " (`muster nodes undrain {}` gives it jobs again)",
+                        text(&n["name"])
+                    )
+                } else {
+                    String::new()
+                };
+                format!(
+                    "queued for node {}, which is {state}{fix}",
+                    text(&n["name"])
+                )
+            }
+            all => format!("queued: none of its nodes is ready: {}", named(all)),
+        };
+    }
+    let ws = text(&j["tags"]["workspace"]);
+    let taking: Vec<&Value> = ready
+        .iter()
+        .copied()
+        .filter(|n| node_takes(n, &ws))
+        .collect();
+    if taking.is_empty() {
+        return format!(
+            "queued: the ready nodes it may run on ({}) take no jobs of workspace {ws:?} (node label workspaces=...)",
+            named(&ready)
+        );
+    }
+    match taking.as_slice() {
+        [n] => format!(
+            "queued for a free slot on node {} ({} slots)",
+            text(&n["name"]),
+            text(&n["slots"])
+        ),
+        all => format!("queued for a free slot on one of {}", named(all)),
+    }
+}
+
+/// Waits while job `id` is waiting, saying why (again whenever that changes); gives the job once
+/// it has started or ended.
+fn wait_for_start(client: &Client, id: &str, mut j: Value) -> Result<Value> {
     let job_path = format!("/api/v1/jobs/{}", seg(id));
-    let mut attempt = client.get_json(&job_path, &[])?["attempt"]
-        .as_u64()
-        .unwrap_or(1)
-        .max(1);
+    let mut said = String::new();
+    let mut asked = std::time::Instant::now() - Duration::from_secs(60);
+    while j["state"] == "waiting" {
+        // The reason costs a look at the tree and the nodes: not on every poll.
+        if asked.elapsed() >= Duration::from_secs(1) {
+            let why = waiting_reason(client, &j);
+            if why != said {
+                eprintln!("muster: job {id} is waiting: {why}");
+                said = why;
+            }
+            asked = std::time::Instant::now();
+        }
+        std::thread::sleep(POLL);
+        j = client.get_json(&job_path, &[])?;
+    }
+    Ok(j)
+}
+
+/// Follows a job's log until the job ends, attempt after attempt when it is retried; a job that
+/// has not started is waited for. Gives the job as it ended.
+fn follow_log(client: &Client, id: &str) -> Result<Value> {
+    let job_path = format!("/api/v1/jobs/{}", seg(id));
+    let j = wait_for_start(client, id, client.get_json(&job_path, &[])?)?;
+    let mut attempt = j["attempt"].as_u64().unwrap_or(1).max(1);
     loop {
         let q = [
             ("follow", "true".to_string()),
@@ -1488,11 +1984,8 @@ fn follow_log(client: &Client, id: &str) -> Result<()> {
         // The stream ends with the attempt; wait for the job to end or start another attempt.
         loop {
             let j = client.get_json(&job_path, &[])?;
-            if matches!(
-                j["state"].as_str(),
-                Some("succeeded" | "failed" | "aborted")
-            ) {
-                return Ok(());
+            if is_final(&j) {
+                return Ok(j);
             }
             let now = j["attempt"].as_u64().unwrap_or(attempt);
             if now > attempt {
@@ -1505,10 +1998,38 @@ fn follow_log(client: &Client, id: &str) -> Result<()> {
     }
 }
 
+/// How a followed job ended, as the command's result: an error (exit 1) unless it succeeded.
+fn job_ended(id: &str, j: &Value) -> Result<()> {
+    if j["state"] == "succeeded" {
+        return Ok(());
+    }
+    let mut how = text(&j["state"]);
+    if let Some(c) = j["exit_code"].as_i64().filter(|c| *c != 0) {
+        how.push_str(&format!(" (exit {c})"));
+    }
+    if let Some(e) = j["error"].as_str() {
+        how.push_str(&format!(": {e}"));
+    }
+    bail!("job {id} ended {how}")
+}
+
 fn jobs_logs(a: LogsArgs) -> Result<()> {
     let client = authed_client(&a.server)?;
+    let id = job_id(&client, &a.id)?;
     if a.follow && a.attempt.is_none() {
-        return follow_log(&client, &a.id);
+        let j = follow_log(&client, &id)?;
+        return job_ended(&id, &j);
+    }
+    let j = client.get_json(&format!("/api/v1/jobs/{}", seg(&id)), &[])?;
+    let latest = j["attempt"].as_u64().unwrap_or(1);
+    let asked = a.attempt.map_or(latest, u64::from);
+    if j["state"] == "waiting" && asked == latest && !a.follow {
+        eprintln!(
+            "muster: job {id} has no log yet: it is waiting: {}; `muster jobs logs -f {}` waits for it",
+            waiting_reason(&client, &j),
+            a.id
+        );
+        return Ok(());
     }
     let mut q = Vec::new();
     if let Some(n) = a.attempt {
@@ -1517,20 +2038,25 @@ fn jobs_logs(a: LogsArgs) -> Result<()> {
     if a.follow {
         q.push(("follow", "true".to_string()));
     }
-    let resp = client.get(&log_path(&a.id), &q)?;
+    let resp = client.get(&log_path(&id), &q)?;
     if !resp.status().is_success() {
         return Err(http_error(resp));
     }
-    stream_to_stdout(resp)
+    stream_to_stdout(resp)?;
+    if a.follow {
+        // One attempt followed to its end: its outcome is the job's only if it was the last.
+        let j = client.get_json(&format!("/api/v1/jobs/{}", seg(&id)), &[])?;
+        if is_final(&j) && j["attempt"].as_u64() == Some(asked) {
+            return job_ended(&id, &j);
+        }
+    }
+    Ok(())
 }
 
 fn jobs_abort(a: AbortArgs) -> Result<()> {
     let client = authed_client(&a.server)?;
-    let resp = client.post(
-        &format!("/api/v1/jobs/{}/abort", seg(&a.id)),
-        &json!({}),
-        &[],
-    )?;
+    let id = job_id(&client, &a.id)?;
+    let resp = client.post(&format!("/api/v1/jobs/{}/abort", seg(&id)), &json!({}), &[])?;
     if resp.status().as_u16() == 409 {
         return Err(anyhow!("cannot abort: {}", http_error(resp)));
     }
@@ -1603,6 +2129,10 @@ fn users_ls(a: ListArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    if items(&v).is_empty() {
+        eprintln!("muster: no users");
+        return Ok(());
+    }
     let mut rows = vec![["NAME", "ADMIN", "CREATED"].map(String::from).to_vec()];
     for u in items(&v) {
         rows.push(vec![
@@ -1654,6 +2184,10 @@ fn workspaces_ls(a: ListArgs) -> Result<()> {
     let v = client.get_json("/api/v1/workspaces", &[])?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if items(&v).is_empty() {
+        eprintln!("muster: you belong to no workspace (a workspace admin can add you: muster workspaces grant WS USER ROLE)");
         return Ok(());
     }
     let mut rows = vec![["NAME", "YOUR ROLE", "MEMBERS"].map(String::from).to_vec()];
@@ -1757,6 +2291,10 @@ fn tokens_ls(a: TokensLsArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    if items(&v).is_empty() {
+        eprintln!("muster: no API tokens (make one: muster tokens create NAME --scopes read)");
+        return Ok(());
+    }
     let mut rows = vec![["ID", "PREFIX", "NAME", "USER", "SCOPES", "EXPIRES"]
         .map(String::from)
         .to_vec()];
@@ -1844,6 +2382,10 @@ fn nodes_ls(a: ListArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    if items(&v).is_empty() {
+        eprintln!("muster: no node has joined (add one: muster nodes join-token)");
+        return Ok(());
+    }
     let mut rows = vec![["NAME", "STATE", "SLOTS", "LABELS", "LAST SEEN", "ID"]
         .map(String::from)
         .to_vec()];
@@ -1911,6 +2453,34 @@ fn nodes_patch(a: NodeArgs, body: Value, what: &str) -> Result<()> {
     Ok(())
 }
 
+fn nodes_wait(a: NodeWaitArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(a.timeout);
+    let mut last = String::new();
+    loop {
+        let resp = client.get(&node_path(&a.node), &[])?;
+        let state = match resp.status().as_u16() {
+            404 => "not joined yet".to_string(),
+            _ => text(&json_body(resp)?["state"]),
+        };
+        if state == "ready" {
+            println!("node {} is ready", a.node);
+            return Ok(());
+        }
+        if state != last {
+            eprintln!(
+                "muster: node {} is {state}; waiting for it to be ready…",
+                a.node
+            );
+            last = state.clone();
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("node {} is still {state} after {} s", a.node, a.timeout);
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
 fn nodes_rm(a: NodeArgs) -> Result<()> {
     let client = authed_client(&a.server)?;
     client.delete_ok(&node_path(&a.node))?;
@@ -1934,6 +2504,9 @@ fn nodes_join_token(a: JoinTokenArgs) -> Result<()> {
             text(&v["expires_at"])
         );
         println!("{}", text(&v["command"]));
+        if let Some(hint) = v["hint"].as_str() {
+            eprintln!("muster: note: {hint}");
+        }
     }
     Ok(())
 }
@@ -1945,8 +2518,187 @@ fn scripts_ls(a: ListArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    if items(&v).is_empty() {
+        eprintln!(
+            "muster: no node control scripts (commit executables to {} in HQ, or PUT /api/v1/scripts/NAME)",
+            v["dir"].as_str().unwrap_or("scripts/")
+        );
+    }
     for s in items(&v) {
         println!("{}", text(&s["name"]));
+    }
+    Ok(())
+}
+
+/// Prints HQ's status as lines for a person.
+fn print_hq(v: &Value) {
+    let head = &v["head"];
+    println!("path     {}", text(&v["path"]));
+    println!(
+        "remote   {}",
+        v["remote"]
+            .as_str()
+            .filter(|r| !r.is_empty())
+            .unwrap_or("(none)")
+    );
+    println!("branch   {}", text(&v["branch"]));
+    if let Some(e) = v["error"].as_str() {
+        println!("error    {e}");
+    }
+    if head.is_object() {
+        let id = text(&head["id"]);
+        println!(
+            "head     {} {}",
+            &id[..id.len().min(12)],
+            text(&head["message"])
+        );
+    }
+    if v["last_sync"].is_object() {
+        let s = &v["last_sync"];
+        println!(
+            "sync     {} at {}: {}",
+            if s["ok"] == true { "ok" } else { "FAILED" },
+            text(&s["at"]),
+            text(&s["message"])
+        );
+    }
+    if v["conflict"].is_object() {
+        println!("conflict {}", text(&v["conflict"]["message"]));
+    }
+    for p in v["problems"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        println!("problem  {}", text(&p["message"]));
+    }
+    for w in v["watchers"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        println!(
+            "watcher  {:<8} {:<7} {:>5} ms  {}  {}",
+            text(&w["name"]),
+            text(&w["outcome"]),
+            w["duration_ms"].as_u64().unwrap_or(0),
+            text(&w["started_at"]),
+            text(&w["message"])
+        );
+    }
+    for t in v["reaper"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        println!(
+            "reaper   {:<8} {:<7} {}  {}",
+            text(&t["name"]),
+            if t["ok"] == true { "ok" } else { "failed" },
+            text(&t["started_at"]),
+            text(&t["message"])
+        );
+    }
+}
+
+fn hq_status(a: ListArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let v = client.get_json("/api/v1/hq", &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_hq(&v);
+    }
+    Ok(())
+}
+
+fn hq_sync(a: ListArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let (_, v) = client.post_json("/api/v1/hq/sync", &json!({}), &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if v["synced"] != true {
+        eprintln!("muster: the pulse has not finished yet; see `muster hq status`");
+    }
+    if v["last_sync"].is_object() {
+        println!("{}", text(&v["last_sync"]["message"]));
+    } else {
+        println!("no remote set: nothing to sync");
+    }
+    if v["conflict"].is_object() {
+        bail!("{}", text(&v["conflict"]["message"]));
+    }
+    if v["last_sync"]["ok"] == false {
+        bail!("the sync failed");
+    }
+    Ok(())
+}
+
+fn hq_orders(a: HqOrdersArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    match a.action.as_slice() {
+        [] => {}
+        [verb, file] if verb == "resolve" => {
+            let (_, v) =
+                client.post_json("/api/v1/hq/orders/resolve", &json!({"file": file}), &[])?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                eprintln!("{file} resolved: its later lines run from the next pulse");
+            }
+            return Ok(());
+        }
+        _ => bail!("usage: muster hq orders [resolve FILE] [--file F] [--state S]"),
+    }
+    let mut q = Vec::new();
+    if let Some(f) = &a.file {
+        q.push(("file", f.clone()));
+    }
+    if let Some(s) = &a.state {
+        q.push(("state", s.clone()));
+    }
+    let v = client.get_json("/api/v1/hq/orders", &q)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for f in v["files"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        if let Some(why) = f["stopped"].as_str() {
+            eprintln!(
+                "muster: {} is STOPPED: {why}; an admin resolves it with `muster hq orders resolve {}`",
+                text(&f["file"]),
+                text(&f["file"])
+            );
+        }
+    }
+    if items(&v).is_empty() {
+        eprintln!("muster: no orders yet (append lines to deployer/orders in HQ and commit)");
+    }
+    for o in items(&v) {
+        let tree = o["tree"].as_str().unwrap_or("-");
+        println!(
+            "{}:{:<5} {:<9} {:<36} {}{}",
+            text(&o["file"]),
+            o["line"].as_u64().unwrap_or(0),
+            text(&o["state"]),
+            tree,
+            text(&o["text"]),
+            o["message"]
+                .as_str()
+                .filter(|m| !m.is_empty())
+                .map(|m| format!("  ({m})"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn hq_log(a: HqLogArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let v = client.get_json("/api/v1/hq/log", &[("limit", a.limit.to_string())])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for c in items(&v) {
+        let id = text(&c["id"]);
+        println!(
+            "{} {} {:<12} {}",
+            &id[..id.len().min(12)],
+            text(&c["at"]),
+            text(&c["author"]),
+            text(&c["message"])
+        );
     }
     Ok(())
 }
@@ -1978,6 +2730,384 @@ fn scripts_run(a: ScriptRunArgs) -> Result<()> {
             text(&v["id"])
         );
         println!("{}", text(&v["id"]));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// procs
+
+#[derive(Subcommand)]
+pub enum ProcsCmd {
+    /// Start a process: from a JSON spec file, or the command after `--`. Prints its id.
+    Run(Box<ProcRunArgs>),
+    /// List processes, newest first.
+    Ls(ProcLsArgs),
+    /// Show one process.
+    Show(ProcIdArgs),
+    /// Print a process's log (with -f: follow it).
+    Logs(ProcLogsArgs),
+    /// Stop a process (its stop signal, SIGKILL after its kill grace).
+    Stop(ProcIdArgs),
+    /// Start a stopped or failed process again.
+    Start(ProcIdArgs),
+    /// Restart a process.
+    Restart(ProcIdArgs),
+    /// Stop and remove a process.
+    Rm(ProcIdArgs),
+}
+
+#[derive(Args)]
+pub struct ProcRunArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// A process spec in JSON (SPEC §5a); the flags below then change it.
+    #[arg(long, value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// Its name (default: the program's name).
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    workspace: Option<String>,
+    /// Pin it to a node (by name or id).
+    #[arg(long)]
+    node: Option<String>,
+    /// A node label it needs, KEY=VALUE (repeat for several).
+    #[arg(long = "select", value_name = "KEY=VALUE")]
+    selector: Vec<String>,
+    /// A named port the node gives it (repeat for several): MUSTER_PORT_<NAME>, and PORT for
+    /// a single one; `$PORT` in the command is replaced by it.
+    #[arg(long = "port", value_name = "NAME")]
+    ports: Vec<String>,
+    /// An environment variable, KEY=VALUE (repeat for several).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// always (default), on-failure or never.
+    #[arg(long)]
+    restart: Option<String>,
+    /// At most this many restarts within the restart window, then failed.
+    #[arg(long)]
+    max_restarts: Option<u32>,
+    /// Health check: GET this path on its (single, or --health-port) port, expecting 2xx.
+    #[arg(long, value_name = "PATH")]
+    health_http: Option<String>,
+    /// Health check: connect to this named port.
+    #[arg(long, value_name = "PORT")]
+    health_tcp: Option<String>,
+    /// The port of --health-http.
+    #[arg(long, value_name = "PORT")]
+    health_port: Option<String>,
+    /// Limits: memory (64M, 1G), cpu (cores), pids.
+    #[arg(long)]
+    memory: Option<String>,
+    #[arg(long)]
+    cpu: Option<f64>,
+    #[arg(long)]
+    pids: Option<u64>,
+    /// Run the arguments, joined with spaces, as a shell script instead of a program.
+    #[arg(long)]
+    shell: bool,
+    /// Print the server's whole answer as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The command (after `--`).
+    #[arg(last = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct ProcLsArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    #[arg(long)]
+    workspace: Option<String>,
+    #[arg(long)]
+    node: Option<String>,
+    #[arg(long)]
+    state: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ProcIdArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// The process's id.
+    id: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ProcLogsArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    id: String,
+    /// Follow the log as it grows.
+    #[arg(short = 'f', long)]
+    follow: bool,
+}
+
+fn key_values(what: &str, list: &[String]) -> Result<serde_json::Map<String, Value>> {
+    let mut m = serde_json::Map::new();
+    for kv in list {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("{what} {kv:?} is not KEY=VALUE"))?;
+        m.insert(k.to_string(), json!(v));
+    }
+    Ok(m)
+}
+
+fn procs_run(a: ProcRunArgs) -> Result<()> {
+    let mut spec = match &a.file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            serde_json::from_str::<Value>(&text)
+                .with_context(|| format!("{} is not JSON", path.display()))?
+        }
+        None => json!({}),
+    };
+    if !spec.is_object() {
+        bail!("a process spec is a JSON object");
+    }
+    if !a.cmd.is_empty() {
+        if a.shell {
+            spec["shell"] = json!(a.cmd.join(" "));
+        } else {
+            spec["exec"] = json!(a.cmd);
+        }
+    } else if a.file.is_none() {
+        bail!("give the command after --, e.g. muster procs run --port http -- python3 -m http.server '$PORT'");
+    }
+    let name = a.name.clone().or_else(|| {
+        spec["name"].as_str().map(str::to_string).or_else(|| {
+            a.cmd.first().map(|c| {
+                if a.shell {
+                    "shell".to_string()
+                } else {
+                    c.rsplit('/').next().unwrap_or(c).to_string()
+                }
+            })
+        })
+    });
+    spec["name"] = json!(name.unwrap_or_else(|| "process".into()));
+    if let Some(ws) = &a.workspace {
+        spec["tags"] = json!({"workspace": ws});
+    }
+    if let Some(n) = &a.node {
+        spec["node"] = json!(n);
+    }
+    if !a.selector.is_empty() {
+        spec["node_selector"] = Value::Object(key_values("--select", &a.selector)?);
+    }
+    if !a.ports.is_empty() {
+        spec["ports"] = json!(a.ports);
+    }
+    if !a.env.is_empty() {
+        spec["env"] = Value::Object(key_values("--env", &a.env)?);
+    }
+    if let Some(r) = &a.restart {
+        spec["restart"] = json!(r);
+    }
+    if let Some(n) = a.max_restarts {
+        spec["max_restarts"] = json!(n);
+    }
+    match (&a.health_http, &a.health_tcp) {
+        (Some(_), Some(_)) => bail!("give --health-http or --health-tcp, not both"),
+        (Some(path), None) => {
+            spec["health"] = json!({"http": path});
+            if let Some(p) = &a.health_port {
+                spec["health"]["port"] = json!(p);
+            }
+        }
+        (None, Some(port)) => spec["health"] = json!({"tcp": port}),
+        (None, None) => {}
+    }
+    let mut limits = serde_json::Map::new();
+    if let Some(m) = &a.memory {
+        limits.insert("memory".into(), json!(m));
+    }
+    if let Some(c) = a.cpu {
+        limits.insert("cpu".into(), json!(c));
+    }
+    if let Some(p) = a.pids {
+        limits.insert("pids".into(), json!(p));
+    }
+    if !limits.is_empty() {
+        spec["limits"] = Value::Object(limits);
+    }
+    let client = authed_client(&a.server)?;
+    let (_, v) = client.post_json("/api/v1/processes", &spec, &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{}", text(&v["id"]));
+        eprintln!(
+            "process {} ({}): {}",
+            text(&v["name"]),
+            text(&v["state"]),
+            text(&v["reason"])
+        );
+    }
+    Ok(())
+}
+
+/// `{"http": 20001}` → `http=20001`.
+fn ports_text(v: &Value) -> String {
+    let p: Vec<String> = v
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect())
+        .unwrap_or_default();
+    if p.is_empty() {
+        "-".into()
+    } else {
+        p.join(",")
+    }
+}
+
+/// How long since an RFC 3339 time, roughly (`3m`, `2h`).
+fn since(v: &Value) -> String {
+    let Some(t) = v.as_str().and_then(muster_core::Ts::parse) else {
+        return "-".into();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let s = ((now - t.0) / 1000).max(0);
+    match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn procs_ls(a: ProcLsArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let mut q: Vec<(&str, String)> = Vec::new();
+    for (k, v) in [
+        ("workspace", &a.workspace),
+        ("node", &a.node),
+        ("state", &a.state),
+    ] {
+        if let Some(v) = v {
+            q.push((k, v.clone()));
+        }
+    }
+    let v = client.get_json("/api/v1/processes", &q)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if items(&v).is_empty() {
+        eprintln!("muster: no processes (start one: muster procs run --port http -- python3 -m http.server '$PORT')");
+        return Ok(());
+    }
+    let mut rows = vec![[
+        "ID", "STATE", "NAME", "NODE", "PORTS", "RESTARTS", "UPTIME", "REASON",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for p in items(&v) {
+        let running = matches!(
+            p["state"].as_str(),
+            Some("starting" | "healthy" | "unhealthy")
+        );
+        rows.push(vec![
+            text(&p["id"]),
+            text(&p["state"]),
+            text(&p["name"]),
+            text(&p["node"]),
+            ports_text(&p["ports"]),
+            text(&p["restarts"]),
+            if running {
+                since(&p["started_at"])
+            } else {
+                "-".into()
+            },
+            text(&p["reason"]),
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+fn procs_show(a: ProcIdArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let p = client.get_json(&format!("/api/v1/processes/{}", seg(&a.id)), &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+        return Ok(());
+    }
+    let what = if p["exec"].is_array() {
+        p["exec"]
+            .as_array()
+            .map(|a| a.iter().map(text).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    } else {
+        text(&p["shell"])
+    };
+    let rows = [
+        ("id", text(&p["id"])),
+        ("name", text(&p["name"])),
+        ("workspace", text(&p["workspace"])),
+        (
+            "state",
+            format!("{} ({})", text(&p["state"]), text(&p["reason"])),
+        ),
+        ("node", text(&p["node"])),
+        ("address", text(&p["address"])),
+        ("ports", ports_text(&p["ports"])),
+        ("pid", text(&p["pid"])),
+        ("restarts", text(&p["restarts"])),
+        ("started", short_time(&p["started_at"])),
+        ("limits", text(&p["limits"]["status"])),
+        ("runs", what),
+    ];
+    for (k, v) in rows {
+        println!("{k:<10} {v}");
+    }
+    Ok(())
+}
+
+fn procs_logs(a: ProcLogsArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let path = format!("/api/v1/processes/{}/log", seg(&a.id));
+    let q = if a.follow {
+        vec![("follow", "true".to_string())]
+    } else {
+        vec![]
+    };
+    let resp = client.get(&path, &q)?;
+    if !resp.status().is_success() {
+        return Err(http_error(resp));
+    }
+    stream_to_stdout(resp)
+}
+
+fn procs_verb(a: ProcIdArgs, verb: &str) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let path = format!("/api/v1/processes/{}", seg(&a.id));
+    let resp = if verb == "rm" {
+        client.delete(&path)?
+    } else {
+        client.post(&format!("{path}/{verb}"), &json!({}), &[])?
+    };
+    let v = json_body(resp)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let done = match verb {
+            "stop" => "stopping",
+            "start" => "starting",
+            "restart" => "restarting",
+            _ => "removed",
+        };
+        println!("{} {}: {done}", text(&v["name"]), text(&v["id"]));
     }
     Ok(())
 }

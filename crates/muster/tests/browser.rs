@@ -2,31 +2,23 @@
 //! headless `chromium` through `chromedriver` (installed by `scripts/test`). Screenshots of each
 //! page go to `test-output/screenshots/`.
 
+mod support;
 mod webdriver;
+
+#[path = "../../muster-models/tests/support/mod.rs"]
+mod model_support;
+
+use support::{temp_path, TempDir};
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use webdriver::{poll, Browser};
 
 const WAIT: Duration = Duration::from_secs(20);
 const PASSWORD: &str = "correct horse battery";
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!(
-        "muster-browser-{tag}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
 
 fn shots_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../test-output/screenshots")
@@ -36,16 +28,22 @@ fn shots_dir() -> PathBuf {
 struct Up {
     child: Child,
     url: String,
-    dir: PathBuf,
+    dir: TempDir,
 }
 
 impl Up {
     fn start() -> Up {
-        let dir = temp_dir("data");
+        Self::start_env(&[])
+    }
+
+    /// With more environment (config overrides).
+    fn start_env(env: &[(&str, &str)]) -> Up {
+        let dir = TempDir::new("data");
         let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
             .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&dir)
+            .arg(&dir.0)
             .env("MUSTER_JOBS__KILL_GRACE", "2s")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -99,7 +97,7 @@ impl Up {
 
     /// Creates the admin through the API with the code `muster up` wrote; returns a token.
     fn setup(&self) -> String {
-        let code = std::fs::read_to_string(self.dir.join("setup-code")).unwrap();
+        let code = std::fs::read_to_string(self.dir.0.join("setup-code")).unwrap();
         let (st, body) = self.call(
             None,
             "POST",
@@ -115,29 +113,24 @@ impl Drop for Up {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // End whatever jobs the test left behind (their supervisors outlive the server).
-        for path in muster_server::agent::attempt_dirs(&self.dir.join("agent")) {
-            if let Ok(s) = std::fs::read(path.join("started.json")) {
-                if let Ok(v) = serde_json::from_slice::<Value>(&s) {
-                    if let Some(sid) = v["sid"].as_i64() {
-                        muster_server::agent::kill_session(sid as i32);
-                    }
-                }
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // The dir ends whatever jobs the test left behind (their supervisors outlive the
+        // server) when it goes.
     }
 }
 
 fn browser() -> Browser {
-    Browser::start(temp_dir("chromium"), shots_dir())
+    Browser::start(temp_path("chromium"), shots_dir())
 }
 
 fn login(b: &Browser, url: &str) {
+    login_as(b, url, "admin", PASSWORD);
+}
+
+fn login_as(b: &Browser, url: &str, user: &str, password: &str) {
     b.goto(&format!("{url}/"));
     b.wait_visible("#view-login", WAIT);
-    b.fill("#login-username", "admin");
-    b.fill("#login-password", PASSWORD);
+    b.fill("#login-username", user);
+    b.fill("#login-password", password);
     b.click("#login-submit");
     b.wait_visible("#nav", WAIT);
     b.wait_text("#live", WAIT, |t| t == "live");
@@ -148,7 +141,7 @@ fn setup_flow_login_workspaces_and_tokens() {
     webdriver::require_browser();
     let up = Up::start();
     let b = browser();
-    let code = std::fs::read_to_string(up.dir.join("setup-code"))
+    let code = std::fs::read_to_string(up.dir.0.join("setup-code"))
         .unwrap()
         .trim()
         .to_string();
@@ -173,7 +166,7 @@ fn setup_flow_login_workspaces_and_tokens() {
     );
     b.screenshot("02-setup-wrong-code");
     assert!(
-        up.dir.join("setup-code").exists(),
+        up.dir.0.join("setup-code").exists(),
         "the code must still be valid"
     );
     let (st, _) = up.call(
@@ -195,7 +188,7 @@ fn setup_flow_login_workspaces_and_tokens() {
     b.fill("#setup-password2", "correct horse battery staple");
     b.click("#setup-submit");
     b.wait_text("#setup-error", WAIT, |t| t.contains("passwords differ"));
-    assert!(up.dir.join("setup-code").exists());
+    assert!(up.dir.0.join("setup-code").exists());
 
     // The right code: the admin exists, the join command is shown, and on to the dashboard.
     b.fill("#setup-password2", PASSWORD);
@@ -206,7 +199,10 @@ fn setup_flow_login_workspaces_and_tokens() {
         cmd.starts_with(&format!("muster agent --server {}", up.url)),
         "{cmd}"
     );
-    assert!(!up.dir.join("setup-code").exists(), "the code is used up");
+    // The server listens on loopback: the page says what other machines need.
+    let hint = b.wait_text("#join-hint", WAIT, |t| t.contains("advertise_url"));
+    assert!(hint.contains("only agents on this machine"), "{hint}");
+    assert!(!up.dir.0.join("setup-code").exists(), "the code is used up");
     b.screenshot("03-setup-done");
     b.click("#setup-continue");
     b.wait_visible("#view-nodes", WAIT);
@@ -381,7 +377,7 @@ fn a_tree_runs_live_with_its_log_and_an_abort() {
     b.screenshot("10-jobs-empty");
 
     // A tree whose first job waits for a file this test creates; the second needs it.
-    let go = up.dir.join("go");
+    let go = up.dir.0.join("go");
     let tree = json!({
         "name": "release", "tags": {"workspace": "admin", "application": "web", "version": "12"},
         "children": [
@@ -451,9 +447,9 @@ fn a_tree_runs_live_with_its_log_and_an_abort() {
     b.wait_text("#log-status", WAIT, |t| t.contains("complete"));
     b.screenshot("14-tree-aborted");
 
-    // A node control script (an executable in <data-dir>/scripts) run from the form on the
-    // nodes a label selector picks, with arguments.
-    let scripts = up.dir.join("scripts");
+    // A node control script (an executable in HQ scripts/, here <data-dir>/hq/scripts) run
+    // from the form on the nodes a label selector picks, with arguments.
+    let scripts = up.dir.0.join("hq").join("scripts");
     std::fs::create_dir_all(&scripts).unwrap();
     let script = scripts.join("hello");
     std::fs::write(&script, "#!/bin/sh\necho \"hello-script args: $*\"\n").unwrap();
@@ -539,4 +535,672 @@ fn a_tree_runs_live_with_its_log_and_an_abort() {
     b.click("#nav a[data-view=nodes]");
     b.wait_visible("#nodes-body tr[data-node]", WAIT);
     b.screenshot("20-nodes-phone");
+}
+
+/// Polls the API until the tree of `id` has ended; gives it.
+fn wait_tree_ended(up: &Up, token: &str, id: &str) -> Value {
+    poll(WAIT, || {
+        let (_, t) = up.call(Some(token), "GET", &format!("/api/v1/jobs/{id}/tree"), None);
+        (t["tree_state"] != "running" && !t["tree_state"].is_null()).then_some(t)
+    })
+    .unwrap_or_else(|| panic!("tree {id} did not end"))
+}
+
+#[test]
+fn a_viewer_sees_only_what_a_viewer_may_do() {
+    webdriver::require_browser();
+    let up = Up::start();
+    let admin = up.setup();
+    let vera_pw = "vera's long password";
+    let (st, v) = up.call(
+        Some(&admin),
+        "POST",
+        "/api/v1/users",
+        Some(json!({"username": "vera", "password": vera_pw})),
+    );
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = up.call(
+        Some(&admin),
+        "POST",
+        "/api/v1/workspaces",
+        Some(json!({"name": "acme"})),
+    );
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = up.call(
+        Some(&admin),
+        "PUT",
+        "/api/v1/workspaces/acme/members/vera",
+        Some(json!({"role": "viewer"})),
+    );
+    assert_eq!(st, 200, "{v}");
+    // What /api/v1/me says of her: not an admin, a viewer in acme, admin of her own workspace.
+    let (st, v) = up.call(
+        None,
+        "POST",
+        "/api/v1/login",
+        Some(json!({"username": "vera", "password": vera_pw})),
+    );
+    assert_eq!(st, 200, "{v}");
+    let (st, me) = up.call(v["token"].as_str(), "GET", "/api/v1/me", None);
+    assert_eq!(st, 200, "{me}");
+    assert_eq!(me["user"], "vera");
+    assert_eq!(me["admin"], false);
+    assert_eq!(
+        me["workspaces"],
+        json!([{"name": "acme", "role": "viewer"}, {"name": "vera", "role": "admin"}])
+    );
+    let (_, me_admin) = up.call(Some(&admin), "GET", "/api/v1/me", None);
+    assert_eq!(me_admin["admin"], true, "{me_admin}");
+    assert!(
+        me_admin["workspaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["role"] == "admin"),
+        "{me_admin}"
+    );
+
+    // A tree of acme that runs while she looks.
+    let go = up.dir.0.join("go");
+    let (st, created) = up.call(
+        Some(&admin),
+        "POST",
+        "/api/v1/jobs",
+        Some(json!({"name": "acme job", "tags": {"workspace": "acme"},
+            "shell": format!("echo acme-started; while [ ! -f '{}' ]; do sleep 0.05; done", go.display())})),
+    );
+    assert_eq!(st, 201, "{created}");
+    let tree = created["id"].as_str().unwrap().to_string();
+
+    let b = browser();
+    login_as(&b, &up.url, "vera", vera_pw);
+    b.wait_text("#whoami", WAIT, |t| t == "vera");
+
+    // Nodes: listed, but no drain and no joining for a non-admin.
+    b.click("#nav a[data-view=nodes]");
+    b.wait_visible("#nodes-body tr[data-node] .state-ready", WAIT);
+    assert!(!b.visible("#nodes-body button"), "{}", b.page_text());
+    assert!(!b.visible("#add-node"));
+
+    // The acme tree: visible and live, but no Abort.
+    b.goto(&format!("{}/#/tree/{tree}", up.url));
+    b.wait_state("#tree .job .state", "running", WAIT);
+    b.wait_text("#log", WAIT, |t| t.contains("acme-started"));
+    assert_eq!(
+        b.attr("#tree-state", "data-state").as_deref(),
+        Some("running")
+    );
+    assert!(!b.visible("#tree-abort"), "a viewer is offered Abort");
+    b.screenshot("30-viewer-tree");
+
+    // Run: only the workspaces where she is an operator (her own), never acme.
+    b.click("#nav a[data-view=run]");
+    b.wait_visible("#run-workspace option[value=vera]", WAIT);
+    let offered = b.js(
+        "return [...document.querySelectorAll('#run-workspace option')].map(o => o.value);",
+        json!([]),
+    );
+    assert_eq!(offered, json!(["vera"]));
+    assert!(b.text("#tree-workspaces").unwrap() == "vera");
+
+    // Workspaces: she manages her own members, not acme's.
+    b.click("#nav a[data-view=workspaces]");
+    b.wait_visible(".ws[data-workspace=acme] tr[data-member=vera]", WAIT);
+    assert!(!b.visible(".ws[data-workspace=acme] form"));
+    assert!(!b.visible(".ws[data-workspace=acme] select"));
+    assert!(!b.visible(".ws[data-workspace=acme] button"));
+    assert!(b.visible(".ws[data-workspace=vera] form"));
+    b.screenshot("31-viewer-workspaces");
+
+    // The tree ends while she watches; still nothing to press.
+    std::fs::write(&go, "").unwrap();
+    wait_tree_ended(&up, &admin, &tree);
+    b.goto(&format!("{}/#/tree/{tree}", up.url));
+    b.wait_state("#tree-state", "succeeded", WAIT);
+    assert!(!b.visible("#tree-abort"));
+
+    // The admin, for contrast, is offered Abort on a running acme tree and the node controls.
+    let go2 = up.dir.0.join("go2");
+    let (_, created) = up.call(
+        Some(&admin),
+        "POST",
+        "/api/v1/jobs",
+        Some(json!({"name": "acme two", "tags": {"workspace": "acme"},
+            "shell": format!("while [ ! -f '{}' ]; do sleep 0.05; done", go2.display())})),
+    );
+    let two = created["id"].as_str().unwrap().to_string();
+    let a = browser();
+    login(&a, &up.url);
+    a.wait_text("#whoami", WAIT, |t| t == "admin (admin)");
+    a.goto(&format!("{}/#/tree/{two}", up.url));
+    a.wait_state("#tree .job .state", "running", WAIT);
+    a.wait_visible("#tree-abort", WAIT);
+    a.click("#nav a[data-view=nodes]");
+    a.wait_visible("#nodes-body button[data-action=drain]", WAIT);
+    std::fs::write(&go2, "").unwrap();
+    wait_tree_ended(&up, &admin, &two);
+}
+
+#[test]
+fn a_failed_tree_opens_on_its_cause_with_needs_details_and_a_log_from_its_end() {
+    webdriver::require_browser();
+    let up = Up::start();
+    let token = up.setup();
+    // build fails (twice: it has one retry); deploy, which needs it, is aborted.
+    let (st, created) = up.call(
+        Some(&token),
+        "POST",
+        "/api/v1/jobs",
+        Some(json!({"name": "pipeline", "tags": {"workspace": "admin"}, "children": [
+            {"name": "prepare", "key": "prep", "shell": "echo prepared"},
+            {"name": "build", "key": "build", "shell": "echo building; exit 3", "needs": ["prep"], "retries": 1},
+            {"name": "deploy", "key": "deploy", "shell": "echo deploying", "needs": ["build"]},
+        ]})),
+    );
+    assert_eq!(st, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_tree_ended(&up, &token, &id)["tree_state"], "failed");
+
+    let b = browser();
+    login(&b, &up.url);
+    b.goto(&format!("{}/#/tree/{id}", up.url));
+    b.wait_state("#tree-state", "failed", WAIT);
+    // It opens on the failed job, with what it ran, where, when, its attempts and its error.
+    b.wait_visible("#tree .job.selected[data-key=build]", WAIT);
+    b.wait_text("#log", WAIT, |t| t.contains("exited with code 3"));
+    let field = |f: &str| {
+        b.text(&format!("#job-details dd[data-field={f}]"))
+            .unwrap_or_default()
+    };
+    assert_eq!(field("key"), "build");
+    assert_eq!(field("attempt"), "2 of 2");
+    assert_eq!(field("exit-code"), "3");
+    assert!(
+        field("runs").contains("echo building; exit 3"),
+        "{}",
+        field("runs")
+    );
+    assert!(!field("node").is_empty() && field("node") != "—");
+    for f in ["started", "finished"] {
+        let title = b
+            .attr(&format!("#job-details dd[data-field={f}] time"), "title")
+            .unwrap_or_default();
+        assert!(!title.is_empty(), "{f} has no absolute time on hover");
+    }
+    // The needs, drawn as edges from the job needed to the one that needs it.
+    for (from, to) in [("prep", "build"), ("build", "deploy")] {
+        assert!(
+            b.visible(&format!(
+                "#tree-edges path.need[data-from={from}][data-to={to}]"
+            )),
+            "no edge {from} -> {to}"
+        );
+    }
+    // One time format: every time shown is relative, with the absolute one on hover.
+    let odd = b.js(
+        "return [...document.querySelectorAll('time')].filter(t => !t.classList.contains('rel') || !t.title).length;",
+        json!([]),
+    );
+    assert_eq!(odd, json!(0));
+    b.screenshot("32-tree-failed");
+    // Another job of the tree, and its error.
+    b.click("#tree .job[data-key=deploy]");
+    b.wait_text("#job-details dd[data-field=error]", WAIT, |t| {
+        t == "aborted"
+    });
+
+    // A bad id clears the tree that was shown.
+    for bad in ["not-a-tree", "01a23300-0000-7000-8000-000000000000"] {
+        b.goto(&format!("{}/#/tree/{id}", up.url));
+        // Shown once the page has put the job it opened on into the address.
+        poll(WAIT, || {
+            b.js("return location.hash;", json!([]))
+                .as_str()
+                .is_some_and(|h| h.starts_with(&format!("#/tree/{id}/")))
+                .then_some(())
+        })
+        .expect("the tree did not open");
+        b.wait_visible("#tree .job.selected[data-key=build]", WAIT);
+        b.js(
+            "location.hash = arguments[0];",
+            json!([format!("#/tree/{bad}")]),
+        );
+        b.wait_visible("#tree-error", WAIT);
+        assert_eq!(
+            b.js(
+                "return document.querySelectorAll('#tree .job, #tree-edges > path.need').length;",
+                json!([])
+            ),
+            json!(0)
+        );
+        assert_eq!(b.text("#tree-name").as_deref(), Some(""));
+        assert_eq!(b.text("#log").as_deref(), Some(""));
+        assert_eq!(b.text("#job-details").as_deref(), Some(""));
+    }
+
+    // A big log opens at its end (not sent whole), earlier parts on demand, the whole as a download.
+    let (_, created) = up.call(
+        Some(&token),
+        "POST",
+        "/api/v1/jobs",
+        Some(json!({"name": "chatty", "tags": {"workspace": "admin"}, "shell": "seq 1 40000"})),
+    );
+    let chatty = created["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        wait_tree_ended(&up, &token, &chatty)["tree_state"],
+        "succeeded"
+    );
+    b.goto(&format!("{}/#/tree/{chatty}", up.url));
+    b.wait_visible(&format!("#log[data-job=\"{chatty}\"]"), WAIT);
+    b.wait_text("#log", WAIT, |t| t.contains(" out 40000\n"));
+    b.wait_text("#log-status", WAIT, |t| t.contains("complete"));
+    let shown = |b: &Browser| b.text("#log").unwrap_or_default();
+    let first_number = |t: &str| -> u64 {
+        t.lines()
+            .next()
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "the log does not start with a whole line: {:?}",
+                    &t[..80.min(t.len())]
+                )
+            })
+    };
+    let text = shown(&b);
+    assert!(
+        text.len() < 100_000,
+        "{} characters on the page",
+        text.len()
+    );
+    let first = first_number(&text);
+    assert!(
+        first > 37_000,
+        "it should open near the end, not at line {first}"
+    );
+    let asked: Value = b.js(
+        "return performance.getEntriesByType('resource').map(e => e.name).filter(n => n.includes('/log?'));",
+        json!([]),
+    );
+    assert!(
+        asked
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("tail=")),
+        "{asked}"
+    );
+    b.click("#log-earlier");
+    let earlier = poll(WAIT, || {
+        let t = shown(&b);
+        let n = first_number(&t);
+        (n < first).then_some((n, t))
+    })
+    .expect("Load earlier added nothing");
+    assert!(
+        earlier.1.contains(&format!(" out {}\n", first - 1)),
+        "a gap before line {first}"
+    );
+    assert!(earlier.1.contains(" out 40000\n"));
+    let href = b.attr("#log-download", "href").unwrap();
+    assert!(href.ends_with("/log?attempt=1"), "{href}");
+    assert!(b.attr("#log-download", "download").is_some());
+    let whole = b.js_async(
+        "const done = arguments[arguments.length - 1];\
+         fetch(arguments[0]).then(r => r.text()).then(t => done([t.length, t.includes(' out 1\\n'), t.includes(' out 40000\\n')]));",
+        json!([href]),
+    );
+    assert!(whole[0].as_u64().unwrap() > 40_000 * 30, "{whole}");
+    assert_eq!(whole[1], true, "the download lacks the start");
+    assert_eq!(whole[2], true, "the download lacks the end");
+
+    // A big log followed live keeps its end on the page, the rest a click away.
+    let go = up.dir.0.join("go-live");
+    let (_, created) = up.call(
+        Some(&token),
+        "POST",
+        "/api/v1/jobs",
+        Some(json!({"name": "chatty live", "tags": {"workspace": "admin"},
+            "shell": format!("seq 1 40000; while [ ! -f '{}' ]; do sleep 0.05; done; echo live-done", go.display())})),
+    );
+    let live = created["id"].as_str().unwrap().to_string();
+    b.goto(&format!("{}/#/tree/{live}", up.url));
+    // (The page stays: only its hash changed. Wait for this job's log, not the last one.)
+    b.wait_visible(&format!("#log[data-job=\"{live}\"]"), WAIT);
+    let text = b.wait_text("#log", WAIT, |t| t.contains(" out 40000\n"));
+    assert_eq!(b.attr("#log", "data-status").as_deref(), Some("following"));
+    assert!(
+        text.len() < 700_000,
+        "{} characters on the page",
+        text.len()
+    );
+    assert!(first_number(&text) > 1, "the whole log is on the page");
+    assert!(b.visible("#log-earlier"));
+    std::fs::write(&go, "").unwrap();
+    b.wait_text("#log", WAIT, |t| t.contains("out live-done"));
+    b.wait_text("#log-status", WAIT, |t| t.contains("complete"));
+    b.screenshot("33-big-log");
+}
+
+#[test]
+fn the_run_form_takes_a_toml_tree_a_timeout_and_retries() {
+    webdriver::require_browser();
+    let up = Up::start();
+    let token = up.setup();
+    let b = browser();
+    login(&b, &up.url);
+    let trees = || {
+        let (_, l) = up.call(Some(&token), "GET", "/api/v1/jobs", None);
+        l["items"].as_array().unwrap().len()
+    };
+
+    // A whole tree in TOML, as `muster jobs run --file` takes it.
+    b.click("#nav a[data-view=run]");
+    b.wait_visible("#view-run", WAIT);
+    b.click("#run-tab-tree");
+    b.wait_visible("#tree-text", WAIT);
+    b.fill(
+        "#tree-text",
+        r#"name = "from the form"
+[tags]
+application = "formtest"
+[[children]]
+name = "first"
+key = "first"
+shell = "echo first-ran"
+[[children]]
+name = "second"
+key = "second"
+exec = ["sh", "-c", "echo second-ran"]
+needs = ["first"]
+timeout_s = 30
+retries = 2
+"#,
+    );
+    b.screenshot("34-run-tree-form");
+    b.click("#tree-submit");
+    b.wait_visible("#view-tree", WAIT);
+    b.wait_text("#tree-name", WAIT, |t| t == "from the form");
+    b.wait_state("#tree-state", "succeeded", WAIT);
+    b.wait_visible(
+        "#tree-edges path.need[data-from=first][data-to=second]",
+        WAIT,
+    );
+    b.click("#tree .job[data-key=second]");
+    b.wait_text("#log", WAIT, |t| t.contains("out second-ran"));
+    let id = b.text("#tree-id").unwrap();
+    let (_, t) = up.call(
+        Some(&token),
+        "GET",
+        &format!("/api/v1/jobs/{id}/tree"),
+        None,
+    );
+    assert_eq!(t["tags"]["application"], "formtest", "{t:#}");
+    let second = t["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["key"] == "second")
+        .unwrap()
+        .clone();
+    assert_eq!(second["timeout_s"], 30, "{second:#}");
+    assert_eq!(second["retries"], 2, "{second:#}");
+    b.screenshot("35-run-tree-ran");
+
+    // A mistake in the TOML: its line, and nothing runs.
+    let before = trees();
+    b.click("#nav a[data-view=run]");
+    b.click("#run-tab-tree");
+    b.fill("#tree-text", "name = \"broken\"\nshell = = \"x\"\n");
+    b.click("#tree-submit");
+    let msg = b.wait_text("#tree-form-error", WAIT, |t| !t.is_empty());
+    assert!(
+        msg.contains("invalid TOML body at line 2") && msg.contains("Nothing was run"),
+        "{msg}"
+    );
+    // JSON works too; its mistakes are caught before sending.
+    b.select("#tree-format", "json");
+    b.fill("#tree-text", "{\"name\": ");
+    b.click("#tree-submit");
+    b.wait_text("#tree-form-error", WAIT, |t| t.contains("not valid JSON"));
+    assert_eq!(trees(), before, "a refused tree made a tree");
+    b.fill(
+        "#tree-text",
+        r#"{"name": "json tree", "children": [{"name": "only", "key": "only", "shell": "echo json-ran"}]}"#,
+    );
+    b.click("#tree-submit");
+    b.wait_text("#tree-name", WAIT, |t| t == "json tree");
+    b.wait_state("#tree-state", "succeeded", WAIT);
+
+    // One command, with a timeout and retries.
+    b.click("#nav a[data-view=run]");
+    b.click("#run-tab-command");
+    b.wait_visible("#run-workspace option[value=admin]", WAIT);
+    b.fill("#run-name", "with limits");
+    b.fill("#run-shell", "echo limited");
+    b.fill("#run-timeout", "45");
+    b.fill("#run-retries", "1");
+    b.click("#run-submit");
+    b.wait_text("#tree-name", WAIT, |t| t == "with limits");
+    b.wait_state("#tree-state", "succeeded", WAIT);
+    let id = b.text("#tree-id").unwrap();
+    let (_, j) = up.call(Some(&token), "GET", &format!("/api/v1/jobs/{id}"), None);
+    assert_eq!(j["timeout_s"], 45, "{j:#}");
+    assert_eq!(j["retries"], 1, "{j:#}");
+}
+
+#[test]
+fn the_hq_view_shows_the_head_the_watchers_and_the_orders_with_their_trees() {
+    webdriver::require_browser();
+    let up = Up::start();
+    let _token = up.setup();
+    let b = browser();
+    login(&b, &up.url);
+    let hq = up.dir.0.join("hq");
+    std::fs::write(hq.join("deployer/orders"), "noop\nfrobnicate now\n").unwrap();
+    support::git(
+        &hq,
+        &["commit", "-q", "-am", "two orders from the browser test"],
+    );
+    b.click("#nav a[data-view=hq]");
+    b.wait_visible("#view-hq", WAIT);
+    b.wait_text("#hq-branch", WAIT, |t| t == "main");
+    assert!(b.text("#hq-remote").unwrap().contains("none"));
+    // "Sync now" runs a pulse: the orders are taken up (the next pulse sees the noop's end).
+    let done = poll(WAIT, || {
+        b.click("#hq-sync");
+        b.wait_visible("#hq-orders-body tr", WAIT);
+        (b.attr("#hq-orders-body tr[data-line='1'] .state", "data-state")
+            .as_deref()
+            == Some("succeeded"))
+        .then_some(())
+    });
+    assert!(done.is_some(), "{}", b.page_text());
+    b.wait_text("#hq-head-message", WAIT, |t| {
+        t.starts_with("orders: deployer/orders line")
+    });
+    b.wait_state("#hq-orders-body tr[data-line='2'] .state", "rejected", WAIT);
+    assert!(b
+        .text("#hq-orders-body tr[data-line='2']")
+        .unwrap()
+        .contains("unknown verb"));
+    b.wait_state("#hq-watchers-body tr[data-watcher=sync] .state", "ok", WAIT);
+    b.wait_state(
+        "#hq-watchers-body tr[data-watcher=orders] .state",
+        "ok",
+        WAIT,
+    );
+    assert!(b
+        .text("#hq-watchers-body")
+        .unwrap()
+        .contains("no remote set"));
+    b.screenshot("40-hq");
+    // An order links to its tree.
+    b.click("#hq-orders-body tr[data-line='1'] a");
+    b.wait_visible("#view-tree", WAIT);
+    b.wait_text("#tree-name", WAIT, |t| {
+        t.contains("order deployer/orders:1 noop")
+    });
+    b.wait_state("#tree-state", "succeeded", WAIT);
+    // A reserved directory that is a file is reported there.
+    std::fs::remove_dir_all(hq.join("uploads")).unwrap();
+    std::fs::write(hq.join("uploads"), "x").unwrap();
+    support::git(&hq, &["add", "-A"]);
+    support::git(&hq, &["commit", "-q", "-m", "uploads as a file"]);
+    b.click("#nav a[data-view=hq]");
+    let seen = poll(WAIT, || {
+        b.click("#hq-sync");
+        b.text("#hq-problems")
+            .filter(|t| t.contains("uploads must be a directory"))
+    });
+    assert!(seen.is_some(), "{}", b.page_text());
+    b.screenshot("41-hq-problem");
+}
+
+#[test]
+fn the_processes_view_lists_a_process_follows_its_log_and_stops_it() {
+    webdriver::require_browser();
+    let up = Up::start();
+    let token = up.setup();
+    let (st, p) = up.call(
+        Some(&token),
+        "POST",
+        "/api/v1/processes",
+        Some(json!({"name": "web", "exec": ["python3", "-m", "http.server", "$PORT", "--bind", "127.0.0.1"],
+            "ports": ["http"], "health": {"tcp": "http", "interval": "200ms", "grace": "10s"}, "kill_grace": "2s"})),
+    );
+    assert_eq!(st, 201, "{p}");
+    let id = p["id"].as_str().unwrap().to_string();
+    let b = browser();
+    login(&b, &up.url);
+    b.click("#nav a[data-view=procs]");
+    b.wait_visible("#view-procs", WAIT);
+    let row = format!("#procs-body tr[data-proc='{id}']");
+    b.wait_state(&format!("{row} .state"), "healthy", WAIT);
+    assert!(b
+        .text(&format!("{row} .ports"))
+        .unwrap()
+        .starts_with("http="));
+    assert_eq!(b.text(&format!("{row} .restarts")).unwrap(), "0");
+    assert!(b
+        .text(&format!("{row} .reason"))
+        .unwrap()
+        .contains("health check passed"));
+    // Its log, followed live.
+    b.click(&format!("{row} a"));
+    b.wait_text("#proc-log", WAIT, |t| {
+        t.contains("sys healthy: health check passed")
+    });
+    b.screenshot("50-processes");
+    // Stop from the page: the state and the log say so.
+    b.click(&format!("{row} button[data-action=stop]"));
+    b.wait_state(&format!("{row} .state"), "stopped", WAIT);
+    b.wait_text("#proc-log", WAIT, |t| t.contains("stop asked"));
+    b.wait_visible(&format!("{row} button[data-action=start]"), WAIT);
+}
+
+/// Deploys the bundle at `dir` as admin/Iris through the API; waits until `version` is live.
+fn deploy_iris(up: &Up, token: &str, dir: &Path, version: u64) {
+    let mut archive = Vec::new();
+    muster_models::archive::pack(dir, &mut archive).unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .build()
+        .into();
+    let req = ureq::http::Request::builder()
+        .method("POST")
+        .uri(format!("{}/api/v1/models/admin/Iris", up.url))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/gzip")
+        .body(archive)
+        .unwrap();
+    let mut resp = agent.run(req).unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        202,
+        "{}",
+        resp.body_mut().read_to_string().unwrap_or_default()
+    );
+    let live = poll(Duration::from_secs(300), || {
+        let (_, m) = up.call(Some(token), "GET", "/api/v1/models/admin/Iris", None);
+        (m["live"] == version
+            && m["versions"]
+                .as_array()?
+                .iter()
+                .all(|v| v["state"] != "deploying" && v["state"] != "draining"))
+        .then_some(())
+    });
+    assert!(live.is_some(), "v{version} never became live");
+}
+
+#[test]
+fn the_models_view_shows_versions_replicas_and_history_predicts_and_reverts() {
+    webdriver::require_browser();
+    let env = model_support::sklearn_env();
+    let cache = model_support::cache();
+    let (envs, wheels) = (cache.join("envs"), cache.join("wheels"));
+    let up = Up::start_env(&[
+        ("MUSTER_MODELS__ENVS_DIR", envs.to_str().unwrap()),
+        ("MUSTER_MODELS__WHEELS_DIR", wheels.to_str().unwrap()),
+        ("MUSTER_MODELS__PREDICTOR_HOST", "127.0.0.1"),
+    ]);
+    let token = up.setup();
+    let bundle = TempDir::new("iris");
+    model_support::iris_bundle(&bundle.0, &env);
+    deploy_iris(&up, &token, &bundle.0, 1);
+    deploy_iris(&up, &token, &bundle.0, 2);
+    let b = browser();
+    login(&b, &up.url);
+    b.click("#nav a[data-view=models]");
+    b.wait_visible("#view-models", WAIT);
+    let row = "#models-body tr[data-model='admin/Iris']";
+    b.wait_text(&format!("{row} .live-version"), WAIT, |t| t == "v2");
+    b.click(&format!("{row} a"));
+    b.wait_visible("#model-box", WAIT);
+    b.wait_text("#model-live", WAIT, |t| t == "v2");
+    b.wait_state(
+        "#model-versions-body tr[data-version='2'] .vstate .state",
+        "live",
+        WAIT,
+    );
+    b.wait_state(
+        "#model-versions-body tr[data-version='1'] .vstate .state",
+        "stopped",
+        WAIT,
+    );
+    // The deploy history links to each version's tree.
+    assert!(b.visible("#model-versions-body tr[data-version='1'] a.tree"));
+    b.wait_state(
+        "#model-replicas-body tr[data-version='2'] .rstate .state",
+        "healthy",
+        WAIT,
+    );
+    // The predict form.
+    b.fill("#predict-data", "[[6.7, 3.0, 5.2, 2.3]]");
+    b.click("#predict-submit");
+    b.wait_text("#predict-result", WAIT, |t| t == "[2]  (v2)");
+    b.screenshot("60-models");
+    // Revert from the page: v1 live again, shown live.
+    b.click("#model-versions-body tr[data-version='1'] button[data-action=revert]");
+    b.wait_text("#model-live", Duration::from_secs(120), |t| t == "v1");
+    b.wait_state(
+        "#model-versions-body tr[data-version='2'] .vstate .state",
+        "stopped",
+        Duration::from_secs(60),
+    );
+    b.fill("#predict-data", "{not json");
+    b.click("#predict-submit");
+    b.wait_text("#predict-error", WAIT, |t| t.contains("not JSON"));
+    let (_, m) = up.call(Some(&token), "GET", "/api/v1/models/admin/Iris", None);
+    for v in m["versions"].as_array().unwrap() {
+        for id in v["processes"].as_array().unwrap() {
+            up.call(
+                Some(&token),
+                "DELETE",
+                &format!("/api/v1/processes/{}", id.as_str().unwrap()),
+                None,
+            );
+        }
+    }
 }

@@ -1,37 +1,22 @@
 //! End-to-end tests of the client commands against a real `muster up`.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+mod support;
+use support::{wait_until, TempDir};
+
+#[path = "../../muster-models/tests/support/mod.rs"]
+mod model_support;
 
 const BIN: &str = env!("CARGO_BIN_EXE_muster");
 const PASSWORD: &str = "correct horse battery staple";
 
 /// A fresh directory, removed at the end.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p =
-            std::env::temp_dir().join(format!("muster-cli-{name}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A `muster up` child, stopped (SIGTERM, then SIGKILL) when dropped, also on panic.
 struct Server {
     child: Child,
@@ -44,6 +29,16 @@ struct Server {
 
 impl Server {
     fn start(name: &str) -> Server {
+        Self::start_env(name, &[])
+    }
+
+    /// With extra environment variables.
+    fn start_env(name: &str, env: &[(&str, &str)]) -> Server {
+        Self::start_listen(name, env, "127.0.0.1:0")
+    }
+
+    /// On a given address, with extra environment variables.
+    fn start_listen(name: &str, env: &[(&str, &str)], listen: &str) -> Server {
         let dir = TempDir::new(name);
         let data = dir.0.join("data");
         let config = dir.0.join("config");
@@ -51,9 +46,10 @@ impl Server {
         let mut child = Command::new(BIN)
             .args(["up", "--data-dir"])
             .arg(&data)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .env_remove("MUSTER_URL")
             .env_remove("MUSTER_TOKEN")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -202,6 +198,33 @@ impl Server {
             again["token"], saved["token"],
             "login should save a new token"
         );
+        // The token setup saved was replaced, and revoked: one session is left.
+        let tokens = items(&self.muster(&["tokens", "ls", "--json"], None).ok());
+        let names: Vec<&str> = tokens.iter().map(|t| t["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["login"], "{tokens:#?}");
+    }
+
+    /// Starts a client command, its stdout and stderr piped.
+    fn spawn(&self, args: &[&str]) -> Child {
+        Command::new(BIN)
+            .args(args)
+            .env("MUSTER_CONFIG_DIR", &self.config)
+            .env_remove("MUSTER_URL")
+            .env_remove("MUSTER_TOKEN")
+            .env_remove("MUSTER_PASSWORD")
+            .env_remove("MUSTER_DATA_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run muster")
+    }
+
+    /// The name of the embedded agent's node.
+    fn node_name(&self) -> String {
+        let nodes = items(&self.muster(&["nodes", "ls", "--json"], None).ok());
+        assert_eq!(nodes.len(), 1, "{nodes:#?}");
+        nodes[0]["name"].as_str().unwrap().to_string()
     }
 
     fn job(&self, id: &str) -> Value {
@@ -898,4 +921,919 @@ fn bad_tls_files_stop_the_server_at_once_with_their_names() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{err}");
     }
+}
+
+#[test]
+fn logs_are_text_by_default_json_on_request_and_a_bad_filter_is_refused() {
+    let s = Server::start_env(
+        "log-json",
+        &[("MUSTER_LOG_FORMAT", "json"), ("RUST_LOG", "info")],
+    );
+    let line = s
+        .stderr()
+        .lines()
+        .find(|l| l.contains("muster is up"))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no start line in:\n{}", s.stderr()));
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON object a line");
+    assert_eq!(v["level"], "INFO", "{line}");
+    assert_eq!(v["url"].as_str(), Some(s.url.as_str()), "{line}");
+    drop(s);
+    let text = Server::start("log-text");
+    let line = text
+        .stderr()
+        .lines()
+        .find(|l| l.contains("muster is up"))
+        .map(str::to_string)
+        .unwrap();
+    assert!(line.contains("INFO") && !line.starts_with('{'), "{line}");
+    drop(text);
+    let out = Command::new(BIN)
+        .args(["config", "show"])
+        .env("RUST_LOG", "warn,=bogus=")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not a filter like"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The anonymous resident memory of a process, in bytes (`RssAnon`: what it allocated, without
+/// the mapped binary, whose debug build alone is ~100 MB).
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// A thousand live websocket follows of one log share one stream from the node: together they
+/// add at most 20 MB to the server, and each gets every line and its end.
+#[test]
+fn a_thousand_follows_of_one_log_cost_little_memory() {
+    let s = Server::start("follows");
+    s.setup_and_login();
+    let creds: Value =
+        serde_json::from_str(&std::fs::read_to_string(s.config.join("credentials.json")).unwrap())
+            .unwrap();
+    let token = creds["token"].as_str().unwrap().to_string();
+    let gate = s.dir.0.join("gate");
+    let body = serde_json::json!({"name": "watched", "shell": format!(
+        "echo started; while [ ! -e {} ]; do sleep 0.05; done; echo ended", gate.display())});
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let text = agent
+        .post(&format!("{}/api/v1/jobs", s.url))
+        .header("authorization", &format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let resp: Value = serde_json::from_str(&text).unwrap();
+    let job = resp["jobs"][0]["id"].as_str().unwrap().to_string();
+    let ws_url = format!(
+        "{}/api/v1/jobs/{job}/log/ws",
+        s.url.replacen("http", "ws", 1)
+    );
+    let follow = || {
+        use tungstenite::client::IntoClientRequest;
+        let mut req = ws_url.as_str().into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (mut ws, _) = tungstenite::connect(req).unwrap();
+        // Until its first line: the follow is live.
+        let mut text = String::new();
+        while !text.contains(" out started") {
+            match ws.read().unwrap() {
+                tungstenite::Message::Text(t) => text.push_str(&t),
+                tungstenite::Message::Close(_) => panic!("closed early: {text}"),
+                _ => {}
+            }
+        }
+        (ws, text)
+    };
+    let pid = s.child.id();
+    let mut follows = vec![follow()];
+    let before = rss(pid);
+    for _ in 1..1000 {
+        follows.push(follow());
+    }
+    let during = rss(pid);
+    eprintln!(
+        "server RSS: {} MB with 1 follow, {} MB with 1000",
+        before >> 20,
+        during >> 20
+    );
+    assert!(
+        during.saturating_sub(before) <= 20 << 20,
+        "1000 follows added {} MB (from {} MB)",
+        (during - before) >> 20,
+        before >> 20
+    );
+    std::fs::write(&gate, b"").unwrap();
+    for (ws, text) in &mut follows {
+        loop {
+            match ws.read() {
+                Ok(tungstenite::Message::Text(t)) => text.push_str(&t),
+                Ok(tungstenite::Message::Close(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        assert!(text.contains(" out ended"), "{text}");
+        assert_eq!(text.matches(" out started").count(), 1, "{text}");
+    }
+}
+
+/// Samples a process's anonymous RSS every 100 ms on a thread; `stop()` gives the highest seen.
+struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> RssSampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut max = 0;
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                max = max.max(rss(pid));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            max.max(rss(pid))
+        });
+        RssSampler { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
+/// A job printing 200 MB (its log capped at 64 MiB): the log is streamed to the blob store and
+/// back to a reader in bounded pieces, so the server with its embedded agent stays under 60 MB
+/// of allocated memory at every moment (sampled every 100 ms), while writing and while serving.
+#[test]
+fn a_200_mb_output_keeps_the_server_small() {
+    let s = Server::start("bigout");
+    s.setup_and_login();
+    let sampler = RssSampler::start(s.child.id());
+    let out = s.muster(
+        &[
+            "jobs",
+            "run",
+            "-f",
+            "--",
+            "sh",
+            "-c",
+            "yes 0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567 | head -c 200000000",
+        ],
+        None,
+    );
+    // The follow printed it all: at most the cap.
+    let printed = out.0.stdout.len();
+    assert!(out.0.status.success(), "{}", out.stderr());
+    assert!(
+        printed > 60 << 20 && printed < 70 << 20,
+        "{printed} bytes printed"
+    );
+    let during_run = sampler.stop();
+    // Read back whole from the blob store.
+    let sampler = RssSampler::start(s.child.id());
+    let ls = s.muster(&["jobs", "ls", "--json"], None);
+    let v: Value = serde_json::from_slice(&ls.0.stdout).unwrap();
+    let tree = v["items"][0]["id"].as_str().unwrap().to_string();
+    let log = s.muster(&["jobs", "logs", &tree], None);
+    assert!(log.0.status.success(), "{}", log.stderr());
+    let read = log.0.stdout.len();
+    let during_read = sampler.stop();
+    assert!(read > 60 << 20, "{read} bytes read back");
+    assert!(
+        String::from_utf8_lossy(&log.0.stdout[read - 200..]).contains("log capped at"),
+        "the log ends with the cap's note"
+    );
+    eprintln!(
+        "muster up RssAnon at most {} MB while the job ran, {} MB while its log was read",
+        during_run >> 20,
+        during_read >> 20
+    );
+    assert!(
+        during_run < 60 << 20,
+        "{} MB while running",
+        during_run >> 20
+    );
+    assert!(
+        during_read < 60 << 20,
+        "{} MB while reading",
+        during_read >> 20
+    );
+}
+
+/// Reads a child's stream line by line on a thread; the lines arrive on the channel.
+fn lines_of(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (20 s at most) for a line holding `want`; gives every line read meanwhile.
+fn wait_line(rx: &mpsc::Receiver<String>, want: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let hit = l.contains(want);
+                seen.push(l);
+                if hit {
+                    return seen;
+                }
+            }
+            Err(e) => panic!("no line with {want:?} ({e}); got:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+/// Waits (20 s at most) for a child to exit; gives its status.
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "the command did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn jobs_are_named_by_tree_and_key_and_every_id_is_shown() {
+    let s = Server::start("names");
+    s.setup_and_login();
+    let toml = write(
+        &s.dir.0,
+        "tree.toml",
+        r#"
+name = "release"
+key = "root"
+shell = "echo root-ran"
+[[children]]
+name = "build a"
+key = "a"
+shell = "echo a-ran"
+[[children]]
+name = "ship b"
+key = "b"
+needs = ["a"]
+[[children.children]]
+name = "pack c"
+key = "c"
+exec = ["sh", "-c", "echo c-ran"]
+"#,
+    );
+    // `run -f` names every job it made, with its id.
+    let out = s.muster(&["jobs", "run", "-f", "--file", &toml], None);
+    out.ok();
+    let made: Vec<(String, String)> = out
+        .stderr()
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (id, key) = (w.next()?, w.next()?);
+            (id.len() == 36 && id.matches('-').count() == 4).then(|| (id.into(), key.into()))
+        })
+        .collect();
+    let keys: Vec<&str> = made.iter().map(|(_, k)| k.as_str()).collect();
+    assert_eq!(keys, ["root", "a", "b", "c"], "{}", out.stderr());
+    let tree = made[0].0.clone();
+    let id_of = |key: &str| made.iter().find(|(_, k)| k == key).unwrap().0.clone();
+
+    // `jobs tree` shows each job's id beside it.
+    let drawn = s.muster(&["jobs", "tree", &tree], None).ok();
+    for (id, key) in &made {
+        let line = drawn
+            .lines()
+            .find(|l| l.contains(&format!("{key} [succeeded]")))
+            .unwrap_or_else(|| panic!("no {key} in\n{drawn}"));
+        assert!(line.starts_with(&format!("{id}  ")), "{line}");
+    }
+    assert!(drawn.contains("   └─ c [succeeded] pack c"), "{drawn}");
+
+    // TREE/KEY, TREE/KEY/KEY and the root's own key, wherever a job is taken.
+    for (name, want) in [
+        (format!("{tree}/a"), "out a-ran"),
+        (format!("{tree}/b/c"), "out c-ran"),
+        (format!("{tree}/c"), "out c-ran"),
+        (format!("{tree}/root"), "out root-ran"),
+    ] {
+        let log = s.muster(&["jobs", "logs", &name], None).ok();
+        assert!(log.contains(want), "{name}: {log}");
+    }
+    let j: Value = serde_json::from_str(
+        &s.muster(&["jobs", "show", &format!("{tree}/b/c"), "--json"], None)
+            .ok(),
+    )
+    .unwrap();
+    assert_eq!(j["id"], id_of("c").as_str(), "{j:#}");
+    s.muster(&["jobs", "logs", "-f", &format!("{tree}/a")], None)
+        .ok();
+    let sub = s.muster(&["jobs", "tree", &format!("{tree}/b")], None).ok();
+    assert!(
+        sub.lines()
+            .nth(1)
+            .unwrap()
+            .starts_with(&format!("{}  b [succeeded]", id_of("b"))),
+        "{sub}"
+    );
+    assert!(
+        sub.contains(&format!("{}  └─ c [succeeded]", id_of("c"))),
+        "{sub}"
+    );
+
+    // `jobs show` lists the children with their ids, and needs by key.
+    let show = s.muster(&["jobs", "show", &tree], None).ok();
+    assert!(show.contains("children:"), "{show}");
+    for key in ["a", "b"] {
+        assert!(
+            show.lines()
+                .any(|l| l.trim_start().starts_with(&id_of(key)) && l.contains(&format!(" {key} "))),
+            "{key}: {show}"
+        );
+    }
+    let show_b = s.muster(&["jobs", "show", &format!("{tree}/b")], None).ok();
+    assert!(
+        show_b
+            .lines()
+            .any(|l| l.starts_with("needs:") && l.ends_with(" a [succeeded]")),
+        "{show_b}"
+    );
+    assert!(show_b.contains(&id_of("c")), "{show_b}");
+
+    // A key the tree lacks, a bad path, and abort through a path.
+    s.muster(&["jobs", "logs", &format!("{tree}/nope")], None)
+        .fails_with("no job with key \"nope\" under root");
+    s.muster(&["jobs", "logs", &format!("{tree}/a/c")], None)
+        .fails_with("no job with key \"c\" under a");
+    s.muster(&["jobs", "show", &format!("{tree}//a")], None)
+        .fails_with("is not a job");
+    s.muster(&["jobs", "abort", &format!("{tree}/a")], None)
+        .fails_with("the tree has already succeeded (HTTP 409)");
+    s.muster(&["jobs", "logs", "not-an-id/a"], None)
+        .fails_with("(HTTP 400)");
+}
+
+#[test]
+fn exit_codes_waiting_jobs_and_empty_listings() {
+    let s = Server::start("exits");
+    s.setup_and_login();
+
+    // Empty listings say so.
+    let out = s.muster(&["jobs", "ls"], None);
+    assert_eq!(out.ok(), "");
+    assert!(
+        out.stderr().contains("no job trees yet"),
+        "{}",
+        out.stderr()
+    );
+    let out = s.muster(&["jobs", "ls", "--state", "failed"], None);
+    assert!(
+        out.stderr().contains("no job trees match"),
+        "{}",
+        out.stderr()
+    );
+    let out = s.muster(&["scripts", "ls"], None);
+    assert!(
+        out.stderr().contains("no node control scripts"),
+        "{}",
+        out.stderr()
+    );
+
+    // The codes are in --help.
+    for args in [
+        &["--help"][..],
+        &["jobs", "logs", "--help"],
+        &["jobs", "run", "--help"],
+    ] {
+        let help = s.muster(args, None).ok();
+        assert!(
+            help.contains("Exit status:") && help.contains("ended failed or aborted"),
+            "{args:?}: {help}"
+        );
+    }
+
+    // `logs -f` of a job that fails exits 1, like `run -f`.
+    let id = s
+        .muster(
+            &["jobs", "run", "--", "sh", "-c", "echo bad-one; exit 3"],
+            None,
+        )
+        .ok()
+        .trim()
+        .to_string();
+    let out = s.muster(&["jobs", "logs", "-f", &id], None);
+    assert!(out.stdout().contains("out bad-one"), "{}", out.stdout());
+    out.fails_with(&format!("job {id} ended failed (exit 3)"));
+    // Without -f the log is printed and that is all.
+    s.muster(&["jobs", "logs", &id], None).ok();
+
+    // A job that waits: on a drained node.
+    let node = s.node_name();
+    s.muster(&["nodes", "drain", &node], None).ok();
+    let id = s
+        .muster(
+            &["jobs", "run", "--node", &node, "--", "echo", "pinned-ran"],
+            None,
+        )
+        .ok()
+        .trim()
+        .to_string();
+    let out = s.muster(&["jobs", "logs", &id], None);
+    assert_eq!(out.ok(), "");
+    let want = format!("queued for node {node}, which is draining");
+    assert!(
+        out.stderr().contains("is waiting") && out.stderr().contains(&want),
+        "{}",
+        out.stderr()
+    );
+    // `logs -f` waits for it, saying where and why, and follows it once it runs.
+    let mut follow = s.spawn(&["jobs", "logs", "-f", &id]);
+    let err = lines_of(follow.stderr.take().unwrap());
+    let out = lines_of(follow.stdout.take().unwrap());
+    wait_line(&err, &want);
+    assert_eq!(s.job(&id)["state"], "waiting");
+    s.muster(&["nodes", "undrain", &node], None).ok();
+    wait_line(&out, "out pinned-ran");
+    assert!(wait_exit(&mut follow).success());
+    // A node that is not registered is refused at once, not queued for ever.
+    s.muster(
+        &["jobs", "run", "--node", "no-such-node", "--", "true"],
+        None,
+    )
+    .fails_with("no node named \"no-such-node\"");
+
+    // A job waiting for another one of its tree says which.
+    let gate = s.dir.0.join("gate");
+    let spec = write(
+        &s.dir.0,
+        "gated.json",
+        &serde_json::json!({"name": "gated", "key": "top", "shell": "echo top-ran", "children": [
+            {"name": "gate", "key": "gate", "shell": format!("while [ ! -e {} ]; do sleep 0.05; done", gate.display())}
+        ]})
+        .to_string(),
+    );
+    let tree = s
+        .muster(&["jobs", "run", "--file", &spec], None)
+        .ok()
+        .trim()
+        .to_string();
+    let mut follow = s.spawn(&["jobs", "logs", "-f", &format!("{tree}/top")]);
+    let err = lines_of(follow.stderr.take().unwrap());
+    let out = lines_of(follow.stdout.take().unwrap());
+    wait_line(&err, "it starts once these succeed: gate [");
+    std::fs::write(&gate, "").unwrap();
+    wait_line(&out, "out top-ran");
+    assert!(wait_exit(&mut follow).success());
+}
+
+#[test]
+fn the_join_command_names_a_reachable_server_or_says_how() {
+    // On loopback, with no advertise_url: the command, and how to make it work elsewhere.
+    let s = Server::start("join-loopback");
+    s.setup_and_login();
+    let out = s.muster(&["nodes", "join-token"], None);
+    let cmd = out.ok();
+    assert!(
+        cmd.starts_with(&format!(
+            "muster agent --server {} --join-token mjt_",
+            s.url
+        )),
+        "{cmd}"
+    );
+    assert!(
+        out.stderr()
+            .contains("only agents on this machine can reach")
+            && out.stderr().contains("server.advertise_url")
+            && out.stderr().contains("--listen 0.0.0.0:PORT"),
+        "{}",
+        out.stderr()
+    );
+    let v: Value =
+        serde_json::from_str(&s.muster(&["nodes", "join-token", "--json"], None).ok()).unwrap();
+    assert!(
+        v["hint"].as_str().unwrap().contains("advertise_url"),
+        "{v:#}"
+    );
+    drop(s);
+
+    // With server.advertise_url: that URL, and no hint.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let advertised = format!("http://localhost:{port}");
+    let s = Server::start_listen(
+        "join-advertised",
+        &[("MUSTER_SERVER__ADVERTISE_URL", &advertised)],
+        &format!("127.0.0.1:{port}"),
+    );
+    assert_eq!(s.url, advertised);
+    s.setup_and_login();
+    let out = s.muster(&["nodes", "join-token"], None);
+    assert!(
+        out.ok()
+            .starts_with(&format!("muster agent --server {advertised} --join-token ")),
+        "{}",
+        out.stdout()
+    );
+    assert!(!out.stderr().contains("advertise_url"), "{}", out.stderr());
+}
+
+/// The `sh` blocks of README.md's "A five-minute tour" section, in order, as one script.
+fn readme_tour() -> String {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .expect("README.md");
+    let section = readme
+        .split("\n## ")
+        .find(|s| s.starts_with("A five-minute tour"))
+        .expect("README.md has no \"A five-minute tour\" section");
+    let mut script = String::new();
+    let mut in_block = false;
+    for line in section.lines() {
+        if in_block && line.trim_end() == "```" {
+            in_block = false;
+        } else if in_block {
+            script.push_str(line);
+            script.push('\n');
+        } else if line.trim_end() == "```sh" {
+            in_block = true;
+        }
+    }
+    assert!(!in_block, "an sh block of the tour is not closed");
+    script
+}
+
+/// Every process whose command line names `dir` (what the tour started: `muster up`, its
+/// agent, their launchers and supervisors), by pid.
+fn processes_under(dir: &Path) -> Vec<i32> {
+    let needle = dir.to_str().unwrap().as_bytes().to_vec();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cwd = std::fs::read_link(e.path().join("cwd")).unwrap_or_default();
+        if cmdline
+            .windows(needle.len())
+            .any(|w| w == needle.as_slice())
+            || cwd.starts_with(dir)
+        {
+            pids.push(pid);
+        }
+    }
+    pids.retain(|p| *p != std::process::id() as i32);
+    pids
+}
+
+#[test]
+fn the_readme_tour_works_as_written() {
+    let dir = TempDir::new("tour");
+    let work = dir.0.join("work");
+    let bin = dir.0.join("bin");
+    let home = dir.0.join("home");
+    for d in [&work, &bin, &home] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::os::unix::fs::symlink(BIN, bin.join("muster")).unwrap();
+    // Its own port (muster's default, 7070, may be taken on a shared machine): the one thing
+    // set apart from the README, through the environment.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = readme_tour();
+    assert!(
+        script.contains("muster up &") && script.contains("muster jobs abort"),
+        "{script}"
+    );
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = Command::new("bash");
+    cmd.args(["-euo", "pipefail", "-c", &script])
+        .current_dir(&work)
+        .env_clear()
+        .env("PATH", path)
+        .env("HOME", &home)
+        .env("MUSTER_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("MUSTER_URL", format!("http://127.0.0.1:{port}"))
+        // No beacons from the tour's agent (other tests listen for them).
+        .env("MUSTER_DISCOVERY__ENABLED", "false")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
+    let mut child = cmd.spawn().unwrap();
+    let pgid = child.id() as i32;
+    let out = lines_of(child.stdout.take().unwrap());
+    let err = lines_of(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // What the tour left running (muster up, the agent) stops with the process group; the
+    // supervisors of jobs live in sessions of their own.
+    unsafe { libc::kill(-pgid, libc::SIGTERM) };
+    let gone = Instant::now() + Duration::from_secs(10);
+    while unsafe { libc::kill(-pgid, 0) } == 0 && Instant::now() < gone {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for pid in processes_under(&dir.0) {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let stdout: Vec<String> = out.try_iter().collect();
+    let stderr: Vec<String> = err.try_iter().collect();
+    let shown = format!(
+        "--- script ---\n{script}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        stdout.join("\n"),
+        stderr.join("\n")
+    );
+    let status = status.unwrap_or_else(|| panic!("the tour did not end within 120 s\n{shown}"));
+    assert!(status.success(), "the tour failed ({status})\n{shown}");
+    let stdout = stdout.join("\n");
+    for want in [
+        "admin \"admin\" created",
+        "out building a 3",
+        "out tick 3",
+        "out tock 3",
+        "aborting tree",
+        "node n1 is ready",
+        "out Linux",
+    ] {
+        assert!(
+            stdout.contains(want),
+            "no {want:?} in the tour's output\n{shown}"
+        );
+    }
+    // Nothing logged an error on the way.
+    assert!(
+        stderr.iter().all(|l| !l.contains(" ERROR ")),
+        "an error was logged\n{shown}"
+    );
+}
+
+#[test]
+fn hq_status_sync_orders_and_log() {
+    let s = Server::start_env("hq", &[("MUSTER_PULSE__INTERVAL", "200ms")]);
+    s.setup_and_login();
+    let hq = s.data.join("hq");
+    let out = s.muster(&["hq", "status"], None).ok();
+    assert!(out.contains("branch   main"), "{out}");
+    assert!(out.contains("remote   (none)"), "{out}");
+    assert!(out.contains("HQ: the layout"), "{out}");
+    let out = s.muster(&["hq", "sync"], None).ok();
+    assert!(out.contains("no remote set"), "{out}");
+    let out = s.muster(&["hq", "orders"], None);
+    assert!(out.stderr().contains("no orders yet"), "{}", out.stderr());
+    std::fs::write(hq.join("deployer/orders"), "noop\nnope\n").unwrap();
+    support::git(&hq, &["commit", "-q", "-am", "two orders"]);
+    let ok = support::wait_until(Duration::from_secs(20), || {
+        let out = s.muster(&["hq", "orders"], None).ok();
+        out.contains("deployer/orders:1     succeeded") && out.contains("rejected")
+    });
+    assert!(ok, "{}", s.muster(&["hq", "orders"], None).ok());
+    let out = s
+        .muster(&["hq", "orders", "--state", "rejected", "--json"], None)
+        .ok();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["items"].as_array().unwrap().len(), 1, "{v:#}");
+    assert!(support::wait_until(Duration::from_secs(20), || s
+        .muster(&["hq", "log"], None)
+        .ok()
+        .contains("orders: deployer/orders line 2 rejected")));
+    let out = s.muster(&["hq", "log", "--limit", "50"], None).ok();
+    assert!(out.contains("ann") && out.contains("two orders"), "{out}");
+    // An edit stops the file; resolve takes it up again.
+    std::fs::write(hq.join("deployer/orders"), "noop # again\nnope\nnoop\n").unwrap();
+    support::git(&hq, &["commit", "-q", "-am", "an edit"]);
+    assert!(support::wait_until(Duration::from_secs(20), || s
+        .muster(&["hq", "orders"], None)
+        .stderr()
+        .contains("is STOPPED")));
+    assert!(s
+        .muster(&["hq", "status"], None)
+        .ok()
+        .contains("problem  deployer/orders is stopped"));
+    s.muster(&["hq", "orders", "resolve", "deployer/orders"], None)
+        .ok();
+    assert!(support::wait_until(Duration::from_secs(20), || s
+        .muster(&["hq", "orders"], None)
+        .ok()
+        .contains("deployer/orders:3     succeeded")));
+    s.muster(&["hq", "orders", "bogus"], None)
+        .fails_with("usage: muster hq orders");
+}
+
+/// `muster procs`: the one-liner of the issue starts python3's http.server on a free port,
+/// healthy; ls/show/logs show it; stop, start, restart and rm act on it.
+#[test]
+fn procs_run_ls_show_logs_stop_start_restart_rm() {
+    let s = Server::start("procs");
+    s.setup_and_login();
+    let id = s
+        .muster(
+            &[
+                "procs",
+                "run",
+                "--port",
+                "http",
+                "--health-http",
+                "/",
+                "--",
+                "python3",
+                "-m",
+                "http.server",
+                "$PORT",
+                "--bind",
+                "127.0.0.1",
+            ],
+            None,
+        )
+        .ok()
+        .trim()
+        .to_string();
+    let show = |id: &str| -> Value {
+        serde_json::from_str(&s.muster(&["procs", "show", id, "--json"], None).ok()).unwrap()
+    };
+    let mut p = Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            p = show(&id);
+            p["state"] == "healthy"
+        }),
+        "never healthy: {p:#}"
+    );
+    let port = p["ports"]["http"].as_u64().unwrap();
+    let body = ureq::get(&format!("http://127.0.0.1:{port}/"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(body.contains("Directory listing"), "{body}");
+    let ls = s.muster(&["procs", "ls"], None).ok();
+    assert!(
+        ls.contains(&id) && ls.contains("healthy") && ls.contains(&format!("http={port}")),
+        "{ls}"
+    );
+    let shown = s.muster(&["procs", "show", &id], None).ok();
+    assert!(shown.contains("healthy (health check passed)"), "{shown}");
+    let log = s.muster(&["procs", "logs", &id], None).ok();
+    assert!(log.contains("sys healthy: health check passed"), "{log}");
+    // logs -f ends when the process stops.
+    let mut follow = Command::new(BIN)
+        .args(["procs", "logs", "-f", &id])
+        .env("MUSTER_CONFIG_DIR", &s.config)
+        .env("MUSTER_URL", &s.url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(s
+        .muster(&["procs", "stop", &id], None)
+        .ok()
+        .contains("stopping"));
+    let status = wait_exit(&mut follow);
+    assert!(status.success());
+    let mut followed = String::new();
+    follow
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut followed)
+        .unwrap();
+    assert!(followed.contains("stop asked"), "{followed}");
+    assert!(wait_until(Duration::from_secs(10), || show(&id)["state"] == "stopped"));
+    s.muster(&["procs", "start", &id], None).ok();
+    assert!(wait_until(Duration::from_secs(30), || show(&id)["state"] == "healthy"));
+    s.muster(&["procs", "restart", &id], None).ok();
+    s.muster(&["procs", "rm", &id], None).ok();
+    s.muster(&["procs", "show", &id], None)
+        .fails_with("not found");
+    s.muster(
+        &["procs", "run", "--port", "a", "--port", "a", "--", "true"],
+        None,
+    )
+    .fails_with("twice");
+}
+
+#[test]
+fn models_deploy_ls_show_predict_revert_logs_rm() {
+    let env = model_support::sklearn_env();
+    let cache = model_support::cache();
+    let (envs, wheels) = (cache.join("envs"), cache.join("wheels"));
+    let s = Server::start_env(
+        "models",
+        &[
+            ("MUSTER_MODELS__ENVS_DIR", envs.to_str().unwrap()),
+            ("MUSTER_MODELS__WHEELS_DIR", wheels.to_str().unwrap()),
+            ("MUSTER_MODELS__PREDICTOR_HOST", "127.0.0.1"),
+        ],
+    );
+    s.setup_and_login();
+    let dir = TempDir::new("models-bundle");
+    model_support::iris_bundle(&dir.0, &env);
+    let bundle = dir.0.to_str().unwrap();
+    // Not a terminal: no progress bar, only the outcome.
+    let out = s.muster(&["models", "deploy", bundle], None).ok();
+    assert_eq!(out.trim().lines().count(), 1, "{out}");
+    assert!(out.starts_with("admin/Iris v1 is live (tree "), "{out}");
+    // --json prints the model as the server shows it.
+    let out = s.muster(&["models", "deploy", bundle, "--json"], None).ok();
+    let m: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(m["live"], 2, "{m:#}");
+    let ls = s.muster(&["models", "ls"], None).ok();
+    assert!(ls.contains("admin/Iris") && ls.contains("v2"), "{ls}");
+    let show = s.muster(&["models", "show", "Iris"], None).ok();
+    assert!(
+        show.contains("live v2") && show.contains("stopped") && show.contains("healthy"),
+        "{show}"
+    );
+    let out = s
+        .muster(
+            &[
+                "models",
+                "predict",
+                "Iris",
+                "--data",
+                "[[6.7, 3.0, 5.2, 2.3]]",
+            ],
+            None,
+        )
+        .ok();
+    assert_eq!(out.trim(), "[2]");
+    let data = write(&dir.0, "rows.json", "[[5.1, 3.5, 1.4, 0.2]]");
+    let out = s
+        .muster(
+            &[
+                "models",
+                "predict",
+                "admin/Iris",
+                "--data",
+                &format!("@{data}"),
+            ],
+            None,
+        )
+        .ok();
+    assert_eq!(out.trim(), "[0]");
+    s.muster(&["models", "predict", "Iris", "--data", "{not json"], None)
+        .fails_with("--data is not JSON");
+    let out = s.muster(&["models", "revert", "Iris", "1"], None).ok();
+    assert!(out.starts_with("admin/Iris v1 is live again"), "{out}");
+    s.muster(&["models", "revert", "Iris", "1"], None)
+        .fails_with("live already");
+    let logs = s.muster(&["models", "logs", "Iris"], None).ok();
+    assert!(
+        logs.contains("predictor ready") || logs.contains("listening"),
+        "{logs}"
+    );
+    let out = s.muster(&["models", "rm", "Iris"], None).ok();
+    assert!(out.contains("deleted"), "{out}");
+    s.muster(&["models", "show", "Iris"], None)
+        .fails_with("not found");
+    s.muster(&["models", "deploy", "/nonexistent/bundle"], None)
+        .fails_with("cannot be read");
 }

@@ -17,67 +17,24 @@
 //! port, never to a standard one. Every process the tests start, every job they leave running and
 //! every namespace they make is ended on drop, even after a panic.
 
-use muster_server::discovery::{self as d, NodeBeacon, ServerBeacon, SigningKey};
+mod support;
+
+use muster_wire::beacon::{self as d, NodeBeacon, ServerBeacon, SigningKey};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
+use support::{wait_until, TempDir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_muster");
 const PASSWORD: &str = "correct horse battery staple";
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A fresh temp dir, removed on drop after ending the jobs of any agent data dir in it (jobs
 /// outlive their agents by design).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "muster-fleet-{tag}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Ok(rd) = std::fs::read_dir(&self.0) {
-            for e in rd.flatten() {
-                kill_supervisors(&e.path().join("agent"));
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills the session of every job supervisor of the agent whose directory is `agent_dir`.
-fn kill_supervisors(agent_dir: &Path) {
-    for path in muster_server::agent::attempt_dirs(agent_dir) {
-        // An ended attempt's session id may be someone else's by now.
-        if path.join("exit.json").exists() {
-            continue;
-        }
-        let Ok(s) = std::fs::read(path.join("started.json")) else {
-            continue;
-        };
-        if let Some(sid) = serde_json::from_slice::<Value>(&s)
-            .ok()
-            .and_then(|v| v["sid"].as_i64())
-        {
-            muster_server::agent::kill_session(sid as i32);
-        }
-    }
-}
-
 fn http() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -92,6 +49,7 @@ fn call(url: &str, token: &str, method: &str, path: &str, body: Option<Value>) -
     let auth = format!("Bearer {token}");
     let resp = match (method, body) {
         ("GET", _) => a.get(&u).header("authorization", &auth).call(),
+        ("DELETE", _) => a.delete(&u).header("authorization", &auth).call(),
         (_, b) => a
             .post(&u)
             .header("authorization", &auth)
@@ -121,18 +79,6 @@ fn call_json(
     (st, serde_json::from_str(&t).unwrap_or(Value::Null))
 }
 
-/// Polls `cond` every 50 ms until it holds (true) or `within` passes (false).
-fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    cond()
-}
-
 /// A free UDP port (of the namespace this thread is in).
 fn free_udp_port() -> u16 {
     UdpSocket::bind("0.0.0.0:0")
@@ -155,7 +101,7 @@ struct Net {
     broadcast: String,
     netns: Option<String>,
     /// `muster agent --listen` for an agent on this host: where it serves its job logs (`None`:
-    /// the default, any free port on every address).
+    /// the default, any free port on the address it reaches the server from).
     agent_listen: Option<String>,
 }
 
@@ -646,7 +592,10 @@ fn an_agent_with_only_a_join_token_finds_the_server_by_its_beacon() {
     // The token carries the server's public key; the server keeps its key with mode 0600.
     let public = token.split('.').nth(1).expect("mjt_<secret>.<key>...");
     let key = SigningKey::from_bytes(&d::read_key(&s.data.join("server-key")).unwrap().unwrap());
-    assert_eq!(public, d::hex(&key.verifying_key().to_bytes()));
+    assert_eq!(
+        public,
+        muster_wire::util::hex(&key.verifying_key().to_bytes())
+    );
     use std::os::unix::fs::PermissionsExt;
     for f in ["server-key", "cluster-key"] {
         let mode = std::fs::metadata(s.data.join(f))
@@ -962,14 +911,12 @@ fn child<'a>(tree: &'a Value, name: &str) -> &'a Value {
 /// Whether the attempt of `job` under the agent data dir `data` has ended (its supervisor wrote
 /// `exit.json`); panics if the agent never had it.
 fn attempt_ended(data: &Path, job: &str) -> bool {
-    let attempt = muster_server::agent::attempt_dirs(&data.join("agent"))
+    let attempt = muster_agent::attempt_dirs(&data.join("agent"))
         .into_iter()
         .find(|p| p.to_string_lossy().contains(job))
         .unwrap_or_else(|| panic!("no attempt of {job} under {}", data.display()));
     attempt.join("exit.json").exists()
-        || muster_server::agent::done_dir(&attempt)
-            .join("exit.json")
-            .exists()
+        || muster_agent::done_dir(&attempt).join("exit.json").exists()
 }
 
 /// The next line of `rx` containing `what`, within `within`; panics with what came instead.
@@ -999,6 +946,9 @@ fn next_line_with(rx: &mpsc::Receiver<String>, what: &str, within: Duration) -> 
 /// 5. an agent killed with SIGKILL under a running job: its node goes down, then lost; its job
 ///    fails with `node lost`, its tree aborts (a running sibling is aborted, a waiting job never
 ///    starts); restarted, the node is ready again and the orphaned job's process is ended;
+///    then (5b) a long-running process (restart `always`, no fixed node) whose agent is
+///    killed: `lost`, then moved to another node, healthy and serving there; when the agent
+///    is back, the server has it remove its copy;
 /// 6. an agent stopped and restarted (same data dir, no token) keeps its running job, which
 ///    succeeds at attempt 1, run once;
 /// 7. an agent falls silent with its connection open (its link cut in a namespace, its process
@@ -1062,12 +1012,13 @@ fn a_fleet_of_three_agents_across_hosts() {
         s.wait_ready(name, Duration::from_secs(20));
     }
     // Each agent serves its job logs: on loopback on its host's own address (--listen
-    // 127.0.0.3-5:0), in a namespace on every address of its host (the default).
+    // 127.0.0.3-5:0), in a namespace on the address it reaches the server from (the default,
+    // `auto`: its own 10.200.0.x, not every address).
     for (i, a) in agents.iter().enumerate() {
         let pid = a.as_ref().unwrap().child.id();
         let want = match &topo.agents[i].net.agent_listen {
             Some(l) => l.parse::<SocketAddr>().unwrap().ip(),
-            None => [0, 0, 0, 0].into(),
+            None => topo.agents[i].ip.parse().unwrap(),
         };
         let mut got = Vec::new();
         assert!(
@@ -1288,6 +1239,74 @@ fn a_fleet_of_three_agents_across_hosts() {
     );
     assert_eq!(s.job(&long_id)["state"], "failed");
     done("5. a killed agent: node down, lost, job failed, tree aborted; back ready on restart");
+
+    // 5b. A long-running process whose node is killed: lost, then moved to another node (it
+    // restarts `always` and names no node), serving there; the node back is told to drop it.
+    let (st, p) = s.call(
+        "POST",
+        "/api/v1/processes",
+        Some(json!({"name": "mover", "exec": ["python3", "-m", "http.server", "$PORT"], "ports": ["http"],
+            "health": {"tcp": "http", "interval": "200ms", "grace": "10s"}, "kill_grace": "1s"})),
+    );
+    assert_eq!(st, 201, "{p}");
+    let pid_path = format!("/api/v1/processes/{}", p["id"].as_str().unwrap());
+    let mut p = Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            p = s.call("GET", &pid_path, None).1;
+            p["state"] == "healthy"
+        }),
+        "the process never got healthy: {p:#}"
+    );
+    let first = p["node"].as_str().unwrap().to_string();
+    let old_pid = p["pid"].as_i64().unwrap();
+    let i = AGENTS.iter().position(|n| *n == first).unwrap();
+    agents[i].take().unwrap().kill9();
+    let mut seen_lost = false;
+    assert!(
+        wait_until(Duration::from_secs(40), || {
+            p = s.call("GET", &pid_path, None).1;
+            seen_lost |=
+                p["state"] == "lost" || p["reason"].as_str().unwrap_or("").contains("lost");
+            p["state"] == "healthy" && p["node"] != first.as_str()
+        }),
+        "the process was not moved off {first}: {p:#}"
+    );
+    assert!(seen_lost, "never shown lost: {p:#}");
+    assert_eq!(p["gen"], 2, "{p:#}");
+    let (addr, port) = (
+        p["address"].as_str().unwrap().to_string(),
+        p["ports"]["http"].as_u64().unwrap() as u16,
+    );
+    let reachable = in_netns(topo.server.net.netns.as_deref(), move || {
+        std::net::TcpStream::connect((addr.as_str(), port)).is_ok()
+    });
+    assert!(reachable, "the moved process does not serve: {p:#}");
+    // The killed node's copy: its supervisor lived on without its agent; once the agent is
+    // back, the server tells it to remove the copy it moved away.
+    agents[i] = Some(start_agent(
+        &topo.agents[i].net,
+        &first,
+        None,
+        &[&format!("zone=z{}", i + 1)],
+        &dir,
+    ));
+    s.wait_ready(&first, Duration::from_secs(20));
+    let gone = |pid: i64| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|st| {
+                st.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || gone(old_pid)),
+        "the copy on {first} still runs after it came back"
+    );
+    let (st, _) = s.call("DELETE", &pid_path, None);
+    assert_eq!(st, 202);
+    done("5b. a process on a killed node: lost, moved and serving elsewhere; the old copy removed");
 
     // 6. a1 stopped and restarted under a running job: the job carries on and succeeds once.
     let (gate, marks) = (dir.0.join("restart-gate"), dir.0.join("restart-marks"));

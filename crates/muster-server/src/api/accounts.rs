@@ -13,6 +13,7 @@ pub(super) fn routes(r: Routes) -> Routes {
     r.add("/api/v1/setup", &["POST"], post(setup))
         .add("/api/v1/login", &["POST"], post(login))
         .add("/api/v1/logout", &["POST"], post(logout))
+        .add("/api/v1/me", &["GET"], get(me))
         .add(
             "/api/v1/users",
             &["GET", "POST"],
@@ -119,124 +120,6 @@ impl FromRequestParts<Arc<App>> for Secure {
     }
 }
 
-/// Login failures per user and per client address, for growing delays (not a lockout): after
-/// the n-th failure in a row, the next attempt must wait 2^(n-1) × `auth.login_delay` (default
-/// 250 ms), at most 30 s; earlier attempts get 429 with `Retry-After`. A success clears both
-/// counters.
-pub struct LoginLimiter {
-    base: Duration,
-    failures: std::sync::Mutex<HashMap<String, (u32, Instant)>>,
-}
-
-impl LoginLimiter {
-    pub fn new(base: Duration) -> LoginLimiter {
-        LoginLimiter {
-            base,
-            failures: Default::default(),
-        }
-    }
-
-    fn delay(&self, n: u32) -> Duration {
-        if n == 0 {
-            Duration::ZERO
-        } else {
-            (self.base * 2u32.saturating_pow(n.min(16) - 1)).min(Duration::from_secs(30))
-        }
-    }
-
-    /// How long the caller must still wait at `now`, if at all.
-    pub fn wait_at(&self, keys: &[String], now: Instant) -> Option<Duration> {
-        let g = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        keys.iter()
-            .filter_map(|k| g.get(k))
-            .filter_map(|(n, last)| {
-                self.delay(*n)
-                    .checked_sub(now.saturating_duration_since(*last))
-            })
-            .filter(|d| !d.is_zero())
-            .max()
-    }
-
-    pub fn wait(&self, keys: &[String]) -> Option<Duration> {
-        self.wait_at(keys, Instant::now())
-    }
-
-    pub fn failed_at(&self, keys: &[String], now: Instant) {
-        let mut g = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if g.len() > 100_000 {
-            g.retain(|_, (_, last)| {
-                now.saturating_duration_since(*last) < Duration::from_secs(3600)
-            });
-        }
-        for k in keys {
-            let e = g.entry(k.clone()).or_insert((0, now));
-            e.0 += 1;
-            e.1 = now;
-        }
-    }
-
-    pub fn failed(&self, keys: &[String]) {
-        self.failed_at(keys, Instant::now())
-    }
-
-    pub fn succeeded(&self, keys: &[String]) {
-        let mut g = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        for k in keys {
-            g.remove(k);
-        }
-    }
-}
-
-#[cfg(test)]
-mod limiter_tests {
-    use super::*;
-
-    #[test]
-    fn delays_grow_per_key_and_a_success_clears_them() {
-        let l = LoginLimiter::new(Duration::from_millis(250));
-        let t = Instant::now();
-        let ks = |k: &str| vec![k.to_string()];
-        assert_eq!(l.wait_at(&ks("a"), t), None);
-        l.failed_at(&ks("a"), t);
-        assert_eq!(l.wait_at(&ks("a"), t), Some(Duration::from_millis(250)));
-        assert_eq!(
-            l.wait_at(&ks("a"), t + Duration::from_millis(100)),
-            Some(Duration::from_millis(150))
-        );
-        assert_eq!(
-            l.wait_at(&ks("a"), t + Duration::from_millis(250)),
-            None,
-            "a delay, not a lockout"
-        );
-        l.failed_at(&ks("a"), t + Duration::from_millis(300));
-        assert_eq!(
-            l.wait_at(&ks("a"), t + Duration::from_millis(300)),
-            Some(Duration::from_millis(500))
-        );
-        l.failed_at(&ks("a"), t + Duration::from_millis(900));
-        assert_eq!(
-            l.wait_at(&ks("a"), t + Duration::from_millis(900)),
-            Some(Duration::from_secs(1))
-        );
-        for i in 0..30 {
-            l.failed_at(&ks("a"), t + Duration::from_secs(i));
-        }
-        assert_eq!(
-            l.wait_at(&ks("a"), t + Duration::from_secs(29)),
-            Some(Duration::from_secs(30)),
-            "capped"
-        );
-        assert_eq!(l.wait_at(&ks("b"), t), None, "per key");
-        assert!(
-            l.wait_at(&["b".into(), "a".into()], t + Duration::from_secs(29))
-                .is_some(),
-            "the longest of the keys"
-        );
-        l.succeeded(&ks("a"));
-        assert_eq!(l.wait_at(&ks("a"), t + Duration::from_secs(29)), None);
-    }
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SetupBody {
@@ -336,22 +219,21 @@ async fn login(
     Secure(secure): Secure,
     JsonBody(b): JsonBody<LoginBody>,
 ) -> ApiResult<Response> {
-    let keys = vec![
-        format!("user:{}", b.username),
-        format!("addr:{}", addr.map(|a| a.to_string()).unwrap_or_default()),
-    ];
-    if let Some(wait) = app.login_limiter.wait(&keys) {
-        let secs = wait.as_secs_f64().ceil() as u64;
-        let mut resp = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "slow_down",
-            format!("too many failed logins: try again in {secs} s"),
-        )
-        .into_response();
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, secs.max(1).into());
-        return Ok(resp);
-    }
+    let attempt = match app.login_limiter.attempt(&b.username, addr) {
+        Ok(a) => a,
+        Err(wait) => {
+            let secs = wait.as_secs_f64().ceil() as u64;
+            let mut resp = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "slow_down",
+                format!("too many failed logins: try again in {secs} s"),
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, secs.max(1).into());
+            return Ok(resp);
+        }
+    };
     let refused = || {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -376,10 +258,10 @@ async fn login(
     })
     .await;
     let Some(mut user) = user.filter(|_| ok) else {
-        app.login_limiter.failed(&keys);
+        attempt.failed();
         return Err(refused());
     };
-    app.login_limiter.succeeded(&keys);
+    attempt.succeeded();
     // A successful login moves the stored hash to the configured algorithm.
     if auth::needs_rehash(&user.password_hash, algo(&app)) {
         user.password_hash = hash(&app, b.password.clone()).await?;
@@ -435,6 +317,36 @@ async fn logout(State(app): AppState, caller: Caller) -> ApiResult<Response> {
         );
     }
     Ok(resp)
+}
+
+/// Who the caller is and what they may do: the user, whether a cluster admin, each workspace
+/// with the caller's role in it, and the token's scopes. Needs no scope: any valid token may
+/// ask who it is (the dashboard shows only the controls the answer allows).
+async fn me(State(app): AppState, caller: Caller) -> ApiResult<Response> {
+    let mut roles: Vec<(String, Role)> = if caller.user.admin {
+        let store = app.store.clone();
+        blocking(move || Ok(acc::workspaces(&*store)?))
+            .await?
+            .into_iter()
+            .map(|w| (w.name, Role::Admin))
+            .collect()
+    } else {
+        caller.roles.iter().map(|(w, r)| (w.clone(), *r)).collect()
+    };
+    roles.sort();
+    let workspaces: Vec<Value> = roles
+        .iter()
+        .map(|(name, role)| json!({"name": name, "role": role}))
+        .collect();
+    let t = &caller.token;
+    Ok(axum::Json(json!({
+        "user": caller.user.name,
+        "admin": caller.user.admin,
+        "workspaces": workspaces,
+        "scopes": t.scopes,
+        "token": {"id": t.id, "name": t.name, "expires_at": t.expires_at, "workspace": t.workspace},
+    }))
+    .into_response())
 }
 
 fn user_json(u: &User) -> Value {
@@ -559,8 +471,8 @@ async fn set_member(
 ) -> ApiResult<Response> {
     let role = Role::parse(&b.role).ok_or_else(|| {
         ApiError::bad(format!(
-            "role {:?} is not viewer, operator or admin",
-            b.role
+            "role {} is not viewer, operator or admin",
+            quote(&b.role)
         ))
     })?;
     need_ws_admin(&caller, &ws)?;
@@ -597,7 +509,7 @@ async fn list_tokens(
     caller: Caller,
     q: Result<Query<TokenQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
-    let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
+    let Query(q) = q.map_err(|e| ApiError::bad(parse_error("invalid query", &e.body_text())))?;
     caller.need_scope("read")?;
     if q.all && !caller.user.admin {
         return Err(ApiError::forbidden(
@@ -642,7 +554,11 @@ async fn create_token(
     let mut scopes: Vec<&'static str> = Vec::new();
     for s in &b.scopes {
         let known = SCOPES.iter().find(|k| *k == s).ok_or_else(|| {
-            ApiError::bad(format!("scope {s:?} is not one of {}", SCOPES.join(", ")))
+            ApiError::bad(format!(
+                "scope {} is not one of {}",
+                quote(s),
+                SCOPES.join(", ")
+            ))
         })?;
         if !caller.has_scope(known) {
             return Err(ApiError::forbidden(format!(

@@ -2,20 +2,17 @@
 
 use super::*;
 use crate::accounts::Role;
-use crate::manager::AbortError;
-use crate::protocol::ToAgent;
-use axum::body::Body;
+use crate::jobs::submit;
+use crate::jobs::AbortError;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query};
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
-use muster_core::spec::{build_tree, JobSpec};
-use muster_core::{Job, JobState, Run, Tree, TreeState, Uuid};
+use muster_core::spec::{build_tree_with, JobSpec};
+use muster_core::{Job, Run, Tree, TreeState, Uuid};
 use muster_store::{Created, Event, TreeFilter};
 use serde::Deserialize;
 use serde_json::Value;
-use std::sync::atomic::Ordering;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 pub(super) fn routes(r: Routes) -> Routes {
     r.add(
@@ -23,10 +20,13 @@ pub(super) fn routes(r: Routes) -> Routes {
         &["GET", "POST"],
         post(create_jobs).get(list_jobs),
     )
+    .leader(&["POST"])
     .add("/api/v1/jobs/{id}", &["GET"], get(get_job))
     .add("/api/v1/jobs/{id}/tree", &["GET"], get(get_tree))
     .add("/api/v1/jobs/{id}/abort", &["POST"], post(abort_job))
+    .leader(&["POST"])
     .add("/api/v1/jobs/{id}/log", &["GET"], get(job_log))
+    .leader(&["GET"])
     .add("/api/v1/jobs/{id}/log/ws", &["GET"], get(job_log_ws))
     .add("/api/v1/jobs/{id}/result", &["GET"], get(job_result))
     .add("/api/v1/events/ws", &["GET"], get(events_ws))
@@ -67,11 +67,59 @@ fn tree_json(t: &Tree) -> Value {
     })
 }
 
+/// A job tree in a request body: JSON (`application/json`, or no type), or TOML
+/// (`application/toml`), the two forms `muster jobs run --file` reads.
+struct TreeBody(JobSpec);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for TreeBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let toml = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/toml"));
+        if !toml {
+            let JsonBody(spec) = JsonBody::from_request(req, state).await?;
+            return Ok(TreeBody(spec));
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.body_text())
+            })?;
+        let text =
+            std::str::from_utf8(&bytes).map_err(|_| ApiError::bad("the TOML body is not UTF-8"))?;
+        toml::from_str(text)
+            .map(TreeBody)
+            .map_err(|e| ApiError::bad(toml_error(text, &e)))
+    }
+}
+
+/// A TOML error as one short line with its place, without the quoted input that the error's
+/// own text carries.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let mut message: String = e.message().trim().chars().take(120).collect();
+    if let Some(first) = message.lines().next() {
+        message = first.to_string();
+    }
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("invalid TOML body at line {line}, column {column}: {message}")
+        }
+        None => format!("invalid TOML body: {message}"),
+    }
+}
+
 async fn create_jobs(
     State(app): AppState,
     caller: Caller,
     headers: HeaderMap,
-    JsonBody(spec): JsonBody<JobSpec>,
+    TreeBody(spec): TreeBody,
 ) -> ApiResult<Response> {
     let key = match headers.get("idempotency-key") {
         Some(v) => {
@@ -86,8 +134,12 @@ async fn create_jobs(
         None => None,
     };
     let user = caller.user.name.clone();
-    let new = tokio::task::spawn_blocking(move || {
-        build_tree(&spec, &user, Some(&user), now(), &mut Uuid::now_v7)
+    let limits = muster_core::spec::Limits {
+        command_bytes: app.config.jobs.command_max,
+    };
+    let (new, digest) = tokio::task::spawn_blocking(move || {
+        let new = build_tree_with(&spec, &limits, &user, Some(&user), now(), &mut Uuid::now_v7)?;
+        Ok::<_, String>((new, submit::digest(&spec)))
     })
     .await
     .map_err(ApiError::internal)?
@@ -97,8 +149,15 @@ async fn create_jobs(
     blocking(move || Ok(store.ping()?)).await?;
     // Running anything needs `operator` in the tree's workspace (SPEC §13).
     caller.need_role(&new.tree.tags.workspace, Role::Operator)?;
-    let mut new = new;
+    // A tree that could never run (no such workspace, node or matching node) is refused now.
+    let store = app.store.clone();
+    let mut new = blocking(move || {
+        submit::check(&*store, &new)?;
+        Ok(new)
+    })
+    .await?;
     new.tree.admin = caller.user.admin;
+    new.tree.request_digest = Some(digest.clone());
     let tree = new.tree.clone();
     // The answer names every job (id, key, name, parent); GET the tree for the rest.
     let jobs: Vec<Value> = new.jobs.iter().map(job_brief).collect();
@@ -114,6 +173,14 @@ async fn create_jobs(
                     .store
                     .tree(id)?
                     .ok_or_else(|| ApiError::not_found("tree"))?;
+                // A retry gets the first tree; another request under the same key does not.
+                if tree.request_digest.as_ref().is_some_and(|d| *d != digest) {
+                    return Err(ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "idempotency_key_reused",
+                        "this Idempotency-Key was used with another request: use a new key",
+                    ));
+                }
                 Ok((tree, app.store.tree_jobs(id)?))
             })
             .await?;
@@ -145,7 +212,7 @@ async fn list_jobs(
     caller: Caller,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
-    let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
+    let Query(q) = q.map_err(|e| ApiError::bad(parse_error("invalid query", &e.body_text())))?;
     caller.need_scope("read")?;
     let limit = q.limit.unwrap_or(50);
     if limit == 0 || limit > 1000 {
@@ -154,7 +221,8 @@ async fn list_jobs(
     let state = match &q.state {
         Some(s) => Some(TreeState::parse(s).ok_or_else(|| {
             ApiError::bad(format!(
-                "state {s:?} is not running, succeeded, failed or aborted"
+                "state {} is not running, succeeded, failed or aborted",
+                quote(s)
             ))
         })?),
         None => None,
@@ -187,7 +255,7 @@ async fn list_jobs(
 
 fn parse_id(id: &str) -> ApiResult<Uuid> {
     id.parse()
-        .map_err(|_| ApiError::bad(format!("{id:?} is not a job id")))
+        .map_err(|_| ApiError::bad(format!("{} is not a job id", quote(id))))
 }
 
 /// Loads a job and its tree, checking that the caller may see them.
@@ -298,211 +366,85 @@ struct LogQuery {
     attempt: Option<u32>,
     #[serde(default)]
     follow: bool,
+    /// Only the last this many bytes (see [`crate::logs::Range`]).
+    tail: Option<u64>,
+    /// Bytes from this offset on.
+    offset: Option<u64>,
+    /// At most this many bytes.
+    limit: Option<u64>,
 }
 
-/// Where a log's text comes from.
-enum LogSource {
-    /// The uploaded log of an ended attempt.
-    Stored(Vec<u8>),
-    /// Chunks from the agent that runs (or ran) the attempt; dropping it stops the stream.
-    Live(LiveLog),
-}
-
-struct LiveLog {
-    rx: UnboundedReceiver<(String, bool)>,
-    stop: Option<(Arc<App>, String, u64)>,
-    /// Reads a node's log endpoint (the direct path).
-    reader: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for LiveLog {
-    fn drop(&mut self) {
-        if let Some(r) = self.reader.take() {
-            r.abort();
-        }
-        if let Some((app, node, stream)) = self.stop.take() {
-            app.streams
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&stream);
-            if let Some(tx) = app
-                .agents
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&node)
-            {
-                let _ = tx.send(ToAgent::StopLog { stream });
-            }
-        }
+/// The part of a log a query asks for, if any; refuses what does not make sense.
+fn log_range(q: &LogQuery) -> ApiResult<Option<crate::logs::Range>> {
+    use crate::logs::Range;
+    if q.tail.is_none() && q.offset.is_none() && q.limit.is_none() {
+        return Ok(None);
     }
-}
-
-async fn open_log(app: &Arc<App>, caller: &Caller, id: &str, q: &LogQuery) -> ApiResult<LogSource> {
-    let (mut job, _) = load_job(app, caller, id).await?;
-    let attempt = q.attempt.unwrap_or(job.attempt);
-    if attempt == 0 || attempt > job.attempt {
-        return Err(ApiError::not_found(&format!("attempt {attempt}")));
-    }
-    // A followed job that has not started yet: wait for it to start or end.
-    if q.follow && job.state == JobState::Waiting && attempt == job.attempt {
-        let mut events = app.store.subscribe();
-        loop {
-            let store = app.store.clone();
-            let jid = job.id;
-            job =
-                blocking(move || store.job(jid)?.ok_or_else(|| ApiError::not_found("job"))).await?;
-            if job.state != JobState::Waiting || job.attempt != attempt {
-                break;
-            }
-            loop {
-                match events.recv().await {
-                    Ok(Event::Job { id, .. }) if id == job.id => break,
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
-                    Err(_) => return Err(ApiError::internal("event feed closed")),
-                }
-            }
-        }
-    }
-    let store = app.store.clone();
-    let jid = job.id;
-    if let Some(blob) = blocking(move || Ok(store.log_blob(jid, attempt)?)).await? {
-        let blobs = app.blobs.clone();
-        let data = blocking(move || blobs.get(&blob).map_err(ApiError::internal)).await?;
-        return Ok(LogSource::Stored(data));
-    }
-    if job.state == JobState::Waiting || (job.node.is_none() && job.state.is_final()) {
-        return Ok(LogSource::Stored(Vec::new()));
-    }
-    let node = job.node.clone().unwrap_or_default();
-    let agent = app
-        .agents
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&node)
-        .cloned();
-    let Some(agent) = agent else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "node_unavailable",
-            format!("the log is on node {node:?}, which is not connected now"),
+    if q.follow {
+        return Err(ApiError::bad(
+            "tail, offset and limit read a part of a log; they do not go with follow",
         ));
-    };
-    let endpoint = app
-        .log_endpoints
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&node)
-        .filter(|ep| ep.usable(std::time::Instant::now()))
-        .cloned();
-    if let Some(ep) = endpoint {
-        let direct = tokio::time::timeout(
-            // Short: a firewalled endpoint must not hold up the follower long (the connection
-            // path takes over).
-            ENDPOINT_DIAL,
-            endpoint_log(app, &ep, job.id, attempt, q.follow),
-        )
-        .await
-        .unwrap_or_else(|_| Err(std::io::Error::other("timed out")));
-        let mut eps = app.log_endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        let known = eps.get_mut(&node).filter(|e| e.session == ep.session);
-        match direct {
-            Ok(live) => {
-                if let Some(known) = known {
-                    known.failures = 0;
-                    known.retry_at = None;
-                }
-                app.metrics
-                    .log_streams_direct
-                    .fetch_add(1, Ordering::Relaxed);
-                return Ok(LogSource::Live(live));
-            }
-            Err(e) => {
-                let rest = known.map(|known| {
-                    let now = std::time::Instant::now();
-                    known.failed(now);
-                    known.retry_at.map_or(0, |t| (t - now).as_secs())
-                });
-                eprintln!(
-                    "muster: cannot reach the log endpoint of node {node:?} at {}: {e}; relaying over its connection for {}s",
-                    ep.addr,
-                    rest.unwrap_or(0)
-                );
-            }
-        }
     }
-    app.metrics
-        .log_streams_relayed
-        .fetch_add(1, Ordering::Relaxed);
-    let stream = app.next_id.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = unbounded_channel();
-    app.streams
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(stream, tx);
-    let _ = agent.send(ToAgent::FollowLog {
-        stream,
-        job: job.id,
-        attempt,
-        from: 0,
-        follow: q.follow,
-    });
-    Ok(LogSource::Live(LiveLog {
-        rx,
-        stop: Some((app.clone(), node, stream)),
-        reader: None,
-    }))
+    match (q.tail, q.offset, q.limit) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            Err(ApiError::bad("give either tail or offset/limit, not both"))
+        }
+        (Some(0), _, _) | (_, _, Some(0)) => {
+            Err(ApiError::bad("tail and limit must be at least 1"))
+        }
+        (Some(n), None, None) => Ok(Some(Range::Tail(n))),
+        (None, offset, limit) => Ok(Some(Range::Span {
+            offset: offset.unwrap_or(0),
+            limit,
+        })),
+    }
 }
 
-/// The whole of dialing a node's log endpoint (TCP, TLS, websocket upgrade) gets this long.
-const ENDPOINT_DIAL: std::time::Duration = std::time::Duration::from_secs(3);
-
-/// Streams a log straight from the node's own endpoint (TLS both ways under the cluster CA: the
-/// node must hold the certificate made for its id, this server shows its own).
-async fn endpoint_log(
-    app: &Arc<App>,
-    ep: &crate::LogEndpoint,
-    job: muster_core::Uuid,
-    attempt: u32,
-    follow: bool,
-) -> std::io::Result<LiveLog> {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message as TMessage;
-    let addr = ep.addr.to_string();
-    let tls = crate::tls::dial(
-        &addr,
-        app.tls.get().dialer.clone(),
-        &crate::tls::node_name(&ep.node_id),
-        ENDPOINT_DIAL,
+/// Answers a part of a log, with where it starts (`X-Log-Offset`) and how big the whole log is
+/// so far (`X-Log-Size`).
+fn log_part(part: crate::logs::LogPart) -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-log-offset"),
+                part.start.to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-log-size"),
+                part.size.to_string(),
+            ),
+        ],
+        part.data,
     )
-    .await?;
-    let url = format!("wss://{addr}/logs/{job}/{attempt}?follow={follow}");
-    let (mut ws, _) = tokio_tungstenite::client_async(url, tls)
-        .await
-        .map_err(std::io::Error::other)?;
-    let (tx, rx) = unbounded_channel();
-    let reader = tokio::spawn(async move {
-        loop {
-            match ws.next().await {
-                Some(Ok(TMessage::Text(t))) => {
-                    if tx.send((t.to_string(), false)).is_err() {
-                        return;
-                    }
-                }
-                Some(Ok(TMessage::Ping(_) | TMessage::Pong(_) | TMessage::Frame(_))) => {}
-                // A close, an error or the end: the log ends here.
-                _ => {
-                    let _ = tx.send((String::new(), true));
-                    return;
-                }
-            }
+        .into_response()
+}
+
+fn log_error(e: crate::logs::LogError) -> ApiError {
+    match e {
+        crate::logs::LogError::NotFound(what) => ApiError::not_found(&what),
+        crate::logs::LogError::NodeUnavailable(m) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "node_unavailable", m)
         }
-    });
-    Ok(LiveLog {
-        rx,
-        stop: None,
-        reader: Some(reader),
-    })
+    }
+}
+
+/// Opens a job's log for the caller: the pieces of its text, ending with the log (with
+/// `follow`, at the attempt's end).
+async fn open_log(
+    app: &Arc<App>,
+    caller: &Caller,
+    id: &str,
+    q: &LogQuery,
+) -> ApiResult<tokio::sync::mpsc::Receiver<String>> {
+    let (job, _) = load_job(app, caller, id).await?;
+    let attempt = q.attempt.unwrap_or(job.attempt);
+    crate::logs::read(app, job.id, attempt, q.follow)
+        .await
+        .map_err(log_error)
 }
 
 async fn job_log(
@@ -511,38 +453,23 @@ async fn job_log(
     Path(id): Path<String>,
     q: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
-    let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
-    let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
-    match open_log(&app, &caller, &id, &q).await? {
-        LogSource::Stored(data) => Ok((text, data).into_response()),
-        LogSource::Live(live) => {
-            let stream = futures_stream(live);
-            Ok((
-                text,
-                [(header::CACHE_CONTROL, "no-cache")],
-                Body::from_stream(stream),
-            )
-                .into_response())
-        }
+    let Query(q) = q.map_err(|e| ApiError::bad(parse_error("invalid query", &e.body_text())))?;
+    if let Some(range) = log_range(&q)? {
+        let (job, _) = load_job(&app, &caller, &id).await?;
+        let attempt = q.attempt.unwrap_or(job.attempt);
+        let part = crate::logs::read_part(&app, job.id, attempt, range)
+            .await
+            .map_err(log_error)?;
+        return Ok(log_part(part));
     }
+    let rx = open_log(&app, &caller, &id, &q).await?;
+    Ok(super::text_stream(rx))
 }
 
-/// Turns a live log into a body stream that ends at the agent's end-of-file.
-fn futures_stream(
-    mut live: LiveLog,
-) -> impl tokio_stream::Stream<Item = Result<String, std::io::Error>> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(16);
-    tokio::spawn(async move {
-        while let Some((data, eof)) = live.rx.recv().await {
-            if !data.is_empty() && tx.send(Ok(data)).await.is_err() {
-                return;
-            }
-            if eof {
-                return;
-            }
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+/// A websocket that only writes to its client (log follows, the event feed): a small read
+/// buffer instead of the default 128 KiB, so a thousand of them cost little.
+fn ws_small(ws: WebSocketUpgrade) -> WebSocketUpgrade {
+    ws.read_buffer_size(4 * 1024).write_buffer_size(16 * 1024)
 }
 
 /// Carries the leader's log websocket to a client of this follower.
@@ -590,15 +517,17 @@ async fn job_log_ws(
     ws: WebSocketUpgrade,
 ) -> ApiResult<Response> {
     check_origin(&headers)?;
-    let Query(mut q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
-    if !app.leading.load(Ordering::SeqCst) {
+    let Query(mut q) =
+        q.map_err(|e| ApiError::bad(parse_error("invalid query", &e.body_text())))?;
+    if q.tail.is_some() || q.offset.is_some() || q.limit.is_some() {
+        return Err(ApiError::bad(
+            "the log websocket follows the whole log: read parts with GET .../log?tail=",
+        ));
+    }
+    if !app.cluster.is_leader() {
         // A follower relays the leader's log websocket (the agent is connected there).
         load_job(&app, &caller, &id).await?;
-        let leader = app
-            .leader_url
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let leader = app.cluster.leader_url();
         let Some(leader) = leader else {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -620,29 +549,17 @@ async fn job_log_ws(
         return Ok(ws.on_upgrade(move |socket| relay_ws(socket, url, auth)));
     }
     q.follow = true;
-    let source = open_log(&app, &caller, &id, &q).await?;
-    Ok(ws.on_upgrade(move |mut socket: WebSocket| async move {
-        match source {
-            LogSource::Stored(data) => {
-                let _ = socket
-                    .send(Message::Text(
-                        String::from_utf8_lossy(&data).into_owned().into(),
-                    ))
-                    .await;
-            }
-            LogSource::Live(mut live) => {
-                while let Some((data, eof)) = live.rx.recv().await {
-                    if !data.is_empty() && socket.send(Message::Text(data.into())).await.is_err() {
-                        return;
-                    }
-                    if eof {
-                        break;
-                    }
+    let mut rx = open_log(&app, &caller, &id, &q).await?;
+    Ok(
+        ws_small(ws).on_upgrade(move |mut socket: WebSocket| async move {
+            while let Some(data) = rx.recv().await {
+                if socket.send(Message::Text(data.into())).await.is_err() {
+                    return;
                 }
             }
-        }
-        let _ = socket.send(Message::Close(None)).await;
-    }))
+            let _ = socket.send(Message::Close(None)).await;
+        }),
+    )
 }
 
 async fn events_ws(
@@ -656,31 +573,93 @@ async fn events_ws(
     let mut rx = app.store.subscribe();
     // Each caller sees the events of their own workspaces only (node events: everyone).
     let visible = move |ev: &Event| match ev {
-        Event::Job { workspace, .. } | Event::Tree { workspace, .. } => {
-            caller.role(workspace).is_some()
-        }
+        Event::Job { workspace, .. }
+        | Event::Tree { workspace, .. }
+        | Event::Process { workspace, .. }
+        | Event::Model { workspace, .. } => caller.role(workspace).is_some(),
         Event::Node { .. } => true,
     };
-    Ok(ws.on_upgrade(move |mut socket: WebSocket| async move {
-        loop {
-            tokio::select! {
-                ev = rx.recv() => match ev {
-                    Ok(ev) if !visible(&ev) => {}
-                    Ok(ev) => {
-                        let text = serde_json::to_string(&ev).unwrap_or_default();
-                        if socket.send(Message::Text(text.into())).await.is_err() { return; }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        let text = json!({"type": "lagged", "missed": n}).to_string();
-                        if socket.send(Message::Text(text.into())).await.is_err() { return; }
-                    }
-                    Err(_) => return,
-                },
-                msg = socket.recv() => match msg {
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                    _ => {}
-                },
+    Ok(
+        ws_small(ws).on_upgrade(move |mut socket: WebSocket| async move {
+            loop {
+                tokio::select! {
+                    ev = rx.recv() => match ev {
+                        Ok(ev) if !visible(&ev) => {}
+                        Ok(ev) => {
+                            let text = serde_json::to_string(&ev).unwrap_or_default();
+                            if socket.send(Message::Text(text.into())).await.is_err() { return; }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            let text = json!({"type": "lagged", "missed": n}).to_string();
+                            if socket.send(Message::Text(text.into())).await.is_err() { return; }
+                        }
+                        Err(_) => return,
+                    },
+                    msg = socket.recv() => match msg {
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                        _ => {}
+                    },
+                }
             }
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(tail: Option<u64>, offset: Option<u64>, limit: Option<u64>, follow: bool) -> LogQuery {
+        LogQuery {
+            attempt: None,
+            follow,
+            tail,
+            offset,
+            limit,
         }
-    }))
+    }
+
+    #[test]
+    fn toml_errors_say_where_without_quoting_the_input() {
+        let text = "name = \"x\"\nsecret-token-abc = = 3\n";
+        let e = toml::from_str::<JobSpec>(text).unwrap_err();
+        let m = toml_error(text, &e);
+        assert!(m.starts_with("invalid TOML body at line 2, column "), "{m}");
+        assert!(!m.contains("secret-token-abc") && !m.contains('\n'), "{m}");
+        let e = toml::from_str::<JobSpec>("name = \"x\"\nbogus = 1\n").unwrap_err();
+        let m = toml_error("name = \"x\"\nbogus = 1\n", &e);
+        assert!(m.contains("line 2") && m.contains("unknown field"), "{m}");
+    }
+
+    #[test]
+    fn log_ranges_cut_within_the_log_and_refuse_nonsense() {
+        assert_eq!(log_range(&q(None, None, None, true)).unwrap(), None);
+        let tail = log_range(&q(Some(10), None, None, false)).unwrap().unwrap();
+        assert_eq!(tail.bounds(100), (90, 100));
+        assert_eq!(tail.bounds(4), (0, 4));
+        let span = log_range(&q(None, Some(20), Some(30), false))
+            .unwrap()
+            .unwrap();
+        assert_eq!(span.bounds(100), (20, 50));
+        assert_eq!(span.bounds(40), (20, 40));
+        assert_eq!(span.bounds(10), (10, 10));
+        let from = log_range(&q(None, Some(u64::MAX), None, false))
+            .unwrap()
+            .unwrap();
+        assert_eq!(from.bounds(7), (7, 7));
+        let huge = log_range(&q(None, Some(5), Some(u64::MAX), false))
+            .unwrap()
+            .unwrap();
+        assert_eq!(huge.bounds(7), (5, 7));
+        for bad in [
+            q(Some(1), None, None, true),
+            q(Some(1), Some(0), None, false),
+            q(Some(1), None, Some(2), false),
+            q(Some(0), None, None, false),
+            q(None, None, Some(0), false),
+        ] {
+            let e = log_range(&bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{}", e.message);
+        }
+    }
 }

@@ -7,15 +7,17 @@
 //! - `jobs.rs`, `accounts.rs`: the routes of each area. `openapi.rs`: the OpenAPI document.
 
 mod accounts;
-pub use accounts::LoginLimiter;
+mod hq;
 mod jobs;
+mod models;
 mod nodes;
 pub mod openapi;
+mod processes;
 mod scripts;
+mod yhat;
 
 use crate::accounts::Role;
 use crate::auth;
-use crate::manager::now;
 use crate::App;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -24,7 +26,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodRouter};
 use axum::Router;
+use muster_core::names::quote;
 use muster_store::{Token, User};
+use muster_wire::util::now;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use std::collections::HashMap;
@@ -62,19 +66,53 @@ impl ApiError {
     fn forbidden(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
+    /// An internal error: logged here with a fresh error id; the client gets only that id, never
+    /// the error's text (which may name files, keys or internals).
     fn internal(e: impl std::fmt::Display) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        let id = auth::random_hex(6);
+        tracing::error!(error_id = %id, "internal error {id}: {e}");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("internal error (id {id}; the server's log has the details)"),
+        )
+    }
+}
+
+impl ApiError {
+    /// No space left to write: 507, saying where and that it passes once space is freed (the
+    /// details, with paths, go to the server's log only).
+    fn no_space(what: &str, e: impl std::fmt::Display) -> ApiError {
+        tracing::error!("{what} cannot write: {e}");
+        ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "insufficient_storage",
+            format!("{what} cannot write: no space left on its disk; this works again once space is freed there"),
+        )
     }
 }
 
 impl From<muster_store::StoreError> for ApiError {
     fn from(e: muster_store::StoreError) -> ApiError {
         match e {
-            muster_store::StoreError::Unavailable(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "store unavailable",
-            ),
+            muster_store::StoreError::Unavailable(why) => {
+                tracing::warn!("store unavailable: {why}");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "store unavailable",
+                )
+            }
+            muster_store::StoreError::NoSpace(e) => ApiError::no_space("the store", e),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<crate::blobs::BlobError> for ApiError {
+    fn from(e: crate::blobs::BlobError) -> ApiError {
+        match e {
+            crate::blobs::BlobError::NoSpace(e) => ApiError::no_space("the blob store", e),
             other => ApiError::internal(other),
         }
     }
@@ -92,14 +130,54 @@ impl From<crate::accounts::AccountError> for ApiError {
     }
 }
 
+impl From<crate::jobs::submit::Refused> for ApiError {
+    fn from(e: crate::jobs::submit::Refused) -> ApiError {
+        use crate::jobs::submit::Refused as R;
+        let code = match &e {
+            R::Store(_) => {
+                let R::Store(s) = e else { unreachable!() };
+                return s.into();
+            }
+            R::NoWorkspace(_) => "unknown_workspace",
+            R::NoNode { .. } => "unknown_node",
+            R::NoMatch { .. } => "no_matching_node",
+        };
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, e.to_string())
+    }
+}
+
+/// The longest error message sent: every message quotes input through
+/// [`muster_core::names::quote`]; this is the guard for one that does not.
+pub const MESSAGE_MAX: usize = 400;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let mut message = self.message;
+        if message.len() > MESSAGE_MAX {
+            let mut cut = MESSAGE_MAX;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
         (
             self.status,
-            axum::Json(json!({"error": {"code": self.code, "message": self.message}})),
+            axum::Json(json!({"error": {"code": self.code, "message": message}})),
         )
             .into_response()
     }
+}
+
+/// A JSON (or TOML) parser's error as one short line: its own text may quote the input (an
+/// unknown field's name, a string of the wrong type), so only its first characters are kept.
+fn parse_error(what: &str, message: &str) -> String {
+    let first = message.lines().next().unwrap_or("").trim();
+    let mut short: String = first.chars().take(120).collect();
+    if short.len() < first.len() {
+        short.push('…');
+    }
+    format!("{what}: {short}")
 }
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -130,7 +208,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
             })?;
         serde_json::from_slice(&bytes)
             .map(JsonBody)
-            .map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
+            .map_err(|e| ApiError::bad(parse_error("invalid JSON body", &e.to_string())))
     }
 }
 
@@ -322,7 +400,16 @@ impl FromRequestParts<Arc<App>> for Caller {
                 ));
             }
         }
-        let hash = auth::sha256_hex(&token_text);
+        Caller::of_token(app, &token_text).await
+    }
+}
+
+impl Caller {
+    /// The caller a token's text names (through the caller cache): 401 if it is unknown or
+    /// expired. For routes that take the token another way (the yhat client's apikey).
+    pub async fn of_token(app: &Arc<App>, token_text: &str) -> Result<Caller, ApiError> {
+        let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+        let hash = auth::sha256_hex(token_text);
         if let Some(found) = app.callers.get(&hash) {
             return match found {
                 (token, user, roles) if token.expires_at.is_none_or(|e| e > now()) => {
@@ -382,6 +469,23 @@ impl FromRequestParts<Arc<App>> for Caller {
     }
 }
 
+/// A log read or followed, as a plain-text body streamed while its pieces come (job and
+/// process logs alike).
+pub fn text_stream(rx: tokio::sync::mpsc::Receiver<String>) -> Response {
+    let body =
+        tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |text| {
+            Ok::<_, std::io::Error>(text)
+        });
+    (
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
+}
+
 /// Refuses a websocket upgrade from a page of another origin (SPEC §13): a browser always sends
 /// `Origin`; it must name the host the request was sent to.
 pub fn check_origin(headers: &axum::http::HeaderMap) -> ApiResult<()> {
@@ -397,7 +501,8 @@ pub fn check_origin(headers: &axum::http::HeaderMap) -> ApiResult<()> {
         Ok(())
     } else {
         Err(ApiError::forbidden(format!(
-            "websocket from origin {origin:?} refused"
+            "websocket from origin {} refused",
+            quote(origin)
         )))
     }
 }
@@ -416,6 +521,8 @@ async fn blocking<T: Send + 'static>(
 pub struct Routes {
     router: Router<Arc<App>>,
     pub list: Vec<(String, String)>,
+    /// (method, path) that only the leader serves (a follower forwards them).
+    leader_only: std::collections::HashSet<(String, String)>,
 }
 
 impl Routes {
@@ -423,6 +530,7 @@ impl Routes {
         Routes {
             router: Router::new(),
             list: Vec::new(),
+            leader_only: Default::default(),
         }
     }
 
@@ -431,6 +539,17 @@ impl Routes {
             self.list.push((m.to_string(), path.to_string()));
         }
         self.router = self.router.route(path, mr);
+        self
+    }
+
+    /// Marks `methods` of the route just added as the leader's alone (they change jobs or need an
+    /// agent's connection): in cluster mode a follower forwards them to the leader.
+    fn leader(mut self, methods: &[&str]) -> Routes {
+        let path = self.list.last().map(|(_, p)| p.clone()).unwrap_or_default();
+        for m in methods {
+            debug_assert!(self.list.contains(&(m.to_string(), path.clone())));
+            self.leader_only.insert((m.to_string(), path.clone()));
+        }
         self
     }
 }
@@ -447,16 +566,22 @@ pub fn routes() -> Routes {
     let r = accounts::routes(r);
     let r = nodes::routes(r);
     let r = scripts::routes(r);
+    let r = hq::routes(r);
+    let r = processes::routes(r);
+    let r = models::routes(r);
+    let r = yhat::routes(r);
     jobs::routes(r)
 }
 
 /// The whole router.
 pub fn router(app: Arc<App>) -> Router {
-    routes()
+    let routes = routes();
+    let leader_only = Arc::new(routes.leader_only);
+    routes
         .router
         .fallback(|| async { ApiError::not_found("route") })
         .route_layer(axum::middleware::from_fn_with_state(
-            app.clone(),
+            (app.clone(), leader_only),
             crate::cluster::forward,
         ))
         .layer(axum::middleware::from_fn_with_state(
@@ -464,7 +589,7 @@ pub fn router(app: Arc<App>) -> Router {
             forget_callers,
         ))
         .layer(axum::middleware::from_fn_with_state(app.clone(), observe))
-        .layer(DefaultBodyLimit::max(64 << 20))
+        .layer(DefaultBodyLimit::max(app.config.server.body_max))
         .with_state(app)
 }
 
@@ -495,6 +620,16 @@ async fn healthz() -> impl IntoResponse {
 async fn readyz(State(app): AppState) -> Response {
     let store = app.store.clone();
     let ping = tokio::task::spawn_blocking(move || store.ping()).await;
+    let a = app.clone();
+    if let Ok(Some(full)) = tokio::task::spawn_blocking(move || a.no_space()).await {
+        // Reads still work, but nothing can be recorded: not ready.
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "insufficient_storage",
+            full,
+        )
+        .into_response();
+    }
     match ping {
         Ok(Ok(())) if app.manager.is_alive() => {
             axum::Json(json!({"status": "ready"})).into_response()
@@ -511,5 +646,61 @@ async fn readyz(State(app): AppState) -> Response {
             "store unavailable",
         )
         .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leader_only_routes_are_the_ones_that_change_jobs_or_need_an_agent() {
+        let r = routes();
+        let mut marked: Vec<(String, String)> = r.leader_only.iter().cloned().collect();
+        marked.sort();
+        let want = [
+            ("DELETE", "/api/v1/models/{ws}/{model}"),
+            ("DELETE", "/api/v1/nodes/{id}"),
+            ("DELETE", "/api/v1/processes/{id}"),
+            ("DELETE", "/api/v1/scripts/{name}"),
+            ("GET", "/api/v1/jobs/{id}/log"),
+            ("GET", "/api/v1/processes/{id}/log"),
+            ("PATCH", "/api/v1/nodes/{id}"),
+            ("POST", "/api/v1/hq/orders/resolve"),
+            ("POST", "/api/v1/hq/sync"),
+            ("POST", "/api/v1/jobs"),
+            ("POST", "/api/v1/jobs/{id}/abort"),
+            ("POST", "/api/v1/models/{ws}/{model}"),
+            ("POST", "/api/v1/models/{ws}/{model}/revert"),
+            (
+                "POST",
+                "/api/v1/models/{ws}/{model}/versions/{version}/steps/{step}",
+            ),
+            ("POST", "/api/v1/processes"),
+            ("POST", "/api/v1/processes/{id}/restart"),
+            ("POST", "/api/v1/processes/{id}/start"),
+            ("POST", "/api/v1/processes/{id}/stop"),
+            ("POST", "/api/v1/scripts/{name}/run"),
+            ("POST", "/deployer/model/large"),
+            ("PUT", "/api/v1/scripts/{name}"),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(marked, want);
+        for m in &marked {
+            assert!(r.list.contains(m), "{m:?} is marked but not served");
+        }
+    }
+
+    #[test]
+    fn internal_errors_reach_the_client_as_an_id_only() {
+        let e = ApiError::internal("disk full at /secret/path/muster.db");
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!e.message.contains("/secret"), "{}", e.message);
+        assert!(e.message.contains("internal error (id "), "{}", e.message);
+        let other = ApiError::internal("x");
+        assert_ne!(e.message, other.message, "every error gets its own id");
     }
 }

@@ -1,13 +1,13 @@
 //! Routes of the node registry and of agents: join tokens, joining, the agent connection.
 
 use super::*;
-use crate::manager::Cmd;
+use crate::jobs::Cmd;
 use crate::nodes as n;
-use crate::protocol::{FromAgent, ToAgent};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path};
 use axum::routing::post;
 use muster_store::Node;
+use muster_wire::protocol::{FromAgent, ToAgent};
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -19,6 +19,7 @@ pub(super) fn routes(r: Routes) -> Routes {
             &["GET", "PATCH", "DELETE"],
             get(get_node).patch(patch_node).delete(delete_node),
         )
+        .leader(&["PATCH", "DELETE"])
         .add("/api/v1/nodes/join-token", &["POST"], post(join_token))
         .add("/api/v1/nodes/join", &["POST"], post(join))
         .add("/api/v1/agent/ws", &["GET"], get(agent_ws))
@@ -105,7 +106,8 @@ async fn patch_node(
         Some("ready") => Some(false),
         Some(other) => {
             return Err(ApiError::bad(format!(
-                "state {other:?} is not draining or ready"
+                "state {} is not draining or ready",
+                quote(other)
             )))
         }
     };
@@ -194,13 +196,42 @@ async fn join_token(
     })
     .await?;
     let command = format!("muster agent --server {} --join-token {token}", app.url);
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(
-            json!({"token": token, "expires_at": expires_at, "uses": uses, "command": command}),
-        ),
-    )
-        .into_response())
+    let mut answer =
+        json!({"token": token, "expires_at": expires_at, "uses": uses, "command": command});
+    if let Some(hint) = join_hint(&app.config.server.advertise_url, &app.url) {
+        answer["hint"] = json!(hint);
+    }
+    Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
+}
+
+/// What to tell whoever runs a join command that names an address other machines cannot use:
+/// the server's loopback or wildcard listen address, when `server.advertise_url` is not set.
+fn join_hint(advertise_url: &str, url: &str) -> Option<String> {
+    if !advertise_url.is_empty() {
+        return None;
+    }
+    let host = url.split("://").nth(1)?.split('/').next()?;
+    let ip = match host.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+        None => host,
+    };
+    let ip: std::net::IpAddr = if ip == "localhost" {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    } else {
+        ip.parse().ok()?
+    };
+    let set = "set server.advertise_url (MUSTER_SERVER__ADVERTISE_URL) to a URL of this server that they can reach";
+    if ip.is_loopback() {
+        Some(format!(
+            "this server listens on {host}, which only agents on this machine can reach; for other machines, start it with --listen 0.0.0.0:PORT and {set}"
+        ))
+    } else if ip.is_unspecified() {
+        Some(format!(
+            "{host} is this server's listen address, not one other machines can dial: {set}"
+        ))
+    } else {
+        None
+    }
 }
 
 #[derive(Deserialize)]
@@ -246,7 +277,7 @@ async fn join(
         n::redeem_join_token(&*store, &b.join_token)?.map_err(|m| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m))?;
         let id = muster_core::Uuid::now_v7().to_string();
         let credential = n::issue_credential(&*store, &id)?;
-        Ok((id, credential, crate::discovery::hex(&cluster_key)))
+        Ok((id, credential, muster_wire::util::hex(&cluster_key)))
     })
     .await?;
     Ok((
@@ -315,7 +346,7 @@ async fn bridge(
                         }
                     }
                     Err(e) => {
-                        eprintln!("muster: agent sent a bad message: {e}");
+                        tracing::warn!("agent sent a bad message: {e}");
                         break;
                     }
                 },
@@ -338,4 +369,25 @@ async fn bridge(
     }
     drop(to_server);
     let _ = session.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::join_hint;
+
+    #[test]
+    fn join_commands_on_loopback_or_a_wildcard_come_with_a_hint() {
+        let loopback = join_hint("", "http://127.0.0.1:7070").unwrap();
+        assert!(loopback.contains("advertise_url") && loopback.contains("--listen"));
+        assert!(join_hint("", "http://[::1]:7070").is_some());
+        assert!(join_hint("", "http://localhost:7070").is_some());
+        let any = join_hint("", "http://0.0.0.0:7070").unwrap();
+        assert!(any.contains("advertise_url"), "{any}");
+        assert_eq!(join_hint("", "http://10.1.2.3:7070"), None);
+        assert_eq!(join_hint("", "https://build.example:7070"), None);
+        assert_eq!(
+            join_hint("http://127.0.0.1:7070", "http://127.0.0.1:7070"),
+            None
+        );
+    }
 }

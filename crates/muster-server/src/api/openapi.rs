@@ -12,6 +12,12 @@ fn obj(props: Value, required: &[&str]) -> Value {
     json!({"type": "object", "properties": props, "required": required})
 }
 
+/// An object that may be `null` (a field the server reports as "none yet").
+fn or_null(mut schema: Value) -> Value {
+    schema["nullable"] = json!(true);
+    schema
+}
+
 fn r(name: &str) -> Value {
     json!({"$ref": format!("#/components/schemas/{name}")})
 }
@@ -191,7 +197,13 @@ pub fn document() -> Value {
     add(
         "/metrics",
         "get",
-        op("Prometheus metrics", None, "200", text("text/plain"), true),
+        op(
+            "Prometheus metrics (OpenMetrics text)",
+            None,
+            "200",
+            text("application/openmetrics-text"),
+            true,
+        ),
         vec![],
     );
     add(
@@ -244,6 +256,25 @@ pub fn document() -> Value {
             None,
             "204",
             None,
+            false,
+        ),
+        vec![],
+    );
+    let me = obj(
+        json!({"user": {"type": "string"}, "admin": {"type": "boolean"},
+               "workspaces": {"type": "array", "items": obj(json!({"name": {"type": "string"}, "role": {"type": "string", "enum": ["viewer", "operator", "admin"]}}), &["name", "role"])},
+               "scopes": {"type": "array", "items": {"type": "string"}},
+               "token": obj(json!({"id": {"type": "string"}, "name": {"type": "string"}, "expires_at": ts_null, "workspace": nullable("string")}), &["id", "name"])}),
+        &["user", "admin", "workspaces", "scopes", "token"],
+    );
+    add(
+        "/api/v1/me",
+        "get",
+        op(
+            "Who the caller is: the user, whether a cluster admin, the caller's role in each workspace (cluster admins: admin in all), and the token's scopes",
+            None,
+            "200",
+            Some(me),
             false,
         ),
         vec![],
@@ -416,7 +447,8 @@ pub fn document() -> Value {
         None,
         "201",
         Some(obj(
-            json!({"token": {"type": "string"}, "expires_at": {"type": "string", "format": "date-time"}, "uses": {"type": "integer"}, "command": {"type": "string"}}),
+            json!({"token": {"type": "string"}, "expires_at": {"type": "string", "format": "date-time"}, "uses": {"type": "integer"}, "command": {"type": "string"},
+                   "hint": {"type": "string", "description": "present when the command names an address other machines cannot reach (loopback or wildcard, no server.advertise_url): how to fix that"}}),
             &["token", "expires_at", "uses", "command"],
         )),
         false,
@@ -481,6 +513,125 @@ pub fn document() -> Value {
         ),
         vec![path_param("name")],
     );
+    let mut put_script = op(
+        "Write a node control script (the body: its bytes, text with a #! line), committed to HQ scripts/ with the caller as author (cluster admins)",
+        None,
+        "200",
+        Some(obj(json!({"name": {"type": "string"}, "commit": {"type": "string"}}), &["name", "commit"])),
+        false,
+    );
+    put_script["requestBody"] = json!({"required": true, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}});
+    add(
+        "/api/v1/scripts/{name}",
+        "put",
+        put_script,
+        vec![path_param("name")],
+    );
+    add(
+        "/api/v1/scripts/{name}",
+        "delete",
+        op(
+            "Remove a node control script from HQ (a commit; cluster admins)",
+            None,
+            "200",
+            Some(obj(
+                json!({"name": {"type": "string"}, "commit": {"type": "string"}}),
+                &["name", "commit"],
+            )),
+            false,
+        ),
+        vec![path_param("name")],
+    );
+    let commit = or_null(obj(
+        json!({"id": {"type": "string"}, "message": {"type": "string"}}),
+        &["id", "message"],
+    ));
+    let sync_run = or_null(obj(
+        json!({"at": ts.clone(), "ok": {"type": "boolean"}, "message": {"type": "string"}}),
+        &["at", "ok", "message"],
+    ));
+    let conflict = or_null(obj(
+        json!({"files": {"type": "array", "items": {"type": "string"}}, "local": {"type": "string"}, "remote": {"type": "string"}, "since": ts.clone(), "message": {"type": "string"}}),
+        &["files", "local", "remote"],
+    ));
+    add(
+        "/api/v1/hq",
+        "get",
+        op(
+            "Headquarters: path, remote, branch, head commit, last sync, a conflict, problems, the watchers' and the reaper's last runs",
+            None,
+            "200",
+            Some(obj(json!({
+                "path": {"type": "string"}, "remote": {"type": "string"}, "branch": {"type": "string"},
+                "error": nullable("string"), "head": commit.clone(), "last_sync": sync_run.clone(),
+                "conflict": conflict.clone(), "pulses": {"type": "integer"},
+                "problems": {"type": "array", "items": obj(json!({"source": {"type": "string"}, "message": {"type": "string"}}), &["source", "message"])},
+                "watchers": {"type": "array", "items": obj(json!({"name": {"type": "string"}, "started_at": ts.clone(), "duration_ms": {"type": "integer"}, "outcome": {"type": "string", "enum": ["ok", "failed", "slow", "busy"]}, "message": {"type": "string"}}), &["name", "outcome"])},
+                "reaper": {"type": "array", "items": obj(json!({"name": {"type": "string"}, "started_at": ts.clone(), "duration_ms": {"type": "integer"}, "ok": {"type": "boolean"}, "message": {"type": "string"}}), &["name", "ok"])}
+            }), &["path", "branch", "watchers"])),
+            false,
+        ),
+        vec![],
+    );
+    let mut sync = op(
+        "Run a pulse (and so a sync with the remote) now; a token with the operate scope, or with [hq] webhook_secret an X-Hub-Signature-256 header (sha256=HMAC of the body) instead",
+        None,
+        "200",
+        Some(obj(json!({"synced": {"type": "boolean"}, "head": commit, "last_sync": sync_run, "conflict": conflict}), &["synced"])),
+        false,
+    );
+    sync["security"] = json!([{"bearer": []}, {}]);
+    add("/api/v1/hq/sync", "post", sync, vec![]);
+    let order = obj(
+        json!({
+        "file": {"type": "string"}, "line": {"type": "integer"}, "text": {"type": "string"},
+        "state": {"type": "string", "enum": ["pending", "running", "succeeded", "failed", "rejected"]},
+        "tree": {"type": "string", "format": "uuid", "nullable": true},
+        "created_at": ts.clone(), "started_at": {"type": "string", "format": "date-time", "nullable": true},
+        "finished_at": {"type": "string", "format": "date-time", "nullable": true}, "message": {"type": "string"}}),
+        &["file", "line", "text", "state"],
+    );
+    add(
+        "/api/v1/hq/orders",
+        "get",
+        op(
+            "The orders of HQ's orders files and their outcomes (the newest last), and each file's progress",
+            None,
+            "200",
+            Some(obj(json!({"items": {"type": "array", "items": order},
+                "files": {"type": "array", "items": obj(json!({"file": {"type": "string"}, "processed": {"type": "integer"}, "open": {"type": "integer", "nullable": true}, "stopped": nullable("string")}), &["file", "processed"])}}),
+                &["items", "files"])),
+            false,
+        ),
+        vec![query("file", "string"), query("state", "string"), query("limit", "integer")],
+    );
+    add(
+        "/api/v1/hq/log",
+        "get",
+        op(
+            "HQ's history: the last commits from HEAD, newest first",
+            None,
+            "200",
+            Some(obj(
+                json!({"items": {"type": "array", "items": obj(json!({"id": {"type": "string"}, "author": {"type": "string"}, "at": {"type": "string"}, "message": {"type": "string"}}), &["id", "author", "at", "message"])}}),
+                &["items"],
+            )),
+            false,
+        ),
+        vec![query("limit", "integer")],
+    );
+    add(
+        "/api/v1/hq/orders/resolve",
+        "post",
+        op(
+            "Resolve a stopped orders file: its current content counts as processed up to where it was; later lines run (cluster admins)",
+            Some(json!({"type": "object", "additionalProperties": false, "required": ["file"], "properties": {"file": {"type": "string"}}})),
+            "200",
+            Some(obj(json!({"file": {"type": "string"}, "resolved": {"type": "boolean"}}), &["file", "resolved"])),
+            false,
+        ),
+        vec![],
+    );
     add(
         "/api/v1/tokens/{id}",
         "delete",
@@ -488,7 +639,7 @@ pub fn document() -> Value {
         id(),
     );
     let mut create = op(
-        "Create a job tree",
+        "Create a job tree (JSON, or TOML with Content-Type: application/toml)",
         Some(r("JobSpec")),
         "201",
         Some(obj(
@@ -497,8 +648,22 @@ pub fn document() -> Value {
         )),
         false,
     );
+    create["requestBody"]["content"]["application/toml"] =
+        json!({"schema": {"type": "string", "description": "the same tree as TOML"}});
     create["parameters"] = json!([{"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "minLength": 1, "maxLength": 200}}]);
     create["responses"]["200"] = json!({"description": "the tree made earlier with this Idempotency-Key", "content": {"application/json": {"schema": obj(json!({"id": {"type": "string"}, "jobs": {"type": "array", "items": r("JobBrief")}}), &["id", "jobs"])}}});
+    let err = json!({"content": {"application/json": {"schema": r("Error")}}});
+    let mut e = |status: &str, why: &str| {
+        let mut v = err.clone();
+        v["description"] = json!(why);
+        create["responses"][status] = v;
+    };
+    e(
+        "400",
+        "an invalid tree (a job's command over jobs.command_max, a bad name...)",
+    );
+    e("413", "a body over server.body_max");
+    e("422", "unknown_workspace, unknown_node, no_matching_node (no registered node has the selector's labels), or idempotency_key_reused (the key came with another tree)");
     add("/api/v1/jobs", "post", create, vec![]);
     let list_params = [
         "workspace",
@@ -570,18 +735,21 @@ pub fn document() -> Value {
             query("follow", "boolean"),
         ]
     };
-    add(
-        "/api/v1/jobs/{id}/log",
-        "get",
-        op(
-            "The log of an attempt; `follow` streams until it ends",
-            None,
-            "200",
-            text("text/plain"),
-            false,
-        ),
-        log_params(),
+    let mut log = op(
+        "The log of an attempt; `follow` streams until it ends; `tail` (the last N bytes) or `offset`/`limit` give a part, with its place in X-Log-Offset and the log's size so far in X-Log-Size",
+        None,
+        "200",
+        text("text/plain"),
+        false,
     );
+    log["responses"]["200"]["headers"] = json!({
+        "X-Log-Offset": {"description": "with tail/offset/limit: the offset of the first byte sent", "schema": {"type": "integer"}},
+        "X-Log-Size": {"description": "with tail/offset/limit: the size of the whole log so far", "schema": {"type": "integer"}},
+    });
+    let bytes = |name: &str, min: u64| json!({"name": name, "in": "query", "required": false, "schema": {"type": "integer", "minimum": min, "maximum": 9007199254740991u64}});
+    let mut params = log_params();
+    params.extend([bytes("tail", 1), bytes("offset", 0), bytes("limit", 1)]);
+    add("/api/v1/jobs/{id}/log", "get", log, params);
     add(
         "/api/v1/jobs/{id}/log/ws",
         "get",
@@ -602,6 +770,323 @@ pub fn document() -> Value {
             false,
         ),
         job_id(),
+    );
+    // Long-running processes (SPEC §5a).
+    let process = obj(
+        json!({"id": {"type": "string"}, "name": {"type": "string"}, "workspace": {"type": "string"},
+            "state": {"type": "string", "enum": ["pending", "starting", "healthy", "unhealthy", "restarting", "stopped", "failed", "lost", "removed"]},
+            "reason": {"type": "string"}, "node": nullable("string"), "address": nullable("string"),
+            "ports": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "restarts": {"type": "integer"}, "started_at": nullable("string"), "pid": {"type": "integer", "nullable": true},
+            "limits": {"type": "object"}, "gen": {"type": "integer"}}),
+        &[
+            "id", "name", "state", "reason", "ports", "restarts", "limits",
+        ],
+    );
+    let process_spec = json!({"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string"}, "tags": r("Tags"), "exec": {"type": "array", "items": {"type": "string"}}, "shell": {"type": "string"},
+        "env": {"type": "object", "additionalProperties": {"type": "string"}}, "cwd": {"type": "string"},
+        "node": {"type": "string"}, "node_selector": {"type": "object", "additionalProperties": {"type": "string"}},
+        "ports": {"type": "array", "items": {"type": "string"}}, "restart": {"type": "string", "enum": ["always", "on-failure", "never"]},
+        "backoff_base": {}, "backoff_max": {}, "max_restarts": {"type": "integer", "minimum": 0}, "restart_window": {},
+        "health": {"type": "object"}, "stop_signal": {"type": "string"}, "kill_grace": {}, "limits": {"type": "object"}}});
+    let proc_id = || vec![path_param("id")];
+    add(
+        "/api/v1/processes",
+        "post",
+        op(
+            "Start a long-running process",
+            Some(process_spec),
+            "201",
+            Some(r("Process")),
+            false,
+        ),
+        vec![],
+    );
+    add(
+        "/api/v1/processes",
+        "get",
+        op(
+            "Processes, newest first",
+            None,
+            "200",
+            Some(obj(
+                json!({"items": {"type": "array", "items": r("Process")}, "next_cursor": nullable("string")}),
+                &["items"],
+            )),
+            false,
+        ),
+        vec![
+            query("workspace", "string"),
+            query("node", "string"),
+            query("state", "string"),
+        ],
+    );
+    add(
+        "/api/v1/processes/{id}",
+        "get",
+        op("One process", None, "200", Some(r("Process")), false),
+        proc_id(),
+    );
+    add(
+        "/api/v1/processes/{id}",
+        "delete",
+        op(
+            "Stop and remove a process",
+            None,
+            "202",
+            Some(r("Process")),
+            false,
+        ),
+        proc_id(),
+    );
+    for (verb, what) in [
+        (
+            "stop",
+            "Stop a process (its stop signal, SIGKILL after its kill grace)",
+        ),
+        ("start", "Start a stopped or failed process again"),
+        ("restart", "Restart a process"),
+    ] {
+        add(
+            &format!("/api/v1/processes/{{id}}/{verb}"),
+            "post",
+            op(what, None, "202", Some(r("Process")), false),
+            proc_id(),
+        );
+    }
+    add(
+        "/api/v1/processes/{id}/log",
+        "get",
+        op(
+            "The process's log; `follow` streams it",
+            None,
+            "200",
+            text("text/plain"),
+            false,
+        ),
+        vec![path_param("id"), query("follow", "boolean")],
+    );
+    add(
+        "/api/v1/processes/{id}/log/ws",
+        "get",
+        op(
+            "The process's log followed, as a websocket",
+            None,
+            "101",
+            None,
+            false,
+        ),
+        proc_id(),
+    );
+    // Models (SPEC §8).
+    let model_params = || vec![path_param("ws"), path_param("model")];
+    let version_params = || vec![path_param("ws"), path_param("model"), path_param("version")];
+    let model_version = obj(
+        json!({"version": {"type": "integer"},
+            "state": {"type": "string", "enum": ["deploying", "live", "draining", "stopped", "failed", "retired"]},
+            "created_at": ts, "created_by": {"type": "string"}, "size": {"type": "integer"},
+            "replicas": {"type": "integer"}, "workers": {"type": "integer"},
+            "requirements": {"type": "array", "items": {"type": "string"}},
+            "tree": nullable("string"), "commit": nullable("string"), "error": nullable("string"),
+            "live_at": ts_null, "node": nullable("string"), "env": nullable("string"),
+            "processes": {"type": "array", "items": {"type": "string"}}}),
+        &["version", "state", "created_at", "replicas", "workers"],
+    );
+    let replica = obj(
+        json!({"process": {"type": "string"}, "version": {"type": "integer"}, "node": nullable("string"),
+            "state": {"type": "string"}, "address": nullable("string"), "inflight": {"type": "integer"},
+            "requests": {"type": "integer"}, "errors": {"type": "integer"},
+            "p50_ms": {"type": "number", "nullable": true}, "p99_ms": {"type": "number", "nullable": true}}),
+        &[
+            "process", "version", "state", "inflight", "requests", "errors",
+        ],
+    );
+    let model = obj(
+        json!({"workspace": {"type": "string"}, "name": {"type": "string"}, "runtime": {"type": "string"},
+            "live": {"type": "integer", "nullable": true}, "created_at": ts, "updated_at": ts,
+            "versions": {"type": "array", "items": r("ModelVersion")},
+            "replicas": {"type": "array", "items": r("Replica")}}),
+        &[
+            "workspace",
+            "name",
+            "runtime",
+            "live",
+            "versions",
+            "replicas",
+        ],
+    );
+    add(
+        "/api/v1/models",
+        "get",
+        op(
+            "Models of the caller's workspaces",
+            None,
+            "200",
+            Some(obj(
+                json!({"items": {"type": "array", "items": obj(
+                    json!({"workspace": {"type": "string"}, "name": {"type": "string"}, "runtime": {"type": "string"},
+                        "live": {"type": "integer", "nullable": true}, "versions": {"type": "integer"},
+                        "last_version": {"type": "integer"}, "updated_at": ts, "replicas": {"type": "integer"},
+                        "state": nullable("string")}),
+                    &["workspace", "name", "live", "versions"],
+                )}}),
+                &["items"],
+            )),
+            false,
+        ),
+        vec![],
+    );
+    add(
+        "/api/v1/models/{ws}/{model}",
+        "get",
+        op(
+            "A model: its versions, the live one, its replicas",
+            None,
+            "200",
+            Some(r("Model")),
+            false,
+        ),
+        model_params(),
+    );
+    let mut upload = op(
+        "Deploy a bundle (.tar.gz) as the model's next version: answers once its deploy tree is made",
+        None,
+        "202",
+        Some(obj(
+            json!({"workspace": {"type": "string"}, "model": {"type": "string"},
+                "version": {"type": "integer"}, "tree": {"type": "string"}}),
+            &["model", "version", "tree"],
+        )),
+        false,
+    );
+    upload["requestBody"] = json!({"required": true, "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}});
+    add(
+        "/api/v1/models/{ws}/{model}",
+        "post",
+        upload,
+        model_params(),
+    );
+
+    add(
+        "/api/v1/models/{ws}/{model}",
+        "delete",
+        op(
+            "Delete a model: it serves nothing from now on; the reaper removes its processes and files",
+            None,
+            "202",
+            Some(obj(
+                json!({"workspace": {"type": "string"}, "model": {"type": "string"}, "deleted": {"type": "boolean"}}),
+                &["model", "deleted"],
+            )),
+            false,
+        ),
+        model_params(),
+    );
+    add(
+        "/api/v1/models/{ws}/{model}/revert",
+        "post",
+        op(
+            "Switch back to a kept version (its predictors started again): answers with its tree",
+            Some(obj(
+                json!({"version": {"type": "integer", "minimum": 1}}),
+                &["version"],
+            )),
+            "202",
+            Some(obj(
+                json!({"model": {"type": "string"}, "version": {"type": "integer"}, "tree": {"type": "string"}}),
+                &["model", "version", "tree"],
+            )),
+            false,
+        ),
+        model_params(),
+    );
+    let mut predict_params = model_params();
+    predict_params.push(query("version", "integer"));
+    add(
+        "/api/v1/models/{ws}/{model}/predict",
+        "post",
+        op(
+            "Call the model (its live version, or ?version=N)",
+            Some(obj(json!({"data": {}}), &["data"])),
+            "200",
+            Some(obj(
+                json!({"result": {}, "version": {"type": "integer"}}),
+                &["result", "version"],
+            )),
+            false,
+        ),
+        predict_params,
+    );
+    add(
+        "/api/v1/models/{ws}/{model}/versions/{version}/bundle",
+        "get",
+        op(
+            "A version's bundle as uploaded (what a node's prepare step fetches)",
+            None,
+            "200",
+            text("application/gzip"),
+            false,
+        ),
+        version_params(),
+    );
+    let mut step_params = version_params();
+    step_params.push(path_param("step"));
+    add(
+        "/api/v1/models/{ws}/{model}/versions/{version}/steps/{step}",
+        "post",
+        op(
+            "Carry out a step of a deploy tree (start, health, switch, drain, stop): progress lines, then `ok` or `error: WHY`",
+            None,
+            "200",
+            text("text/plain"),
+            false,
+        ),
+        step_params,
+    );
+    // The yhat client's routes (PROTOCOL.md): HTTP Basic username:apikey or ?username=&apikey=.
+    let yhat_query = || vec![query("username", "string"), query("apikey", "string")];
+    add(
+        "/verify",
+        "post",
+        op(
+            "yhat client: check username and apikey (a muster token)",
+            None,
+            "200",
+            Some(obj(json!({"success": {"type": "string"}}), &["success"])),
+            true,
+        ),
+        yhat_query(),
+    );
+    let mut yhat_deploy = op(
+        "yhat client: deploy a model (multipart part model_name: zlib'd JSON bundle); answers once it is live or failed",
+        None,
+        "200",
+        Some(obj(
+            json!({"status": {"type": "string"}, "modelname": {"type": "string"}, "version": {"type": "integer"}}),
+            &["status", "modelname", "version"],
+        )),
+        true,
+    );
+    yhat_deploy["requestBody"] = json!({"required": true, "content": {"multipart/form-data": {"schema": {"type": "object", "properties": {"model_name": {"type": "string", "format": "binary"}}}}}});
+    add("/deployer/model/large", "post", yhat_deploy, yhat_query());
+    let mut yhat_predict_params = vec![path_param("user"), path_param("model")];
+    yhat_predict_params.extend(yhat_query());
+    yhat_predict_params.push(query("raw_input", "string"));
+    add(
+        "/{user}/models/{model}/",
+        "post",
+        op(
+            "yhat client: call a model (JSON, or a form when the client has no pandas)",
+            Some(json!({})),
+            "200",
+            Some(obj(
+                json!({"result": {}, "yhat_id": {"type": "string"}, "yhat_model": {"type": "string"}}),
+                &["result", "yhat_id", "yhat_model"],
+            )),
+            true,
+        ),
+        yhat_predict_params,
     );
     add(
         "/api/v1/events/ws",
@@ -626,7 +1111,8 @@ pub fn document() -> Value {
                 "Error": obj(json!({"error": obj(json!({"code": {"type": "string"}, "message": {"type": "string"}}), &["code", "message"])}), &["error"]),
                 "JobBrief": obj(json!({"id": {"type": "string"}, "key": {"type": "string"}, "name": {"type": "string"}, "parent": nullable("string"), "state": {"type": "string"}}), &["id", "key", "name", "state"]),
                 "Tags": tags, "Job": job, "JobSpec": job_spec, "TreeSummary": tree_summary, "User": user,
-                "ApiToken": api_token, "Workspace": workspace,
+                "ApiToken": api_token, "Workspace": workspace, "Process": process,
+                "Model": model, "ModelVersion": model_version, "Replica": replica,
             }
         }
     })

@@ -424,6 +424,82 @@ fn failed_logins_get_growing_delays_not_a_lockout() {
     assert_eq!(attempt("wrong password 3").0, 401);
 }
 
+/// A login sent from the loopback address `127.0.0.{last}`: the request, by hand, on a socket
+/// bound there (the server listens on 127.0.0.1; all of 127/8 is this host). Returns the status.
+fn login_from(s: &Server, last: u8, name: &str, password: &str) -> u16 {
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    let server: std::net::SocketAddr = s.url.trim_start_matches("http://").parse().unwrap();
+    let std::net::SocketAddr::V4(server) = server else {
+        panic!("the test server is on IPv4 loopback")
+    };
+    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a fresh socket, bound and connected with sockaddr_in values that live across the
+    // calls, then owned by the TcpStream.
+    let mut stream = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = std::net::TcpStream::from_raw_fd(fd);
+        let local = sin(std::net::Ipv4Addr::new(127, 0, 0, last), 0);
+        let rc = libc::bind(fd, &local as *const _ as *const libc::sockaddr, len);
+        assert_eq!(
+            rc,
+            0,
+            "bind 127.0.0.{last}: {}",
+            std::io::Error::last_os_error()
+        );
+        let remote = sin(*server.ip(), server.port());
+        let rc = libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len);
+        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+        stream
+    };
+    let body = json!({"username": name, "password": password}).to_string();
+    write!(
+        stream,
+        "POST /api/v1/login HTTP/1.1\r\nHost: {server}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|st| st.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {answer:?}"))
+}
+
+#[test]
+fn guesses_from_other_addresses_never_lock_a_user_out() {
+    // A delay long enough that no one could wait it out within the test: a 200 below is one
+    // that was never delayed.
+    let s = Server::start_with(|c| c.auth.login_delay = Duration::from_secs(600));
+    // Four addresses guess admin's password; each is slowed after its first failure.
+    for last in 2..=5 {
+        assert_eq!(login_from(&s, last, "admin", "a wrong guess 1"), 401);
+        assert_eq!(login_from(&s, last, "admin", "a wrong guess 2"), 429);
+    }
+    // The real admin, from a fifth address, is let in at once.
+    assert_eq!(
+        login_from(&s, 6, "admin", "correct horse battery"),
+        200,
+        "guesses from elsewhere delayed the user"
+    );
+    // Having logged in from there, a typo from that address is not slowed either...
+    assert_eq!(login_from(&s, 6, "admin", "a typo of mine"), 401);
+    assert_eq!(login_from(&s, 6, "admin", "correct horse battery"), 200);
+    // ...while the guessers still are.
+    assert_eq!(login_from(&s, 2, "admin", "correct horse battery"), 429);
+}
+
 #[test]
 fn metrics_are_exposed() {
     let s = Server::start();
@@ -433,7 +509,7 @@ fn metrics_are_exposed() {
     assert_eq!(st, 200);
     for needle in [
         "muster_http_requests_total{route=\"POST /api/v1/jobs\",status=\"201\"} 1",
-        "muster_http_request_duration_seconds_bucket{route=\"GET /api/v1/jobs/{id}/tree\",le=\"+Inf\"}",
+        "muster_http_request_duration_seconds_bucket{le=\"+Inf\",route=\"GET /api/v1/jobs/{id}/tree\"}",
         "muster_jobs_finished_total{state=\"succeeded\"} 1",
         "muster_jobs{state=\"running\"} 0",
         "muster_job_queue_depth 0",
@@ -462,4 +538,87 @@ fn perf_logs_record_every_call() {
         }),
         "{summary}"
     );
+}
+
+#[test]
+fn me_says_who_the_caller_is_and_what_they_may_do() {
+    let s = Server::start();
+    // A cluster admin: admin everywhere, every scope.
+    let (st, me) = s.call("GET", "/api/v1/me", None);
+    assert_eq!(st, 200, "{me}");
+    assert_eq!(me["user"], "admin");
+    assert_eq!(me["admin"], true);
+    assert_eq!(me["scopes"], json!(["read", "operate", "admin", "predict"]));
+    let (_, ws) = s.call("POST", "/api/v1/workspaces", Some(json!({"name": "acme"})));
+    assert_eq!(ws["name"], "acme");
+    let (_, me) = s.call("GET", "/api/v1/me", None);
+    assert_eq!(
+        me["workspaces"],
+        json!([{"name": "acme", "role": "admin"}, {"name": "admin", "role": "admin"}])
+    );
+    assert!(
+        me["token"]["id"].is_string() && me["token"]["name"].is_string(),
+        "{me}"
+    );
+
+    // A member: their roles; a token with fewer scopes says so.
+    let bob = user(&s, "bob");
+    set_role(&s, "acme", "bob", "viewer");
+    let (st, me) = s.call_as(Some(&bob), "GET", "/api/v1/me", None, &[]);
+    assert_eq!(st, 200, "{me}");
+    assert_eq!(me["user"], "bob");
+    assert_eq!(me["admin"], false);
+    assert_eq!(
+        me["workspaces"],
+        json!([{"name": "acme", "role": "viewer"}, {"name": "bob", "role": "admin"}])
+    );
+    let (st, t) = s.call_as(
+        Some(&bob),
+        "POST",
+        "/api/v1/tokens",
+        Some(json!({"name": "peek", "scopes": ["read"]}).to_string()),
+        &[],
+    );
+    assert_eq!(st, 201, "{t}");
+    let (st, me) = s.call_as(t["token"].as_str(), "GET", "/api/v1/me", None, &[]);
+    assert_eq!(st, 200, "{me}");
+    assert_eq!(me["scopes"], json!(["read"]));
+    assert_eq!(me["token"]["name"], "peek");
+
+    // A job's own token: its tree's workspace only, at most as an operator, never an admin.
+    let go = s.dir.0.join("go");
+    let (id, _) = s.create(json!({"name": "who", "tags": {"workspace": "acme"},
+        "shell": format!("echo \"token=$MUSTER_TOKEN\"; while [ ! -e {} ]; do sleep 0.02; done", go.display())}));
+    let mut token = String::new();
+    assert!(wait_until(Duration::from_secs(20), || {
+        let (_, log) = s.raw(
+            Some(&s.token),
+            "GET",
+            &format!("/api/v1/jobs/{id}/log"),
+            None,
+            &[],
+        );
+        match log.split_once(" out token=") {
+            Some((_, rest)) => {
+                token = rest.lines().next().unwrap_or("").to_string();
+                !token.is_empty()
+            }
+            None => false,
+        }
+    }));
+    let (st, me) = s.call_as(Some(&token), "GET", "/api/v1/me", None, &[]);
+    std::fs::write(&go, b"").unwrap();
+    assert_eq!(st, 200, "{me}");
+    assert_eq!(me["admin"], false, "{me}");
+    assert_eq!(
+        me["workspaces"],
+        json!([{"name": "acme", "role": "operator"}]),
+        "{me}"
+    );
+    assert_eq!(me["token"]["workspace"], "acme", "{me}");
+    s.wait_tree(&id, Duration::from_secs(20));
+
+    // No token, no answer.
+    let (st, _) = s.call_as(None, "GET", "/api/v1/me", None, &[]);
+    assert_eq!(st, 401);
 }

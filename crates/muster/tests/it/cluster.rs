@@ -3,84 +3,19 @@
 
 use crate::harness::*;
 use serde_json::json;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
-
-/// A `redis-server` of the test's own on a free loopback port (AOF, fsync always).
-pub struct Redis {
-    child: Option<Child>,
-    pub port: u16,
-    dir: TempDir,
-}
-
-impl Redis {
-    pub fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = TempDir::new("redis");
-        let mut r = Redis {
-            child: None,
-            port,
-            dir,
-        };
-        r.restart();
-        r
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    pub fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-            ])
-            .arg(&self.dir.0)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect(
-                "redis-server is needed: scripts/test installs it (apt-get install redis-server)",
-            );
-        self.child = Some(child);
-        let port = self.port;
-        assert!(wait_until(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        }));
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 #[test]
 fn a_server_on_redis_rides_out_a_redis_outage() {
     let mut redis = Redis::start();
     let url = redis.url();
-    let s = Server::start_with(|c| c.store.url = url.clone());
+    let remote = redis.hq_remote();
+    let s = Server::start_with(|c| {
+        c.store.url = url.clone();
+        c.hq.remote = remote.clone();
+        c.hq.remote = remote.clone();
+    });
     let (id, _) = s.create(json!({"name": "before", "shell": "echo ok"}));
     assert_eq!(
         s.wait_tree(&id, Duration::from_secs(10))["tree_state"],
@@ -114,7 +49,7 @@ fn a_server_on_redis_rides_out_a_redis_outage() {
     let agent_dir = s.dir.0.join("agent");
     assert!(
         wait_until(Duration::from_secs(10), || {
-            muster_server::agent::attempt_dirs(&agent_dir)
+            muster_agent::attempt_dirs(&agent_dir)
                 .iter()
                 .any(|d| d.to_string_lossy().contains(&long) && d.join("exit.json").exists())
         }),
@@ -154,7 +89,7 @@ fn store_migrate_moves_a_sqlite_install_to_redis() {
     // The cluster CA that agents pin moves too.
     let ca = {
         let src = muster_store::open(&db).unwrap();
-        muster_server::tls::ClusterCa::load_or_create(&*src)
+        muster_server::tls::load_or_create_ca(&*src)
             .unwrap()
             .fingerprint_hex()
     };
@@ -177,7 +112,7 @@ fn store_migrate_moves_a_sqlite_install_to_redis() {
     assert_eq!(dst.list_trees(&filter, None, 100).unwrap().len(), 10);
     assert_eq!(dst.meta("cluster_name").unwrap().as_deref(), Some("prod"));
     assert_eq!(
-        muster_server::tls::ClusterCa::load_or_create(&*dst)
+        muster_server::tls::load_or_create_ca(&*dst)
             .unwrap()
             .fingerprint_hex(),
         ca
@@ -198,20 +133,18 @@ fn two_servers_one_cluster_survive_the_leader_s_death() {
     let blobs = TempDir::new("blobs");
     let tweak = |c: &mut muster_server::config::Config| {
         c.store.url = redis.url();
+        c.hq.remote = redis.hq_remote();
         c.store.blob_dir = blobs.0.display().to_string();
         c.server.lease_ttl = Duration::from_secs(1);
         fast_nodes(c);
     };
     let a = Server::start_bare(tweak);
     assert!(
-        wait_until(Duration::from_secs(5), || a
-            .app
-            .leading
-            .load(std::sync::atomic::Ordering::SeqCst)),
+        wait_until(Duration::from_secs(5), || a.app.cluster.is_leader()),
         "the first server leads"
     );
     let b = Server::start_bare(tweak);
-    assert!(!b.app.leading.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(!b.app.cluster.is_leader());
     let _agent = Agent::join_cluster(&a, &[&b], "worker", &[]);
     wait_node(&b, "worker", "ready", Duration::from_secs(10));
     // Every server sees the cluster's events (Redis pub/sub).
@@ -294,10 +227,7 @@ fn two_servers_one_cluster_survive_the_leader_s_death() {
     // the tree completes without running its job twice.
     drop(a);
     assert!(
-        wait_until(Duration::from_secs(10), || b
-            .app
-            .leading
-            .load(std::sync::atomic::Ordering::SeqCst)),
+        wait_until(Duration::from_secs(10), || b.app.cluster.is_leader()),
         "B took over the lease"
     );
     wait_node(&b, "worker", "ready", Duration::from_secs(15));
@@ -318,13 +248,13 @@ fn two_servers_one_cluster_survive_the_leader_s_death() {
 }
 
 /// A tiny webhook receiver: collects the JSON bodies POSTed to it.
-struct Hook {
+pub struct Hook {
     pub url: String,
     got: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
 }
 
 impl Hook {
-    fn start() -> Hook {
+    pub fn start() -> Hook {
         use std::io::{Read, Write};
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/hook", l.local_addr().unwrap());
@@ -372,7 +302,7 @@ impl Hook {
         Hook { url, got }
     }
 
-    fn wait_for(&self, alert: &str) -> serde_json::Value {
+    pub fn wait_for(&self, alert: &str) -> serde_json::Value {
         let mut found = None;
         let ok = wait_until(Duration::from_secs(15), || {
             found = self
@@ -395,8 +325,10 @@ fn alerts_reach_the_webhook() {
     let hook = Hook::start();
     let mut redis = Redis::start();
     let (url, hook_url) = (redis.url(), hook.url.clone());
+    let remote = redis.hq_remote();
     let s = Server::start_with(|c| {
         c.store.url = url.clone();
+        c.hq.remote = remote.clone();
         c.alerts.webhook_url = hook_url.clone();
         fast_nodes(c);
     });
@@ -426,7 +358,12 @@ fn alerts_reach_the_webhook() {
 fn aborting_a_100k_job_tree_does_not_block_redis() {
     let redis = Redis::start();
     let url = redis.url();
-    let s = Server::start_with(|c| c.store.url = url.clone());
+    let remote = redis.hq_remote();
+    let s = Server::start_with(|c| {
+        c.store.url = url.clone();
+        c.hq.remote = remote.clone();
+        c.hq.remote = remote.clone();
+    });
     // 99,999 jobs wait behind one that runs until told.
     let gate = s.dir.0.join("gate");
     let mut children = vec![
@@ -452,33 +389,42 @@ fn aborting_a_100k_job_tree_does_not_block_redis() {
             .expect("redis-cli (redis-tools) is installed with redis-server");
         String::from_utf8_lossy(&out.stdout).to_string()
     };
-    cli(&["CONFIG", "SET", "slowlog-log-slower-than", "50000"]);
-    cli(&["CONFIG", "SET", "slowlog-max-len", "1000"]);
+    // Every command goes to the slow log (threshold 0), with how many arguments it had: the
+    // abort's writes must come in chunks (a few thousand arguments each), never one command over
+    // the whole tree (hundreds of thousands) — a count, not a time, so a busy machine cannot
+    // fool it either way. The log must hold every command of the abort: besides its scripts
+    // there is one PUBLISH per aborted job's event (100,000), which a shorter log would keep
+    // in place of the scripts.
+    cli(&["CONFIG", "SET", "slowlog-log-slower-than", "0"]);
+    cli(&["CONFIG", "SET", "slowlog-max-len", "2000000"]);
     cli(&["SLOWLOG", "RESET"]);
     let (st, body) = s.call("POST", &format!("/api/v1/jobs/{id}/abort"), None);
     assert_eq!(st, 202, "{body}");
-    let t = s.wait_tree(&id, Duration::from_secs(60));
-    // `SLOWLOG GET` in redis-cli's plain output: per entry, id, time, microseconds, command...
-    let log = cli(&["SLOWLOG", "GET", "1000"]);
-    let lines: Vec<&str> = log.lines().collect();
-    let mut worst = 0u64;
-    for w in lines.windows(3) {
-        if let (Ok(_id), Ok(ts), Ok(us)) = (
-            w[0].trim().parse::<u64>(),
-            w[1].trim().parse::<u64>(),
-            w[2].trim().parse::<u64>(),
-        ) {
-            if ts > 1_000_000_000 {
-                worst = worst.max(us);
-            }
-        }
-    }
-    // In chunks of 1,000 changes a command takes milliseconds on a quiet machine; one script
-    // over all 100,000 jobs would take 100 times as long as a chunk. 2 s leaves room for a busy
-    // machine and still tells the two apart.
+    let t = s.wait_tree(&id, Duration::from_secs(120));
+    let log = cli(&["SLOWLOG", "GET", "2000000"]);
+    cli(&["CONFIG", "SET", "slowlog-log-slower-than", "10000"]);
+    // redis-cli's plain output gives an entry's first 31 arguments, then `... (N more
+    // arguments)`.
+    let widest = log
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("... (")?
+                .strip_suffix(" more arguments)")?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+        + 31;
+    let scripts = log.lines().filter(|l| l.trim() == "EVALSHA").count();
     assert!(
-        worst < 2_000_000,
-        "a Redis command ran {worst} µs during the abort:\n{log}"
+        widest < 20_000,
+        "one Redis command had {widest} arguments during the abort"
+    );
+    assert!(
+        scripts >= 10,
+        "the abort of 100,000 jobs ran in {scripts} scripts: not in chunks"
     );
     let probe = muster_store::open(&redis.url()).unwrap();
     assert_eq!(t["tree_state"], "aborted");
@@ -488,4 +434,141 @@ fn aborting_a_100k_job_tree_does_not_block_redis() {
     };
     assert!(probe.list_trees(&waiting, None, 10).unwrap().is_empty());
     std::fs::write(&gate, b"").unwrap();
+}
+
+/// A single-use join token redeemed at once through two stores on one Redis (two clients, as
+/// two servers have): exactly one redemption succeeds, round after round; a three-use token
+/// raced by eight gives exactly three. Nothing process-local serializes them: only the store's
+/// compare-and-set does.
+#[test]
+fn a_join_token_is_spent_once_across_two_stores_on_one_redis() {
+    use muster_server::nodes::{create_join_token, redeem_join_token};
+    use std::sync::Barrier;
+    let redis = Redis::start();
+    let stores = [
+        muster_store::open(&redis.url()).unwrap(),
+        muster_store::open(&redis.url()).unwrap(),
+    ];
+    let race = |uses: u32, racers: usize| -> (usize, Vec<String>) {
+        let (token, _) = create_join_token(&*stores[0], 60_000, uses, &[7; 32], "ca").unwrap();
+        let barrier = Barrier::new(racers);
+        let outcomes: Vec<Result<(), String>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..racers)
+                .map(|i| {
+                    let (store, barrier, token) = (&stores[i % 2], &barrier, &token);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        redeem_join_token(&**store, token).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let wins = outcomes.iter().filter(|o| o.is_ok()).count();
+        let refusals = outcomes.into_iter().filter_map(Result::err).collect();
+        // Spent out: a later redemption through either store is refused, and the token's
+        // document is gone.
+        for s in &stores {
+            assert!(redeem_join_token(&**s, &token).unwrap().is_err());
+        }
+        (wins, refusals)
+    };
+    for round in 0..20 {
+        let (wins, refusals) = race(1, 8);
+        assert_eq!(wins, 1, "round {round}: a single-use token is spent once");
+        assert!(
+            refusals.iter().all(|r| r.contains("not valid")),
+            "{refusals:?}"
+        );
+    }
+    assert_eq!(race(3, 8).0, 3, "a three-use token is spent three times");
+    assert!(
+        stores[0].docs("join_token", "").unwrap().is_empty(),
+        "spent tokens leave nothing behind"
+    );
+}
+
+/// `POST /api/v1/nodes/join` with `body` over a TLS connection to `s` made (handshake done)
+/// before `go` opens, so racers released together hit the servers within microseconds, not
+/// a handshake's jitter apart. Returns the status.
+fn join_when(s: &Server, fingerprint: [u8; 32], body: String, go: &std::sync::Barrier) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let addr = muster_wire::pki::host_port(&s.url).unwrap();
+        let mut tls = muster_wire::pki::dial(
+            &addr,
+            muster_wire::pki::PinnedCa::client_config(fingerprint),
+            muster_wire::pki::SERVER_NAME,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        let request = format!(
+            "POST /api/v1/nodes/join HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        // Nothing else runs on this runtime: blocking on the barrier here is fine.
+        go.wait();
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        // The server closes after the answer (connection: close); a TLS close without
+        // close_notify still leaves the answer read.
+        let _ = tls.read_to_end(&mut answer).await;
+        let text = String::from_utf8_lossy(&answer);
+        text.split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no HTTP status in {text:?}"))
+    })
+}
+
+/// Two servers of one cluster (one Redis) get `POST /api/v1/nodes/join` with the same
+/// single-use token at the same moment, several times each: exactly one join succeeds (201),
+/// every other is refused (401), round after round.
+#[test]
+fn two_servers_racing_one_single_use_join_token_admit_one_node() {
+    use crate::nodes::fast_nodes;
+    use std::sync::Barrier;
+    let redis = Redis::start();
+    let blobs = TempDir::new("blobs");
+    let tweak = |c: &mut muster_server::config::Config| {
+        c.store.url = redis.url();
+        c.hq.remote = redis.hq_remote();
+        c.store.blob_dir = blobs.0.display().to_string();
+        fast_nodes(c);
+    };
+    let a = Server::start_bare(tweak);
+    let b = Server::start_bare(tweak);
+    const PER_SERVER: usize = 3;
+    for round in 0..10 {
+        let (st, t) = a.call(
+            "POST",
+            "/api/v1/nodes/join-token",
+            Some(json!({"uses": 1, "ttl_s": 60})),
+        );
+        assert_eq!(st, 201, "{t}");
+        let token = t["token"].as_str().unwrap().to_string();
+        let fingerprint = muster_wire::beacon::token_ca_fingerprint(&token).unwrap();
+        let go = Barrier::new(2 * PER_SERVER);
+        let mut statuses: Vec<u16> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2 * PER_SERVER)
+                .map(|i| {
+                    let s = if i % 2 == 0 { &a } else { &b };
+                    let body = json!({"join_token": token, "name": format!("racer-{round}-{i}")});
+                    let go = &go;
+                    scope.spawn(move || join_when(s, fingerprint, body.to_string(), go))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        statuses.sort();
+        let mut want = vec![201];
+        want.extend([401; 2 * PER_SERVER - 1]);
+        assert_eq!(statuses, want, "round {round}: one join, the rest refused");
+    }
 }

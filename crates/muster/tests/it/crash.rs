@@ -6,24 +6,43 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// `muster up` as a child process; killed on drop.
-struct Up {
+pub struct Up {
     child: Child,
-    url: String,
+    pub url: String,
+    /// Everything it wrote to stderr so far (its log; passed on to ours as well).
+    pub stderr: Arc<Mutex<String>>,
 }
 
 impl Up {
-    fn start(dir: &Path) -> Up {
+    pub fn start(dir: &Path) -> Up {
+        Self::start_env(dir, &[])
+    }
+
+    /// `muster up` with more environment variables.
+    pub fn start_env(dir: &Path, env: &[(&str, &str)]) -> Up {
         let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
             .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
             .env("MUSTER_JOBS__KILL_GRACE", "2s")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (err, seen) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                let mut s = seen.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         let url = loop {
@@ -38,15 +57,20 @@ impl Up {
         };
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in out.lines() {});
-        Up { child, url }
+        Up { child, url, stderr }
     }
 
-    fn kill9(&mut self) {
+    /// Waits for the process to end by itself (a failpoint's SIGKILL); answers whether it did.
+    pub fn wait_exit(&mut self, within: Duration) -> bool {
+        wait_until(within, || self.child.try_wait().unwrap().is_some())
+    }
+
+    pub fn kill9(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
 
-    fn stop(&mut self) {
+    pub fn stop(&mut self) {
         // SAFETY: SIGTERM to our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let ok = wait_until(Duration::from_secs(10), || {
@@ -63,7 +87,7 @@ impl Drop for Up {
     }
 }
 
-fn call(
+pub fn call(
     url: &str,
     token: Option<&str>,
     method: &str,
@@ -89,7 +113,7 @@ fn call(
     (st, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
-fn setup(up: &Up, dir: &Path) -> String {
+pub fn setup(up: &Up, dir: &Path) -> String {
     let code = std::fs::read_to_string(dir.join("setup-code")).unwrap();
     let (st, body) = call(
         &up.url,
@@ -104,7 +128,7 @@ fn setup(up: &Up, dir: &Path) -> String {
     body["token"].as_str().unwrap().to_string()
 }
 
-fn wait_tree(url: &str, token: &str, id: &str, within: Duration) -> Value {
+pub fn wait_tree(url: &str, token: &str, id: &str, within: Duration) -> Value {
     let mut last = Value::Null;
     let ok = wait_until(within, || {
         let (st, t) = call(
@@ -377,13 +401,18 @@ fn a_stopped_supervisor_launcher_is_given_up_and_its_jobs_run_once() {
     let up = Up::start(&dir.0);
     let token = setup(&up, &dir.0);
     let m = marks.display();
+    // Each job marks its run only if its token works (it reaches the job through the launcher's
+    // pipe, or, for the held one, the environment of a directly started supervisor).
+    let exe = env!("CARGO_BIN_EXE_muster");
     let run = |name: &str| {
         let (st, body) = call(
             &up.url,
             Some(&token),
             "POST",
             "/api/v1/jobs",
-            Some(json!({"name": name, "shell": format!("echo {name} >> {m}")})),
+            Some(
+                json!({"name": name, "shell": format!("{exe} jobs show $MUSTER_JOB_ID > /dev/null && echo {name} >> {m}")}),
+            ),
         );
         assert_eq!(st, 201, "{body}");
         body["id"].as_str().unwrap().to_string()
@@ -420,4 +449,67 @@ fn a_stopped_supervisor_launcher_is_given_up_and_its_jobs_run_once() {
     check_once(&marks, &["first", "held", "after"]);
     let again = launcher_of(&agent).expect("no launcher for the later job");
     assert_ne!(again, stuck);
+}
+
+/// The directory of attempt 1 of `job` under the data dir `dir`, while not acknowledged.
+fn first_attempt(dir: &Path, job: &str) -> std::path::PathBuf {
+    dir.join("agent/jobs")
+        .join(&job[job.len() - 2..])
+        .join(format!("{job}.1"))
+}
+
+/// An attempt handed over but never started when the agent died has no token on disk: the
+/// restarted agent gets its assignment again from the server and runs it once, with its token.
+#[test]
+fn a_never_started_attempt_runs_once_with_its_token_after_a_crash() {
+    let dir = TempDir::new("unstarted");
+    let agent = dir.0.join("agent");
+    let marks = dir.0.join("marks");
+    let mut up = Up::start(&dir.0);
+    let token = setup(&up, &dir.0);
+    let m = marks.display();
+    let exe = env!("CARGO_BIN_EXE_muster");
+    let run = |url: &str, name: &str| {
+        let (st, body) = call(
+            url,
+            Some(&token),
+            "POST",
+            "/api/v1/jobs",
+            Some(
+                json!({"name": name, "shell": format!("{exe} jobs show $MUSTER_JOB_ID > /dev/null && echo {name} >> {m}")}),
+            ),
+        );
+        assert_eq!(st, 201, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    };
+    let first = run(&up.url, "first");
+    let t = wait_tree(&up.url, &token, &first, Duration::from_secs(20));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    // A stopped launcher takes the next attempt and starts nothing.
+    let stuck = launcher_of(&agent).expect("no supervisor launcher runs");
+    // SAFETY: stopping the launcher this test's server started.
+    assert_eq!(unsafe { libc::kill(stuck, libc::SIGSTOP) }, 0);
+    let late = run(&up.url, "late");
+    let attempt = first_attempt(&dir.0, &late);
+    assert!(
+        wait_until(Duration::from_secs(5), || attempt
+            .join("spec.json")
+            .exists()),
+        "the attempt was never handed over"
+    );
+    // Both die before the agent gives the launcher up (10 s): the attempt never started.
+    up.kill9();
+    // SAFETY: as above (SIGKILL ends a stopped process too).
+    assert_eq!(unsafe { libc::kill(stuck, libc::SIGKILL) }, 0);
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{stuck}/stat")).map_or(true, |s| s.contains(") Z "))
+    }));
+    assert!(!attempt.join("started.json").exists());
+    let spec = std::fs::read_to_string(attempt.join("spec.json")).unwrap();
+    assert!(!spec.contains("MUSTER_TOKEN"), "{spec}");
+    let up2 = Up::start(&dir.0);
+    let t = wait_tree(&up2.url, &token, &late, Duration::from_secs(30));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    all_first_attempt(&t);
+    check_once(&marks, &["first", "late"]);
 }

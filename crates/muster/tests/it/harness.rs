@@ -1,62 +1,14 @@
 //! The test harness: a server in this process on 127.0.0.1:0 with a SQLite store in a fresh temp
 //! dir, an embedded agent that starts real supervisors, and a blocking HTTP client.
 
-use muster_server::agent::{self, AgentOptions};
 use muster_server::config::Config;
 use muster_server::{auth, App};
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A fresh, unique temp dir, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "muster-it-{tag}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        // Jobs outlive agents by design: end whatever a test left running.
-        kill_supervisors(&self.0);
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills the sessions of every supervisor under `dir`.
-pub fn kill_supervisors(dir: &std::path::Path) {
-    {
-        for path in agent::attempt_dirs(&dir.join("agent")) {
-            if let Ok(s) = std::fs::read(path.join("started.json")) {
-                if let Ok(v) = serde_json::from_slice::<Value>(&s) {
-                    if let Some(sid) = v["sid"].as_i64() {
-                        agent::kill_session(sid as i32);
-                    }
-                }
-            }
-        }
-    }
-}
-
-pub fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
-}
+pub use crate::support::{http, kill_supervisors, wait_until, Redis, TempDir};
 
 /// A running server with its embedded agent and an admin token.
 pub struct Server {
@@ -66,6 +18,8 @@ pub struct Server {
     stop: tokio::sync::watch::Sender<bool>,
     rt: Option<tokio::runtime::Runtime>,
     pub dir: TempDir,
+    /// The test's own redis-server when the tests run on Redis (`MUSTER_TEST_STORE=redis`).
+    _redis: Option<Redis>,
 }
 
 impl Server {
@@ -92,40 +46,45 @@ impl Server {
         config.jobs.kill_grace = Duration::from_secs(2);
         config.jobs.backoff_base = Duration::from_millis(50);
         config.jobs.backoff_max = Duration::from_millis(200);
+        config.agent.slots = 8;
+        config.agent.labels.insert("workspaces".into(), "*".into());
         tweak(&mut config);
+        // Engine-independent tests run on the engine MUSTER_TEST_STORE names (SQLite unless
+        // told); a test that chose its store keeps it.
+        let redis =
+            (config.store.url.is_empty() && crate::support::test_store() == "redis").then(|| {
+                let r = Redis::start();
+                config.store.url = r.url();
+                if config.hq.remote.is_empty() {
+                    config.hq.remote = r.hq_remote();
+                }
+                r
+            });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        // The same start as `muster up` (with its embedded agent) or `muster server`.
+        let embedded = embedded_agent.then(|| muster_server::server::Embedded {
+            name: "node-1".into(),
+            exe: PathBuf::from(env!("CARGO_BIN_EXE_muster")),
+        });
         let (url, app) = rt.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}", listener.local_addr().unwrap());
-            let (app, _manager) = App::start(config.clone(), url.clone()).unwrap();
             let mut rx = stop_rx.clone();
-            tokio::spawn(muster_server::run(app.clone(), listener, async move {
-                let _ = rx.wait_for(|s| *s).await;
-            }));
-            let opts = AgentOptions {
-                dir: config.data_dir.join("agent"),
-                name: "node-1".into(),
-                slots: 8,
-                labels: [("workspaces".to_string(), "*".to_string())].into(),
-                exe: PathBuf::from(env!("CARGO_BIN_EXE_muster")),
-                heartbeat: Duration::from_secs(2),
-                retention: config.jobs.retention,
-                lost_after: config.nodes.lost_after,
-                log_endpoint: None,
-                run_as: (!config.agent.run_as.is_empty()).then(|| config.agent.run_as.clone()),
-            };
-            let mut rx = stop_rx.clone();
-            if embedded_agent {
-                tokio::spawn(agent::run(opts, app.local_link(), async move {
+            let server = muster_server::Server::start(
+                config,
+                listener,
+                async move {
                     let _ = rx.wait_for(|s| *s).await;
-                }));
-            }
-            (url, app)
+                },
+                embedded,
+            )
+            .await
+            .unwrap();
+            (server.url.clone(), server.app.clone())
         });
         let code = "test-setup-code";
         let first = app.store.users().unwrap().is_empty();
@@ -136,6 +95,7 @@ impl Server {
             stop,
             rt: Some(rt),
             dir,
+            _redis: redis,
         };
         if !first {
             // Another server of a cluster made the admin already: log in.
@@ -208,7 +168,11 @@ impl Server {
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        if body.is_some() {
+        if body.is_some()
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
             req = req.header("content-type", "application/json");
         }
         for (k, v) in headers {
@@ -279,20 +243,6 @@ impl Drop for Server {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(Duration::from_secs(2));
         }
-    }
-}
-
-/// Polls `cond` every 20 ms until it holds or `within` passes.
-pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + within;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -176,6 +176,106 @@ fn retention_removes_old_trees_and_their_logs() {
     assert_eq!(s.call("GET", &format!("/api/v1/jobs/{id}"), None).0, 404);
     assert!(s.app.blobs.get(&blob).is_err(), "the log blob is gone");
     // The agent's copy goes too once acknowledged and past retention.
-    let removed = muster_server::agent::sweep(&s.dir.0.join("agent"), Duration::from_millis(1));
+    let removed = muster_agent::sweep(&s.dir.0.join("agent"), Duration::from_millis(1));
     assert_eq!(removed, 1);
+}
+
+/// A GET of a log with a query; gives the status, the X-Log-Offset and X-Log-Size headers and
+/// the body.
+fn log_part(s: &Server, id: &str, query: &str) -> (u16, Option<u64>, Option<u64>, String) {
+    let mut resp = http()
+        .get(&format!("{}/api/v1/jobs/{id}/log?{query}", s.url))
+        .header("authorization", &format!("Bearer {}", s.token))
+        .call()
+        .unwrap();
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    };
+    let (offset, size) = (header("x-log-offset"), header("x-log-size"));
+    let status = resp.status().as_u16();
+    let body = resp.body_mut().read_to_string().unwrap();
+    (status, offset, size, body)
+}
+
+#[test]
+fn a_log_is_read_by_parts_from_its_end_or_an_offset() {
+    let s = Server::start();
+    // While it runs (the live log, from the node) ...
+    let go = s.dir.0.join("go");
+    let (id, _) = s.create(json!({"name": "parts", "shell": format!(
+        "seq 1 3000; while [ ! -e {} ]; do sleep 0.02; done; echo last-line", go.display())}));
+    let mut part = (0, None, None, String::new());
+    assert!(wait_until(Duration::from_secs(20), || {
+        part = log_part(&s, &id, "tail=200");
+        part.3.contains(" out 3000\n")
+    }));
+    let (st, offset, size, body) = part;
+    assert_eq!(st, 200);
+    assert_eq!(body.len(), 200);
+    assert_eq!(offset.unwrap() + 200, size.unwrap());
+    assert_eq!(s.job(&id)["state"], "running");
+    // ... and once it has ended (the stored log).
+    std::fs::write(&go, b"").unwrap();
+    s.wait_tree(&id, Duration::from_secs(20));
+    assert!(wait_until(Duration::from_secs(5), || s
+        .app
+        .store
+        .log_blob(id.parse().unwrap(), 1)
+        .unwrap()
+        .is_some()));
+    let whole = s.log(&id);
+    let n = whole.len() as u64;
+    let (st, offset, size, body) = log_part(&s, &id, "tail=100");
+    assert_eq!((st, offset, size), (200, Some(n - 100), Some(n)));
+    assert_eq!(body, whole[whole.len() - 100..]);
+    assert!(body.contains("out last-line"), "{body}");
+    let (_, offset, _, body) = log_part(&s, &id, "offset=10&limit=25");
+    assert_eq!((offset, body.as_str()), (Some(10), &whole[10..35]));
+    let (_, offset, _, body) = log_part(&s, &id, "offset=40");
+    assert_eq!((offset, body.as_str()), (Some(40), &whole[40..]));
+    let (_, _, _, body) = log_part(&s, &id, &format!("tail={}", n * 2));
+    assert_eq!(body, whole);
+    let (st, offset, size, body) = log_part(&s, &id, &format!("offset={}&attempt=1", n + 5));
+    assert_eq!(
+        (st, offset, size, body.as_str()),
+        (200, Some(n), Some(n), "")
+    );
+
+    // Nonsense is refused, briefly, without the input.
+    for q in [
+        "tail=0",
+        "limit=0",
+        "tail=5&offset=1",
+        "tail=5&limit=1",
+        "tail=5&follow=true",
+        "tail=-1",
+        "tail=lots-and-lots",
+        "offset=1e9",
+    ] {
+        let (st, _, _, body) = log_part(&s, &id, q);
+        assert_eq!(st, 400, "{q}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{q}: {body}"));
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.len() < 200 && !m.contains("lots-and-lots"), "{q}: {m}");
+    }
+    // The websocket follows whole logs only.
+    let url = format!(
+        "{}/api/v1/jobs/{id}/log/ws?tail=10",
+        s.url.replace("http://", "ws://")
+    );
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", s.token).parse().unwrap(),
+    );
+    match tungstenite::connect(req) {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 400),
+        other => panic!(
+            "the websocket took a part of a log: {:?}",
+            other.map(|_| ())
+        ),
+    }
 }

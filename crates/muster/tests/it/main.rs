@@ -2,12 +2,27 @@
 //! processes (the built `muster` binary) and real shell commands; the crash tests run the real
 //! `muster up` binary and `kill -9` it.
 
+#[path = "../support/mod.rs"]
+mod support;
+
 mod harness;
+
+/// What the tests of muster-models share (the Python environments kept between runs, the iris
+/// bundle), for the predictor and models tests.
+#[path = "../../../muster-models/tests/support/mod.rs"]
+mod model_support;
 
 mod access;
 mod api;
 mod cluster;
 mod crash;
+mod daemons;
+mod disk;
+mod hq;
 mod jobs;
 mod logs;
+mod models;
 mod nodes;
+mod predictor;
+mod procs;
+mod secrets;

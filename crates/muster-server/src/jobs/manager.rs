@@ -10,27 +10,21 @@
 //! Why a thread and not a task: the store calls block (SQLite), and one owner of the state needs
 //! no locks at all.
 
+use super::clock::Clock;
+use super::hooks::{intent_key, parse_intent_key, Hooks, Observer, INTENTS};
 use crate::metrics::JobStats;
-use crate::protocol::{Assignment, ExitReport, Known, Report, ToAgent};
 use muster_core::sched::{Backoff, Effect, Outcome, TreeRun};
 use muster_core::spec::NewTree;
 use muster_core::{JobState, Run, TreeState, Ts, Uuid};
 use muster_store::{Change, Created, Event, Node, Store};
+use muster_wire::protocol::{Assignment, ExitReport, Known, Report, ToAgent};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
-
-/// The current time as a [`Ts`].
-pub fn now() -> Ts {
-    Ts(SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0))
-}
 
 /// Settings of the manager, from `[jobs]`.
 #[derive(Clone, Debug)]
@@ -108,11 +102,19 @@ pub enum Cmd {
     Shutdown,
 }
 
+/// What reacts to the manager's outcomes (see [`super::hooks`]), and the clock it reads.
+pub struct Reactions {
+    pub observers: Vec<Box<dyn Observer>>,
+    pub hooks: Hooks,
+    pub clock: Arc<dyn Clock>,
+}
+
 /// The handle the API and the agent sessions use.
 #[derive(Clone)]
 pub struct Manager {
     tx: Sender<Cmd>,
     alive: Arc<AtomicBool>,
+    store_full: Arc<AtomicBool>,
 }
 
 impl Manager {
@@ -121,19 +123,28 @@ impl Manager {
         store: Arc<dyn Store>,
         config: ManagerConfig,
         stats: Arc<JobStats>,
-        alerts: Arc<crate::alerts::Alerts>,
+        reactions: Reactions,
     ) -> std::io::Result<(Manager, std::thread::JoinHandle<()>)> {
         let (tx, rx) = std::sync::mpsc::channel();
         let alive = Arc::new(AtomicBool::new(true));
         let flag = alive.clone();
+        let store_full = Arc::new(AtomicBool::new(false));
+        let full = store_full.clone();
         let handle = std::thread::Builder::new()
             .name("job-manager".into())
             .spawn(move || {
-                let mut m = State::new(store, config, stats, alerts);
+                let mut m = State::new(store, config, stats, reactions, full);
                 m.run(rx);
                 flag.store(false, Ordering::SeqCst);
             })?;
-        Ok((Manager { tx, alive }, handle))
+        Ok((
+            Manager {
+                tx,
+                alive,
+                store_full,
+            },
+            handle,
+        ))
     }
 
     pub fn send(&self, cmd: Cmd) -> bool {
@@ -143,6 +154,12 @@ impl Manager {
     /// Whether the manager thread still runs (for `/readyz`).
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Whether the manager's last store write failed for lack of space and it is waiting to
+    /// try again (for `/readyz`).
+    pub fn store_full(&self) -> bool {
+        self.store_full.load(Ordering::SeqCst)
     }
 
     pub async fn create(
@@ -218,13 +235,21 @@ struct State {
     stats: Arc<JobStats>,
     /// When each ready job became ready (for the start-latency histogram).
     ready_since: HashMap<(Uuid, u32), std::time::Instant>,
-    alerts: Arc<crate::alerts::Alerts>,
+    /// Whoever hears of trees starting and ending, and of lost nodes.
+    observers: Vec<Box<dyn Observer>>,
+    /// The named hooks of jobs' outcomes.
+    hooks: Hooks,
+    /// Hooked jobs that ended in the batch being built: (tree, job index), told after the commit.
+    hooked: Vec<(Uuid, u32)>,
+    clock: Arc<dyn Clock>,
+    /// Set while a write is held up by a full store (see [`Manager::store_full`]).
+    store_full: Arc<AtomicBool>,
     /// Whether this server holds the leader lease.
     leading: bool,
     /// The round-robin turn for placing noop jobs.
     noop_turn: std::cell::Cell<usize>,
-    /// The `MUSTER_TOKEN` of each active tree's jobs: (token id, text).
-    job_tokens: HashMap<Uuid, (String, String)>,
+    /// The environment each active tree's jobs get from the observers (`MUSTER_TOKEN`).
+    tree_env: HashMap<Uuid, BTreeMap<String, String>>,
     /// Nodes not connected now, since when (for `lost`).
     away: HashMap<String, std::time::Instant>,
     /// Nodes an operator set to drain.
@@ -238,10 +263,15 @@ impl State {
         store: Arc<dyn Store>,
         config: ManagerConfig,
         stats: Arc<JobStats>,
-        alerts: Arc<crate::alerts::Alerts>,
+        reactions: Reactions,
+        store_full: Arc<AtomicBool>,
     ) -> State {
+        let clock = reactions.clock;
         State {
-            alerts,
+            store_full,
+            observers: reactions.observers,
+            hooks: reactions.hooks,
+            hooked: Vec::new(),
             leading: false,
             noop_turn: std::cell::Cell::new(0),
             store,
@@ -249,11 +279,12 @@ impl State {
             stats,
             ready_since: HashMap::new(),
             away: HashMap::new(),
-            job_tokens: HashMap::new(),
+            tree_env: HashMap::new(),
             draining: HashSet::new(),
-            started: std::time::Instant::now(),
-            last_liveness: std::time::Instant::now(),
-            epoch: now().0 as u64,
+            started: clock.instant(),
+            last_liveness: clock.instant(),
+            epoch: clock.now().0 as u64,
+            clock,
             trees: HashMap::new(),
             job_tree: HashMap::new(),
             ready_noop: VecDeque::new(),
@@ -275,7 +306,7 @@ impl State {
         loop {
             let wait = match self.timers.peek() {
                 Some(Reverse((at, _, _))) => {
-                    Duration::from_millis((at.0 - now().0).clamp(0, 60_000) as u64)
+                    Duration::from_millis((at.0 - self.clock.now().0).clamp(0, 60_000) as u64)
                 }
                 None => Duration::from_secs(60),
             }
@@ -299,10 +330,8 @@ impl State {
             self.fire_timers();
             self.liveness();
             self.schedule();
-            self.stats.queue_depth.store(
-                (self.ready_work.len() + self.ready_noop.len()) as i64,
-                Ordering::Relaxed,
-            );
+            self.stats
+                .set_queue_depth(self.ready_work.len() + self.ready_noop.len());
             self.commit();
             if stop {
                 return;
@@ -312,19 +341,19 @@ impl State {
 
     /// Resumes every running tree of the store (after a restart or a crash).
     fn recover(&mut self) {
-        let t = now();
-        let nodes = retry_store(|| self.store.nodes());
+        let t = self.clock.now();
+        let nodes = retry_store(&self.store_full, || self.store.nodes());
         for n in nodes {
             // Every node starts away; it has `lost_after` of grace from now to come back.
-            self.away.insert(n.id.clone(), std::time::Instant::now());
+            self.away.insert(n.id.clone(), self.clock.instant());
             if n.state == "draining" {
                 self.draining.insert(n.id.clone());
             }
             self.known_nodes.insert(n.id.clone(), n);
         }
-        let trees = retry_store(|| self.store.running_trees());
+        let trees = retry_store(&self.store_full, || self.store.running_trees());
         for tree in trees {
-            let jobs = retry_store(|| self.store.tree_jobs(tree.id));
+            let jobs = retry_store(&self.store_full, || self.store.tree_jobs(tree.id));
             if jobs.is_empty() {
                 continue;
             }
@@ -334,10 +363,10 @@ impl State {
                     self.job_tree.insert(j.id, id);
                 }
             }
-            self.issue_token(&tree);
+            self.started(&tree);
             let persisted: Vec<JobState> = jobs.iter().map(|j| j.state).collect();
             for st in persisted.iter().filter(|s| !s.is_final()) {
-                count_states(&self.stats, None, Some(*st));
+                self.stats.moved(None, Some(*st));
             }
             let (run, fx) = TreeRun::new(tree, jobs, t);
             self.trees.insert(id, Entry { run, persisted });
@@ -345,24 +374,38 @@ impl State {
         }
     }
 
-    /// Gives a tree's jobs their workspace token (made again after a restart: only its hash was
-    /// stored).
-    fn issue_token(&mut self, tree: &muster_core::Tree) {
-        let user = tree.created_by.clone().unwrap_or_default();
-        if user.is_empty() {
-            return;
+    /// The observers hear that the manager has `tree` in hand; what they give its jobs is kept.
+    fn started(&mut self, tree: &muster_core::Tree) {
+        let mut env = BTreeMap::new();
+        for o in &mut self.observers {
+            env.extend(o.started(tree));
         }
-        match crate::accounts::issue_job_token(
-            &*self.store,
-            &user,
-            &tree.tags.workspace,
-            &tree.id.to_string(),
-            7 * 86_400_000,
-        ) {
-            Ok(t) => {
-                self.job_tokens.insert(tree.id, t);
+        self.tree_env.insert(tree.id, env);
+    }
+
+    /// Calls the hooks of outcomes recorded before a crash or a failover (their intents are
+    /// still in the store): an outcome that is committed gets its hook now; an intent whose job
+    /// has not ended in the store was written for a commit that never happened, and goes.
+    fn recover_hooks(&mut self) {
+        let intents = retry_store(&self.store_full, || self.store.docs(INTENTS, ""));
+        for (key, doc) in intents {
+            let Some((job_id, attempt)) = parse_intent_key(&key) else {
+                continue;
+            };
+            let job = retry_store(&self.store_full, || self.store.job(job_id));
+            if let Some(job) = job.filter(|j| j.state.is_final() && j.attempt == attempt) {
+                let tree = retry_store(&self.store_full, || self.store.tree(job.tree));
+                match (tree, self.hooks.get(&doc.value)) {
+                    (Some(tree), Some(hook)) => hook.ended(&tree, &job),
+                    (_, None) => tracing::warn!(
+                        job = %job_id,
+                        "no hook named {:?} for the outcome of job {job_id}",
+                        doc.value
+                    ),
+                    (None, _) => {}
+                }
             }
-            Err(e) => eprintln!("muster: no job token for tree {}: {e}", tree.id),
+            retry_store(&self.store_full, || self.store.put_doc(INTENTS, &key, None));
         }
     }
 
@@ -382,15 +425,20 @@ impl State {
                 let res = self
                     .store
                     .create_tree(&new.tree, &new.jobs, idempotency_key.as_deref());
+                match &res {
+                    Ok(_) => self.store_full.store(false, Ordering::SeqCst),
+                    Err(muster_store::StoreError::NoSpace(_)) => {
+                        self.store_full.store(true, Ordering::SeqCst)
+                    }
+                    Err(_) => {}
+                }
                 match res {
                     Ok(Created::New) => {
                         let id = new.tree.id;
-                        self.issue_token(&new.tree);
+                        self.started(&new.tree);
                         let persisted = new.jobs.iter().map(|j| j.state).collect();
-                        self.stats
-                            .waiting
-                            .fetch_add(new.jobs.len() as i64, Ordering::Relaxed);
-                        let (run, fx) = TreeRun::new(new.tree, new.jobs, now());
+                        self.stats.created(new.jobs.len());
+                        let (run, fx) = TreeRun::new(new.tree, new.jobs, self.clock.now());
                         self.trees.insert(id, Entry { run, persisted });
                         self.absorb(id, fx);
                         self.after_commit.push(Box::new(move || {
@@ -407,7 +455,7 @@ impl State {
             }
             Cmd::Abort { tree, reply } => {
                 let res = match self.trees.get_mut(&tree) {
-                    Some(entry) => match entry.run.abort(now()) {
+                    Some(entry) => match entry.run.abort(self.clock.now()) {
                         Ok(fx) => {
                             // The tree's abort flag is written with (before) the aborted jobs.
                             self.dirty_trees.insert(tree);
@@ -440,19 +488,14 @@ impl State {
                     .map(|(k, _)| k.clone())
                     .collect();
                 for id in gone {
-                    self.away.insert(id.clone(), std::time::Instant::now());
+                    self.away.insert(id.clone(), self.clock.instant());
                     if let Some(c) = self.conns.remove(&id) {
-                        let _ = self.store.put_node(&Node {
+                        // Written (retried until it is) before anyone is told.
+                        self.set_node(Node {
                             state: "down".into(),
-                            last_seen: now(),
-                            ..c.node.clone()
+                            last_seen: self.clock.now(),
+                            ..c.node
                         });
-                        self.store.publish(&[Event::Node {
-                            id: c.node.id.clone(),
-                            name: c.node.name,
-                            state: "down".into(),
-                            at: now(),
-                        }]);
                     }
                 }
             }
@@ -470,16 +513,16 @@ impl State {
             Cmd::Heartbeat { session } => {
                 let mut save = None;
                 if let Some(c) = self.conns.values_mut().find(|c| c.session == session) {
-                    c.last_beat = std::time::Instant::now();
+                    c.last_beat = self.clock.instant();
                     // `last_seen` in the registry moves with the heartbeats, written at most
                     // every 5 s per node.
-                    if now().0 - c.node.last_seen.0 >= 5_000 {
-                        c.node.last_seen = now();
+                    if self.clock.now().0 - c.node.last_seen.0 >= 5_000 {
+                        c.node.last_seen = self.clock.now();
                         save = Some(c.node.clone());
                     }
                 }
                 if let Some(n) = save {
-                    let _ = self.store.put_node(&n);
+                    retry_store(&self.store_full, || self.store.put_node(&n));
                     self.known_nodes.insert(n.id.clone(), n);
                 }
             }
@@ -505,13 +548,14 @@ impl State {
             }
             Cmd::Lead(on) if on == self.leading => {}
             Cmd::Lead(true) => {
-                eprintln!("muster: this server leads the cluster now");
+                tracing::info!("this server leads the cluster now");
                 self.leading = true;
-                self.started = std::time::Instant::now();
+                self.started = self.clock.instant();
                 self.recover();
+                self.recover_hooks();
             }
             Cmd::Lead(false) => {
-                eprintln!("muster: this server no longer leads the cluster");
+                tracing::warn!("this server no longer leads the cluster");
                 self.leading = false;
                 for c in self.conns.values() {
                     let _ = c.tx.send(ToAgent::Reconnect);
@@ -523,7 +567,8 @@ impl State {
                 self.ready_work.clear();
                 self.timers.clear();
                 self.away.clear();
-                self.job_tokens.clear();
+                self.tree_env.clear();
+                self.hooked.clear();
                 self.dirty_jobs.clear();
                 self.dirty_set.clear();
                 self.dirty_trees.clear();
@@ -567,13 +612,14 @@ impl State {
         let _ = tx.send(ToAgent::Welcome {
             node_id: id.clone(),
             epoch: self.epoch,
+            protocol: muster_wire::protocol::PROTOCOL_VERSION,
         });
-        retry_store(|| self.store.put_node(&node));
+        retry_store(&self.store_full, || self.store.put_node(&node));
         self.store.publish(&[Event::Node {
             id: id.clone(),
             name: node.name.clone(),
             state: node.state.clone(),
-            at: now(),
+            at: self.clock.now(),
         }]);
         self.known_nodes.insert(id.clone(), node.clone());
         self.conns.insert(
@@ -583,7 +629,7 @@ impl State {
                 node,
                 tx: tx.clone(),
                 used: 0,
-                last_beat: std::time::Instant::now(),
+                last_beat: self.clock.instant(),
             },
         );
         let mut known_running: HashSet<(Uuid, u32)> = HashSet::new();
@@ -700,7 +746,7 @@ impl State {
                 error,
                 result,
             },
-            now(),
+            self.clock.now(),
             self.config.backoff,
             rand::random::<f64>(),
         );
@@ -746,12 +792,12 @@ impl State {
         if let Some(c) = self.conns.get_mut(&node.id) {
             c.node = node.clone();
         }
-        retry_store(|| self.store.put_node(&node));
+        retry_store(&self.store_full, || self.store.put_node(&node));
         self.store.publish(&[Event::Node {
             id: node.id.clone(),
             name: node.name.clone(),
             state: node.state.clone(),
-            at: now(),
+            at: self.clock.now(),
         }]);
         self.known_nodes.insert(node.id.clone(), node);
     }
@@ -761,7 +807,11 @@ impl State {
         self.conns
             .values()
             .filter(|c| c.node.state == "ready" || c.node.state == "draining")
-            .map(|c| self.config.down_after.saturating_sub(c.last_beat.elapsed()))
+            .map(|c| {
+                self.config
+                    .down_after
+                    .saturating_sub(self.clock.since(c.last_beat))
+            })
             .min()
             .map_or(Duration::MAX, |d| d + Duration::from_millis(1))
     }
@@ -771,13 +821,13 @@ impl State {
     /// are retried elsewhere when they have retries left and no fixed node. After a server start,
     /// every node has `lost_after` of grace.
     fn liveness(&mut self) {
-        if self.last_liveness.elapsed() < Duration::from_millis(10) {
+        if self.clock.since(self.last_liveness) < Duration::from_millis(10) {
             return;
         }
-        self.last_liveness = std::time::Instant::now();
+        self.last_liveness = self.clock.instant();
         let mut changed = Vec::new();
         for c in self.conns.values() {
-            let silent = c.last_beat.elapsed();
+            let silent = self.clock.since(c.last_beat);
             let want = if silent >= self.config.down_after {
                 "down"
             } else if self.draining.contains(&c.node.id) {
@@ -788,7 +838,7 @@ impl State {
             if c.node.state != want {
                 changed.push(Node {
                     state: want.into(),
-                    last_seen: now(),
+                    last_seen: self.clock.now(),
                     ..c.node.clone()
                 });
             }
@@ -803,8 +853,8 @@ impl State {
             .away
             .iter()
             .filter(|(_, since)| {
-                since.elapsed() >= self.config.lost_after
-                    && self.started.elapsed() >= self.config.lost_after
+                self.clock.since(**since) >= self.config.lost_after
+                    && self.clock.since(self.started) >= self.config.lost_after
             })
             .map(|(id, _)| id.clone())
             .filter(|id| self.known_nodes.get(id).is_some_and(|n| n.state != "lost"))
@@ -818,15 +868,15 @@ impl State {
                 state: "lost".into(),
                 ..node.clone()
             });
-            eprintln!(
-                "muster: node {} is lost; failing its running jobs",
+            tracing::warn!(
+                node = %node.name,
+                "node {} is lost; failing its running jobs",
                 node.name
             );
-            self.alerts.send(
-                "node_lost",
-                serde_json::json!({"node": node.name, "id": node.id}),
-            );
-            let t = now();
+            for o in &mut self.observers {
+                o.node_lost(&node);
+            }
+            let t = self.clock.now();
             let mut hits = Vec::new();
             for (tid, entry) in &self.trees {
                 for (i, j) in entry.run.jobs.iter().enumerate() {
@@ -863,7 +913,7 @@ impl State {
                         Run::Noop | Run::Group => self.ready_noop.push_back((tid, i)),
                         _ => self.ready_work.push_back((tid, i)),
                     }
-                    self.ready_since.insert((tid, i), std::time::Instant::now());
+                    self.ready_since.insert((tid, i), self.clock.instant());
                 }
                 Effect::Kill(i) => {
                     let Some(entry) = self.trees.get(&tid) else {
@@ -893,7 +943,7 @@ impl State {
     }
 
     fn fire_timers(&mut self) {
-        let t = now();
+        let t = self.clock.now();
         while let Some(Reverse((at, tid, i))) = self.timers.peek().cloned() {
             if at > t {
                 break;
@@ -909,7 +959,7 @@ impl State {
     /// Starts ready jobs where they can run: grouping jobs resolve here, noop jobs take no slot,
     /// exec and shell jobs wait for a free slot on a matching node.
     fn schedule(&mut self) {
-        let t = now();
+        let t = self.clock.now();
         // Noop jobs that found no node now wait for the next round, in order.
         let mut parked = VecDeque::new();
         loop {
@@ -989,11 +1039,7 @@ impl State {
                 self.job_tree.insert(job.id, tid);
                 self.absorb(tid, fx);
                 if let Some(since) = self.ready_since.remove(&(tid, i)) {
-                    self.stats
-                        .start_latency
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .observe(since.elapsed());
+                    self.stats.started_after(self.clock.since(since));
                 }
                 let a = self.assignment(tid, i);
                 self.outbox.entry(node_id).or_default().push(a);
@@ -1015,7 +1061,8 @@ impl State {
         };
         // Just after this server started leading, nodes are still connecting: a job that fits no
         // known node waits out that grace rather than failing.
-        let settling = self.started.elapsed() < self.config.down_after.max(Duration::from_secs(2));
+        let settling =
+            self.clock.since(self.started) < self.config.down_after.max(Duration::from_secs(2));
         if !self.known_nodes.values().any(fits) {
             if settling {
                 return Placement::Wait;
@@ -1072,8 +1119,8 @@ impl State {
         let job = self.trees[&tid].run.job(i);
         let mut env = BTreeMap::new();
         env.insert("MUSTER_URL".to_string(), self.config.url.clone());
-        if let Some((_, text)) = self.job_tokens.get(&tid) {
-            env.insert("MUSTER_TOKEN".to_string(), text.clone());
+        if let Some(more) = self.tree_env.get(&tid) {
+            env.extend(more.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
         if let Some(n) = &job.node {
             env.insert("MUSTER_NODE_NAME".to_string(), n.clone());
@@ -1089,6 +1136,7 @@ impl State {
             log_max: self.config.log_max,
             env,
             run_as: None,
+            cgroup: None,
         }
     }
 
@@ -1101,7 +1149,7 @@ impl State {
     fn apply_in_chunks(&self, changes: &[Change]) -> Vec<bool> {
         const CHUNK: usize = 1000;
         if changes.len() <= CHUNK {
-            return retry_store(|| self.store.apply(changes));
+            return retry_store(&self.store_full, || self.store.apply(changes));
         }
         let rank = |c: &Change| match c {
             Change::Tree(t) if t.state == TreeState::Running => 0,
@@ -1114,7 +1162,7 @@ impl State {
         let mut applied = vec![false; changes.len()];
         for chunk in order.chunks(CHUNK) {
             let batch: Vec<Change> = chunk.iter().map(|&i| changes[i].clone()).collect();
-            let res = retry_store(|| self.store.apply(&batch));
+            let res = retry_store(&self.store_full, || self.store.apply(&batch));
             for (k, &i) in chunk.iter().enumerate() {
                 applied[i] = res.get(k).copied().unwrap_or(false);
             }
@@ -1126,7 +1174,7 @@ impl State {
     fn commit(&mut self) {
         let mut changes = Vec::with_capacity(self.dirty_jobs.len() + self.dirty_trees.len());
         let mut events = Vec::with_capacity(changes.capacity());
-        let t = now();
+        let t = self.clock.now();
         for (tid, i) in self.dirty_jobs.drain(..) {
             let Some(entry) = self.trees.get_mut(&tid) else {
                 continue;
@@ -1134,7 +1182,19 @@ impl State {
             let job = entry.run.job(i).clone();
             let expect = entry.persisted[i as usize];
             entry.persisted[i as usize] = job.state;
-            count_states(&self.stats, Some(expect), Some(job.state));
+            self.stats.moved(Some(expect), Some(job.state));
+            if let Some(hook) = job
+                .hook
+                .as_deref()
+                .filter(|_| job.state.is_final() && !expect.is_final())
+            {
+                // The intent first: a crash after the commit leaves it for the next leader.
+                let key = intent_key(job.id, job.attempt);
+                retry_store(&self.store_full, || {
+                    self.store.put_doc(INTENTS, &key, Some(hook))
+                });
+                self.hooked.push((tid, i));
+            }
             events.push(Event::Job {
                 id: job.id,
                 tree: tid,
@@ -1157,25 +1217,6 @@ impl State {
             };
             changes.push(Change::Tree(entry.run.tree.clone()));
             if entry.run.tree.state != TreeState::Running {
-                if entry.run.tree.state == TreeState::Failed {
-                    let failed: Vec<String> = entry
-                        .run
-                        .jobs
-                        .iter()
-                        .filter(|j| j.state == JobState::Failed)
-                        .map(|j| {
-                            format!(
-                                "{}: {}",
-                                j.key,
-                                j.error.clone().unwrap_or_else(|| format!(
-                                    "exit code {}",
-                                    j.exit_code.unwrap_or(-1)
-                                ))
-                            )
-                        })
-                        .collect();
-                    self.alerts.send("tree_failed", serde_json::json!({"tree": tid, "name": entry.run.tree.name, "workspace": entry.run.tree.tags.workspace, "failed": failed}));
-                }
                 events.push(Event::Tree {
                     id: tid,
                     workspace: entry.run.tree.tags.workspace.clone(),
@@ -1190,8 +1231,8 @@ impl State {
             for (k, ok) in applied.iter().enumerate() {
                 if !ok {
                     // Another server moved this job (a race over the lease): never send it.
-                    eprintln!(
-                        "muster: job manager: a stored state moved under us ({})",
+                    tracing::warn!(
+                        "job manager: a stored state moved under us ({})",
                         summary(&changes[k])
                     );
                     if let Change::Job { job, .. } = &changes[k] {
@@ -1200,14 +1241,32 @@ impl State {
                 }
             }
         }
+        // Committed: the hooks of the jobs that ended hear of it, then their intents go.
+        for (tid, i) in std::mem::take(&mut self.hooked) {
+            let Some(entry) = self.trees.get(&tid) else {
+                continue;
+            };
+            let job = entry.run.job(i);
+            if lost_race.contains(&job.id) {
+                continue;
+            }
+            let name = job.hook.clone().unwrap_or_default();
+            match self.hooks.get(&name) {
+                Some(hook) => hook.ended(&entry.run.tree, job),
+                None => tracing::warn!(job = %job.id, "no hook named {name:?} for job {}", job.id),
+            }
+            let key = intent_key(job.id, job.attempt);
+            retry_store(&self.store_full, || self.store.put_doc(INTENTS, &key, None));
+        }
         let mut freed = 0;
         for tid in finished {
             if let Some(e) = self.trees.remove(&tid) {
+                for o in &mut self.observers {
+                    o.ended(&e.run.tree, &e.run.jobs);
+                }
                 freed += e.run.jobs.len();
             }
-            if let Some((id, _)) = self.job_tokens.remove(&tid) {
-                let _ = self.store.delete_token(&id);
-            }
+            self.tree_env.remove(&tid);
         }
         if freed >= 1000 {
             // A big tree's memory goes back to the system rather than staying in malloc's
@@ -1248,30 +1307,6 @@ fn summary(change: &Change) -> String {
     }
 }
 
-/// Moves one job between the state gauges/counters.
-fn count_states(stats: &JobStats, from: Option<JobState>, to: Option<JobState>) {
-    if from == to {
-        return;
-    }
-    let gauge = |st: JobState| match st {
-        JobState::Waiting => Some(&stats.waiting),
-        JobState::Running => Some(&stats.running),
-        _ => None,
-    };
-    if let Some(g) = from.and_then(gauge) {
-        g.fetch_sub(1, Ordering::Relaxed);
-    }
-    match to {
-        Some(JobState::Succeeded) => stats.succeeded.fetch_add(1, Ordering::Relaxed),
-        Some(JobState::Failed) => stats.failed.fetch_add(1, Ordering::Relaxed),
-        Some(JobState::Aborted) => stats.aborted.fetch_add(1, Ordering::Relaxed),
-        Some(st) => gauge(st)
-            .map(|g| g.fetch_add(1, Ordering::Relaxed) as u64)
-            .unwrap_or(0),
-        None => 0,
-    };
-}
-
 fn takes_slot(run: &Run) -> bool {
     matches!(run, Run::Exec(_) | Run::Shell(_))
 }
@@ -1280,17 +1315,365 @@ fn node_is(name: Option<&str>, node: &Node) -> bool {
     name == Some(node.name.as_str())
 }
 
-/// The manager never drops a write: while the store is unavailable it waits and tries again.
-fn retry_store<T>(mut f: impl FnMut() -> muster_store::Result<T>) -> T {
+/// The manager never drops a write: while the store is unavailable (or full) it waits and tries
+/// again. `full` tells `/readyz` while a full store holds it up.
+fn retry_store<T>(full: &AtomicBool, mut f: impl FnMut() -> muster_store::Result<T>) -> T {
     let mut delay = Duration::from_millis(50);
     loop {
         match f() {
-            Ok(v) => return v,
+            Ok(v) => {
+                full.store(false, Ordering::SeqCst);
+                return v;
+            }
             Err(e) => {
-                eprintln!("muster: job manager: {e}; retrying in {delay:?}");
+                if matches!(e, muster_store::StoreError::NoSpace(_)) {
+                    full.store(true, Ordering::SeqCst);
+                }
+                tracing::error!("job manager: {e}; retrying in {delay:?}");
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The manager's decisions, driven command by command with a clock the test moves and
+    //! in-process channels for the agents: no sockets, no sleeping.
+
+    use super::*;
+    use crate::jobs::clock::FakeClock;
+    use crate::jobs::hooks::JobHook;
+    use muster_core::spec::{build_tree, JobSpec};
+    use std::sync::Mutex;
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+    const DOWN: Duration = Duration::from_secs(3);
+    const LOST: Duration = Duration::from_secs(30);
+
+    fn config() -> ManagerConfig {
+        ManagerConfig {
+            backoff: Backoff {
+                base_ms: 1000,
+                max_ms: 1000,
+            },
+            kill_grace_ms: 1000,
+            log_max: 1 << 20,
+            url: "http://muster.test".into(),
+            down_after: DOWN,
+            lost_after: LOST,
+        }
+    }
+
+    /// A hook that remembers what it heard.
+    #[derive(Default)]
+    struct Heard(Mutex<Vec<(Uuid, JobState)>>);
+
+    impl JobHook for Heard {
+        fn ended(&self, _tree: &muster_core::Tree, job: &muster_core::Job) {
+            self.0.lock().unwrap().push((job.id, job.state));
+        }
+    }
+
+    struct Rig {
+        st: State,
+        clock: FakeClock,
+        store: Arc<dyn Store>,
+        heard: Arc<Heard>,
+    }
+
+    fn rig_on(store: Arc<dyn Store>) -> Rig {
+        let clock = FakeClock::default();
+        let hooks = Hooks::default();
+        let heard = Arc::new(Heard::default());
+        hooks.register("test", heard.clone());
+        let reactions = Reactions {
+            observers: Vec::new(),
+            hooks,
+            clock: Arc::new(clock.clone()),
+        };
+        let mut st = State::new(
+            store.clone(),
+            config(),
+            Arc::default(),
+            reactions,
+            Arc::default(),
+        );
+        st.handle(Cmd::Lead(true));
+        Rig {
+            st,
+            clock,
+            store,
+            heard,
+        }
+    }
+
+    fn rig() -> Rig {
+        rig_on(muster_store::open("memory://").unwrap())
+    }
+
+    impl Rig {
+        /// One turn of the manager's loop after the commands given.
+        fn step(&mut self, cmds: Vec<Cmd>) {
+            for c in cmds {
+                self.st.handle(c);
+            }
+            self.st.fire_timers();
+            self.st.liveness();
+            self.st.schedule();
+            self.st.commit();
+        }
+
+        fn connect(
+            &mut self,
+            session: u64,
+            name: &str,
+            labels: &[(&str, &str)],
+            slots: u32,
+        ) -> UnboundedReceiver<ToAgent> {
+            let (tx, rx) = unbounded_channel();
+            let node = Node {
+                id: format!("id-{name}"),
+                name: name.into(),
+                state: "ready".into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .chain([("workspaces".to_string(), "*".to_string())])
+                    .collect(),
+                slots,
+                last_seen: self.clock.now(),
+                version: "test".into(),
+            };
+            self.step(vec![Cmd::Connect {
+                session,
+                node,
+                tx,
+                known: vec![],
+                seq: 1,
+            }]);
+            rx
+        }
+
+        fn create(&mut self, spec: serde_json::Value, hook: bool) -> muster_core::spec::NewTree {
+            let spec: JobSpec = serde_json::from_value(spec).unwrap();
+            let mut new = build_tree(
+                &spec,
+                "ws",
+                Some("ann"),
+                self.clock.now(),
+                &mut Uuid::now_v7,
+            )
+            .unwrap();
+            if hook {
+                for j in &mut new.jobs {
+                    j.hook = Some("test".into());
+                }
+            }
+            let (reply, _rx) = tokio::sync::oneshot::channel();
+            self.step(vec![Cmd::Create {
+                new: new.clone(),
+                idempotency_key: None,
+                reply,
+            }]);
+            new
+        }
+
+        fn node_state(&self, name: &str) -> String {
+            let nodes = self.store.nodes().unwrap();
+            nodes.iter().find(|n| n.name == name).unwrap().state.clone()
+        }
+
+        fn job(&self, id: Uuid) -> muster_core::Job {
+            self.store.job(id).unwrap().unwrap()
+        }
+    }
+
+    /// The jobs assigned in the messages waiting on `rx`.
+    fn assigned(rx: &mut UnboundedReceiver<ToAgent>) -> Vec<Assignment> {
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            if let ToAgent::Assign { jobs, .. } = m {
+                out.extend(jobs);
+            }
+        }
+        out
+    }
+
+    fn exited(job: &Assignment, code: i32) -> Cmd {
+        Cmd::Reports {
+            session: 0,
+            seq: 2,
+            reports: vec![Report::Exited {
+                job: job.job,
+                attempt: job.attempt,
+                outcome: ExitReport {
+                    exit_code: Some(code),
+                    error: None,
+                    result: None,
+                    at: Ts(0),
+                },
+            }],
+        }
+    }
+
+    #[test]
+    fn jobs_go_to_the_node_they_name_or_select_and_wait_for_a_free_slot() {
+        let mut r = rig();
+        let mut gpu = r.connect(1, "gpu-1", &[("type", "gpu")], 1);
+        let mut cpu = r.connect(2, "cpu-1", &[("type", "cpu")], 2);
+        let new = r.create(
+            serde_json::json!({"name": "t", "children": [
+                {"name": "a", "key": "a", "node_selector": {"type": "gpu"}, "exec": ["true"]},
+                {"name": "b", "key": "b", "node_selector": {"type": "gpu"}, "exec": ["true"]},
+                {"name": "c", "key": "c", "node": "cpu-1", "exec": ["true"]},
+                {"name": "d", "key": "d", "node_selector": {"type": "tpu"}, "exec": ["true"]}
+            ]}),
+            false,
+        );
+        // One slot on the gpu node: one of a and b now, the other waits for it.
+        let on_gpu = assigned(&mut gpu);
+        assert_eq!(on_gpu.len(), 1);
+        let on_cpu = assigned(&mut cpu);
+        assert_eq!(on_cpu.len(), 1);
+        assert_eq!(on_cpu[0].job, new.jobs[3].id);
+        assert_eq!(on_cpu[0].env["MUSTER_URL"], "http://muster.test");
+        // Past the start-up grace, a selector no node matches fails its job at once.
+        r.clock.advance(Duration::from_secs(3));
+        r.step(vec![]);
+        let d = r.job(new.jobs[4].id);
+        assert_eq!(d.state, JobState::Failed);
+        assert!(d.error.unwrap().contains("no node matches"), "d fails");
+        // (The tree halts on d's failure: nothing else starts.)
+        r.step(vec![exited(&on_gpu[0], 0)]);
+        assert!(
+            assigned(&mut gpu).is_empty(),
+            "a halted tree starts nothing"
+        );
+    }
+
+    #[test]
+    fn a_silent_node_goes_down_then_lost_and_its_movable_job_moves() {
+        let mut r = rig();
+        let mut a = r.connect(1, "a", &[], 4);
+        let mut b = r.connect(2, "b", &[], 4);
+        let new = r.create(
+            serde_json::json!({"name": "mover", "exec": ["sleep", "100"], "retries": 1}),
+            false,
+        );
+        let (mut first, other) = (assigned(&mut a), assigned(&mut b));
+        let (silent, mut alive_rx, alive_session) = if first.is_empty() {
+            first = other;
+            ("b", a, 1)
+        } else {
+            ("a", b, 2)
+        };
+        assert_eq!(first.len(), 1);
+        // Heartbeats keep only the other node up.
+        for _ in 0..4 {
+            r.clock.advance(Duration::from_secs(1));
+            r.step(vec![Cmd::Heartbeat {
+                session: alive_session,
+            }]);
+        }
+        assert_eq!(r.node_state(silent), "down", "3 s silent: down");
+        assert_eq!(
+            r.job(new.jobs[0].id).state,
+            JobState::Running,
+            "down is not lost"
+        );
+        // Lost after lost_after (the server's start-up grace has passed too).
+        for _ in 0..30 {
+            r.clock.advance(Duration::from_secs(1));
+            r.step(vec![Cmd::Heartbeat {
+                session: alive_session,
+            }]);
+        }
+        assert_eq!(r.node_state(silent), "lost");
+        // Its backoff (1 s) over, the second attempt went to the node still alive.
+        let j = r.job(new.jobs[0].id);
+        assert_eq!((j.state, j.attempt), (JobState::Running, 2), "retried");
+        assert_eq!(
+            j.node.as_deref(),
+            Some(if silent == "a" { "b" } else { "a" })
+        );
+        let moved = assigned(&mut alive_rx);
+        assert_eq!(moved.len(), 1, "{moved:?}");
+        assert_eq!((moved[0].job, moved[0].attempt), (new.jobs[0].id, 2));
+    }
+
+    #[test]
+    fn a_hook_hears_each_outcome_once_after_the_commit() {
+        let mut r = rig();
+        let mut a = r.connect(1, "a", &[], 4);
+        let new = r.create(
+            serde_json::json!({"name": "h", "children": [{"name": "x", "exec": ["true"]}]}),
+            true,
+        );
+        let x = assigned(&mut a);
+        assert_eq!(x.len(), 1);
+        assert!(r.heard.0.lock().unwrap().is_empty());
+        r.step(vec![exited(&x[0], 0)]);
+        // The child, then the root (a grouping job) a turn later.
+        r.step(vec![]);
+        let heard = r.heard.0.lock().unwrap().clone();
+        assert_eq!(
+            heard,
+            vec![
+                (new.jobs[1].id, JobState::Succeeded),
+                (new.jobs[0].id, JobState::Succeeded)
+            ]
+        );
+        // Told after the commit: the store has it; and no intent is left.
+        assert_eq!(r.job(new.jobs[1].id).state, JobState::Succeeded);
+        assert!(r.store.docs(INTENTS, "").unwrap().is_empty());
+        // A repeated report changes nothing and is not heard again.
+        r.step(vec![exited(&x[0], 0)]);
+        assert_eq!(r.heard.0.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn an_outcome_committed_before_a_crash_is_heard_by_the_next_leader() {
+        let store = muster_store::open("memory://").unwrap();
+        let mut r = rig_on(store.clone());
+        let mut a = r.connect(1, "a", &[], 4);
+        let new = r.create(
+            serde_json::json!({"name": "h", "children": [{"name": "x", "exec": ["true"]}, {"name": "y", "exec": ["true"]}]}),
+            true,
+        );
+        let jobs = assigned(&mut a);
+        assert_eq!(jobs.len(), 2);
+        r.step(vec![exited(&jobs[0], 0)]);
+        let heard_first = r.heard.0.lock().unwrap().clone();
+        assert_eq!(heard_first.len(), 1);
+        // As if the server died between the commit and the hook: the intent is still there, and
+        // another for an outcome whose commit never happened.
+        let done = heard_first[0].0;
+        let done_attempt = r.job(done).attempt;
+        store
+            .put_doc(INTENTS, &intent_key(done, done_attempt), Some("test"))
+            .unwrap();
+        let pending = if done == jobs[0].job {
+            &jobs[1]
+        } else {
+            &jobs[0]
+        };
+        store
+            .put_doc(
+                INTENTS,
+                &intent_key(pending.job, pending.attempt),
+                Some("test"),
+            )
+            .unwrap();
+        drop(r);
+        // The next leader hears the committed one, drops the other, and resumes the tree.
+        let r2 = rig_on(store.clone());
+        assert_eq!(
+            r2.heard.0.lock().unwrap().clone(),
+            vec![(done, JobState::Succeeded)]
+        );
+        assert!(store.docs(INTENTS, "").unwrap().is_empty());
+        assert!(r2.st.trees.contains_key(&new.tree.id));
     }
 }

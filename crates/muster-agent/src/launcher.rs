@@ -8,7 +8,9 @@
 //! would. Supervisors outlive the launcher as they outlive the agent.
 //!
 //! Protocol on the launcher's standard input and output, each message ending in a NUL byte:
-//! - agent → launcher: `DIR`, an attempt directory with its `spec.json` written;
+//! - agent → launcher: `DIR`, an attempt directory with its `spec.json` written, followed by
+//!   the job's secret environment as `\x1eKEY=VALUE` fields (see [`super::supervisor::Secrets`]:
+//!   the job's token travels over this pipe, never through a file);
 //! - launcher → agent: `E DIR`, that attempt's supervisor process ended (its `exit.json` says how,
 //!   or it was lost); `R DIR`, the launcher could not fork for it: start `muster supervise DIR`.
 //!
@@ -29,7 +31,7 @@ pub fn main() -> i32 {
     match run() {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("muster supervise --launcher: {e}");
+            tracing::error!("muster supervise --launcher: {e}");
             1
         }
     }
@@ -116,13 +118,21 @@ fn run() -> std::io::Result<()> {
                 input.extend_from_slice(&buf[..n as usize]);
             }
             while let Some(end) = input.iter().position(|&b| b == 0) {
-                let dir: Vec<u8> = input.drain(..=end).take(end).collect();
-                match fork_supervisor(&dir, &old, sfd) {
+                let msg: Vec<u8> = input.drain(..=end).take(end).collect();
+                let mut fields = msg.split(|&b| b == SEPARATOR);
+                let dir = fields.next().unwrap_or_default().to_vec();
+                let secrets: Vec<(String, String)> = fields
+                    .filter_map(|f| {
+                        let (k, v) = std::str::from_utf8(f).ok()?.split_once('=')?;
+                        Some((k.to_string(), v.to_string()))
+                    })
+                    .collect();
+                match fork_supervisor(&dir, secrets, &old, sfd) {
                     Ok(pid) => {
                         children.insert(pid, dir);
                     }
                     Err(e) => {
-                        eprintln!(
+                        tracing::error!(
                             "muster supervise --launcher: cannot fork for {}: {e}",
                             String::from_utf8_lossy(&dir)
                         );
@@ -141,8 +151,17 @@ fn run() -> std::io::Result<()> {
     }
 }
 
+/// Separates the fields of a request (the directory, then each secret); a directory holding it
+/// is never handed to the launcher.
+pub const SEPARATOR: u8 = 0x1e;
+
 /// Forks a supervisor for `dir`: the child runs it and exits with its code.
-fn fork_supervisor(dir: &[u8], old: &libc::sigset_t, sfd: i32) -> std::io::Result<i32> {
+fn fork_supervisor(
+    dir: &[u8],
+    secrets: Vec<(String, String)>,
+    old: &libc::sigset_t,
+    sfd: i32,
+) -> std::io::Result<i32> {
     let path = PathBuf::from(OsStr::from_bytes(dir));
     // SAFETY: this process has one thread, so the child may go on running Rust code.
     let pid = unsafe { libc::fork() };
@@ -170,7 +189,7 @@ fn fork_supervisor(dir: &[u8], old: &libc::sigset_t, sfd: i32) -> std::io::Resul
     // SAFETY: as above.
     unsafe { libc::prctl(libc::PR_SET_NAME, c"muster".as_ptr()) };
     show_as_supervisor(dir);
-    let code = super::supervisor::main(path);
+    let code = super::supervisor::main(path, secrets);
     // SAFETY: leaving at once, without the launcher's buffered output or exit handlers.
     unsafe { libc::_exit(code) }
 }

@@ -4,14 +4,14 @@
 //!
 //! TLS both ways under the cluster CA: the agent makes a key pair at every start and offers the
 //! public half in its `Hello`; the server answers with a certificate for `<node id>.node.muster`
-//! (see [`crate::tls`]). Only clients with a server certificate of the cluster (client
+//! (see `muster_wire::pki`). Only clients with a server certificate of the cluster (client
 //! authentication, which node certificates lack) are served. The address the server dials comes
 //! from the agent's authenticated connection, never from a beacon.
 
 use super::{attempt_dir, stream_log};
-use crate::protocol::{FromAgent, LogOffer};
 use futures_util::{SinkExt, StreamExt};
 use muster_core::Uuid;
+use muster_wire::protocol::{FromAgent, LogOffer};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -73,7 +73,7 @@ impl LogServer {
                     let Some(tls) = tls else { return };
                     let _ = tcp.set_nodelay(true);
                     if let Err(e) = serve(tcp, tls, dir).await {
-                        eprintln!("muster agent: log endpoint: {e}");
+                        tracing::warn!("log endpoint: {e}");
                     }
                 });
             }
@@ -91,28 +91,29 @@ impl LogServer {
     pub fn offer(&self) -> LogOffer {
         LogOffer {
             addr: self.addr,
-            key: crate::discovery::hex(self.key.public_key_raw()),
+            key: muster_wire::util::hex(self.key.public_key_raw()),
         }
     }
 
     /// Takes the certificate a server made for the key (DER hex) with the CA that signed it.
     pub fn certify(&self, cert: &str, ca: &str) -> Result<(), String> {
-        let (Some(cert), Some(ca)) = (crate::tls::unhex(cert), crate::tls::unhex(ca)) else {
+        let (Some(cert), Some(ca)) = (muster_wire::util::unhex(cert), muster_wire::util::unhex(ca))
+        else {
             return Err("the certificate is not hex".into());
         };
-        if crate::tls::fingerprint(&ca) != self.fingerprint {
+        if muster_wire::pki::fingerprint(&ca) != self.fingerprint {
             return Err("the server's CA is not the one this agent joined".into());
         }
         let ca = CertificateDer::from(ca);
-        let roots = crate::tls::roots(&ca)?;
+        let roots = muster_wire::pki::roots(&ca)?;
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
-            crate::tls::provider(),
+            muster_wire::pki::provider(),
         )
         .build()
         .map_err(|e| e.to_string())?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.serialize_der()));
-        let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        let config = rustls::ServerConfig::builder_with_provider(muster_wire::pki::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_client_cert_verifier(verifier)
@@ -125,7 +126,7 @@ impl LogServer {
 }
 
 /// `/logs/{job}/{attempt}` with `follow` and `from` in the query.
-fn parse_target(target: &str) -> Option<(Uuid, u32, bool, u64)> {
+fn parse_target(target: &str) -> Option<(Uuid, u32, bool, u64, Option<u64>)> {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let mut parts = path.strip_prefix("/logs/")?.split('/');
     let job = parts.next()?.parse().ok()?;
@@ -133,15 +134,16 @@ fn parse_target(target: &str) -> Option<(Uuid, u32, bool, u64)> {
     if parts.next().is_some() || attempt == 0 {
         return None;
     }
-    let (mut follow, mut from) = (false, 0);
+    let (mut follow, mut from, mut limit) = (false, 0, None);
     for kv in query.split('&').filter(|s| !s.is_empty()) {
         match kv.split_once('=')? {
             ("follow", v) => follow = v.parse().ok()?,
             ("from", v) => from = v.parse().ok()?,
+            ("limit", v) => limit = Some(v.parse().ok()?),
             _ => return None,
         }
     }
-    Some((job, attempt, follow, from))
+    Some((job, attempt, follow, from, limit))
 }
 
 // The handshake callback's error type is tungstenite's.
@@ -164,7 +166,7 @@ async fn serve(
             }
             None => {
                 let mut e = ErrorResponse::new(Some(
-                    "expected /logs/{job}/{attempt}?follow=true|false&from=N".into(),
+                    "expected /logs/{job}/{attempt}?follow=true|false&from=N&limit=N".into(),
                 ));
                 *e.status_mut() = tokio_tungstenite::tungstenite::http::StatusCode::NOT_FOUND;
                 Err(e)
@@ -174,7 +176,7 @@ async fn serve(
     let mut ws = tokio_tungstenite::accept_hdr_async(stream, check)
         .await
         .map_err(std::io::Error::other)?;
-    let Some((job, attempt, follow, from)) = target else {
+    let Some((job, attempt, follow, from, limit)) = target else {
         return Ok(());
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -183,6 +185,7 @@ async fn serve(
         0,
         from,
         follow,
+        limit,
         tx,
     ));
     let _reader = super::AbortOnDrop(reader);
@@ -213,7 +216,7 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::{dial, node_name, ClusterCa};
+    use muster_wire::pki::{dial, node_name, ClusterCa};
 
     /// Reads one log over the endpoint with `client`; the text or why it failed.
     async fn read_log(
@@ -247,9 +250,8 @@ mod tests {
 
     #[tokio::test]
     async fn only_servers_of_the_cluster_read_logs_from_a_certified_node() {
-        let store = muster_store::open("memory://").unwrap();
-        let ca = ClusterCa::load_or_create(&*store).unwrap();
-        let fp = crate::tls::fingerprint(ca.cert());
+        let ca = ClusterCa::generate().unwrap();
+        let fp = muster_wire::pki::fingerprint(ca.cert());
         let dir = std::env::temp_dir().join(format!("muster-logs-{}", std::process::id()));
         let job: Uuid = "0190aaaa-0000-7000-8000-000000000002".parse().unwrap();
         let adir = attempt_dir(&dir, job, 1);
@@ -264,11 +266,11 @@ mod tests {
         // Not certified yet: nothing is served.
         assert!(read_log(addr, dialer.clone(), "n1", job).await.is_err());
         let offer = server.offer();
-        let key = crate::tls::unhex(&offer.key).unwrap();
+        let key = muster_wire::util::unhex(&offer.key).unwrap();
         let cert = ca.sign_node("n1", &key).unwrap();
-        let hex = crate::discovery::hex;
+        let hex = muster_wire::util::hex;
         // A certificate under another CA is refused.
-        let other = ClusterCa::load_or_create(&*muster_store::open("memory://").unwrap()).unwrap();
+        let other = ClusterCa::generate().unwrap();
         assert!(server.certify(&hex(&cert), &hex(other.cert())).is_err());
         // A server that dials before the certificate arrives (right after the agent connected)
         // is served once it does.
@@ -288,8 +290,8 @@ mod tests {
         assert_eq!(text, "1 out hello\n");
         assert!(read_log(addr, dialer.clone(), "n2", job).await.is_err());
         // No client certificate, or a node's own (server authentication only): refused.
-        let roots = crate::tls::roots(ca.cert()).unwrap();
-        let anon = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        let roots = muster_wire::pki::roots(ca.cert()).unwrap();
+        let anon = rustls::ClientConfig::builder_with_provider(muster_wire::pki::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots.clone())
@@ -297,7 +299,7 @@ mod tests {
         assert!(read_log(addr, Arc::new(anon), "n1", job).await.is_err());
         let node_key = rcgen::KeyPair::generate().unwrap();
         let node_cert = ca.sign_node("n3", node_key.public_key_raw()).unwrap();
-        let as_node = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        let as_node = rustls::ClientConfig::builder_with_provider(muster_wire::pki::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)
@@ -315,11 +317,15 @@ mod tests {
         let j = "0190aaaa-0000-7000-8000-000000000002";
         assert_eq!(
             parse_target(&format!("/logs/{j}/2?follow=true&from=5")),
-            Some((j.parse().unwrap(), 2, true, 5))
+            Some((j.parse().unwrap(), 2, true, 5, None))
         );
         assert_eq!(
             parse_target(&format!("/logs/{j}/1")),
-            Some((j.parse().unwrap(), 1, false, 0))
+            Some((j.parse().unwrap(), 1, false, 0, None))
+        );
+        assert_eq!(
+            parse_target(&format!("/logs/{j}/1?from=3&limit=10")),
+            Some((j.parse().unwrap(), 1, false, 3, Some(10)))
         );
         assert_eq!(parse_target(&format!("/logs/{j}/0")), None);
         assert_eq!(parse_target(&format!("/logs/{j}/1/x")), None);

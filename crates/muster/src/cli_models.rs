@@ -1,0 +1,655 @@
+//! `muster models …`: deploy a bundle (a directory or a `.tar.gz`) and follow its deploy tree,
+//! list and show models, predict; and `muster models step`, what the deploy tree's jobs run.
+
+use super::*;
+use muster_models::{archive, Bundle, Envs, Interpreter};
+
+#[derive(Subcommand)]
+pub enum ModelsCmd {
+    /// Deploy a bundle (a directory with bundle.json, or a .tar.gz of one) as the model's next
+    /// version, and follow its deploy tree until it is live or has failed.
+    Deploy(DeployArgs),
+    /// List models.
+    Ls(ModelsLsArgs),
+    /// Show a model: its versions, the live one, its replicas.
+    Show(ModelArgs),
+    /// Call a model's predict: `--data '{"sepal_length": 5.1, ...}'` or `--data @file.json`.
+    Predict(PredictArgs),
+    /// Switch back to a kept version (its predictors are started again), and follow the tree.
+    Revert(RevertArgs),
+    /// Delete a model: it serves nothing from now on; the reaper removes its processes and files.
+    Rm(ModelArgs),
+    /// Print the logs of the live version's predictors (with -f: follow the first replica's).
+    Logs(ModelLogsArgs),
+    /// One step of a deploy tree (run by the tree's jobs, not by hand).
+    #[command(hide = true)]
+    Step(StepArgs),
+}
+
+#[derive(Args)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// The bundle: a directory holding bundle.json, or a .tar.gz of one.
+    bundle: PathBuf,
+    /// The workspace (default: the token's, else your user name).
+    #[arg(long)]
+    workspace: Option<String>,
+    /// Answer once the version and its tree are made; do not follow the deploy.
+    #[arg(long)]
+    no_wait: bool,
+    /// Print the model as JSON at the end (no progress bar).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ModelsLsArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ModelArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// WORKSPACE/MODEL, or MODEL in your workspace.
+    model: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct PredictArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// WORKSPACE/MODEL, or MODEL in your workspace.
+    model: String,
+    /// The data: JSON text, or @FILE to read it from a file (@- for stdin).
+    #[arg(long)]
+    data: String,
+    /// Call this version (a kept one whose predictors run) instead of the live one.
+    #[arg(long)]
+    version: Option<u32>,
+}
+
+#[derive(Args)]
+pub struct RevertArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// WORKSPACE/MODEL, or MODEL in your workspace.
+    model: String,
+    /// The kept version to make live again.
+    version: u32,
+    /// Answer once the tree is made; do not follow it.
+    #[arg(long)]
+    no_wait: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ModelLogsArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// WORKSPACE/MODEL, or MODEL in your workspace.
+    model: String,
+    /// A version (default: the live one).
+    #[arg(long)]
+    version: Option<u32>,
+    /// Follow the (first) replica's log.
+    #[arg(short, long)]
+    follow: bool,
+}
+
+#[derive(Args)]
+pub struct StepArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// prepare, start, health, switch, drain or stop.
+    step: String,
+    workspace: String,
+    model: String,
+    version: u32,
+    /// prepare: where environments are kept (default: $MUSTER_NODE_DIR/models/envs).
+    #[arg(long)]
+    envs: Option<PathBuf>,
+    /// prepare: the wheel cache (default: $MUSTER_NODE_DIR/models/wheels).
+    #[arg(long)]
+    wheels: Option<PathBuf>,
+    /// gc: a bundle or environment directory to remove (only under the node's model dirs).
+    #[arg(long)]
+    remove: Vec<PathBuf>,
+}
+
+pub fn run(cmd: ModelsCmd) -> Result<()> {
+    match cmd {
+        ModelsCmd::Deploy(a) => deploy(a),
+        ModelsCmd::Ls(a) => ls(a),
+        ModelsCmd::Show(a) => show(a),
+        ModelsCmd::Predict(a) => predict(a),
+        ModelsCmd::Revert(a) => revert(a),
+        ModelsCmd::Rm(a) => rm(a),
+        ModelsCmd::Logs(a) => logs(a),
+        ModelsCmd::Step(a) => step(a),
+    }
+}
+
+/// The caller's default workspace: the token's own (a job's), else the user's name.
+fn default_workspace(client: &Client) -> Result<String> {
+    let me = client.get_json("/api/v1/me", &[])?;
+    if let Some(ws) = me.pointer("/token/workspace").and_then(Value::as_str) {
+        return Ok(ws.to_string());
+    }
+    Ok(text(&me["user"]))
+}
+
+/// `WS/MODEL` or `MODEL` (in the default workspace).
+fn model_path(client: &Client, model: &str) -> Result<(String, String)> {
+    match model.split_once('/') {
+        Some((ws, m)) => Ok((ws.to_string(), m.to_string())),
+        None => Ok((default_workspace(client)?, model.to_string())),
+    }
+}
+
+fn model_url(ws: &str, model: &str) -> String {
+    format!("/api/v1/models/{}/{}", seg(ws), seg(model))
+}
+
+/// The bundle as `.tar.gz` bytes and its model name, checked here first.
+fn packed(path: &std::path::Path) -> Result<(Vec<u8>, String)> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("{} cannot be read", path.display()))?;
+    if meta.is_dir() {
+        let bundle = Bundle::load(path)
+            .map_err(|e| anyhow!("{}: {e} (fix bundle.json and deploy again)", path.display()))?;
+        let mut out = Vec::new();
+        archive::pack(path, &mut out).map_err(anyhow::Error::msg)?;
+        return Ok((out, bundle.name));
+    }
+    let bytes =
+        std::fs::read(path).with_context(|| format!("{} cannot be read", path.display()))?;
+    let tmp = std::env::temp_dir().join(format!(
+        "muster-deploy-{}-{}",
+        std::process::id(),
+        muster_core::Uuid::now_v7()
+    ));
+    let res = archive::unpack(&bytes[..], &tmp, &archive::Limits::default())
+        .map_err(|e| anyhow!("{}: {e}", path.display()))
+        .and_then(|u| Bundle::load(&u.root).map_err(|e| anyhow!("{}: {e}", path.display())));
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok((bytes, res?.name))
+}
+
+fn deploy(a: DeployArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let (body, name) = packed(&a.bundle)?;
+    let ws = match &a.workspace {
+        Some(w) => w.clone(),
+        None => default_workspace(&client)?,
+    };
+    let req = ureq::http::Request::builder()
+        .method("POST")
+        .uri(client.url(&model_url(&ws, &name)))
+        .header("Content-Type", "application/gzip")
+        .header(
+            "Authorization",
+            format!("Bearer {}", client.token.clone().unwrap_or_default()),
+        )
+        .body(body)?;
+    let resp = client
+        .agent
+        .run(req)
+        .map_err(|e| client.transport_error(e))?;
+    let made = json_body(resp)?;
+    let version = made["version"].as_u64().unwrap_or(0);
+    let tree = text(&made["tree"]);
+    if a.no_wait {
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&made)?);
+        } else {
+            println!("{ws}/{name} v{version}: deploying (tree {tree})");
+        }
+        return Ok(());
+    }
+    let ok = follow(&client, &tree, &ws, &name, version, a.json)?;
+    let m = client.get_json(&model_url(&ws, &name), &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    }
+    let v = m["versions"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["version"].as_u64() == Some(version)))
+        .cloned()
+        .unwrap_or(Value::Null);
+    if ok && v["state"] == "live" {
+        if !a.json {
+            println!("{ws}/{name} v{version} is live (tree {tree})");
+        }
+        Ok(())
+    } else {
+        let why = v["error"]
+            .as_str()
+            .unwrap_or("the deploy tree did not succeed");
+        bail!(
+            "the deploy of {ws}/{name} v{version} failed: {why}; the version before it (if any) still serves (see `muster jobs tree {tree}`)"
+        )
+    }
+}
+
+/// Follows a deploy tree to its end with a progress bar of its steps (hidden when stdout is
+/// not a terminal, or with `--json`); answers whether it succeeded.
+fn follow(
+    client: &Client,
+    tree: &str,
+    ws: &str,
+    name: &str,
+    version: u64,
+    quiet: bool,
+) -> Result<bool> {
+    let steps = ["prepare", "start", "health", "switch", "drain", "stop"];
+    let bar = if quiet || !std::io::stdout().is_terminal() {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(steps.len() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{prefix} [{bar:24}] {pos}/{len} {wide_msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b.set_prefix(format!("{ws}/{name} v{version}"));
+        b.enable_steady_tick(Duration::from_millis(200));
+        b
+    };
+    loop {
+        let t = client.get_json(&format!("/api/v1/jobs/{}/tree", seg(tree)), &[])?;
+        let jobs: Vec<&Value> = t["children"]
+            .as_array()
+            .map(|c| c.iter().collect())
+            .unwrap_or_default();
+        let done = jobs.iter().filter(|j| j["state"] == "succeeded").count();
+        bar.set_position(done as u64);
+        if let Some(j) = jobs.iter().find(|j| j["state"] == "running") {
+            let key = text(&j["key"]);
+            // The running step's last log line: the environment build's progress, say.
+            let line = client
+                .get(
+                    &format!("/api/v1/jobs/{}/log", seg(&text(&j["id"]))),
+                    &[("tail", "400".into())],
+                )
+                .ok()
+                .filter(|r| r.status().is_success())
+                .and_then(|mut r| read_text(&mut r).ok())
+                .and_then(|s| {
+                    s.lines()
+                        .rev()
+                        .find(|l| !l.trim().is_empty())
+                        .map(str::to_string)
+                })
+                .unwrap_or_default();
+            bar.set_message(format!(
+                "{key}: {}",
+                line.chars().take(100).collect::<String>()
+            ));
+        }
+        match t["tree_state"].as_str() {
+            Some("running") | None => std::thread::sleep(POLL),
+            Some(s) => {
+                bar.finish_and_clear();
+                return Ok(s == "succeeded");
+            }
+        }
+    }
+}
+
+fn ls(a: ModelsLsArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let v = client.get_json("/api/v1/models", &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if items(&v).is_empty() {
+        eprintln!("muster: no models (deploy one: muster models deploy DIR)");
+        return Ok(());
+    }
+    let mut rows = vec![["MODEL", "LIVE", "VERSIONS", "REPLICAS", "LAST", "UPDATED"]
+        .map(String::from)
+        .to_vec()];
+    for m in items(&v) {
+        rows.push(vec![
+            format!("{}/{}", text(&m["workspace"]), text(&m["name"])),
+            m["live"].as_u64().map_or("-".into(), |n| format!("v{n}")),
+            text(&m["versions"]),
+            text(&m["replicas"]),
+            format!("v{} {}", text(&m["last_version"]), text(&m["state"])),
+            since(&m["updated_at"]),
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+fn show(a: ModelArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let (ws, name) = model_path(&client, &a.model)?;
+    let m = client.get_json(&model_url(&ws, &name), &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+        return Ok(());
+    }
+    println!(
+        "{ws}/{name}  runtime {}  live {}",
+        text(&m["runtime"]),
+        m["live"].as_u64().map_or("-".into(), |n| format!("v{n}"))
+    );
+    let mut rows = vec![
+        ["VERSION", "STATE", "CREATED", "BY", "NODE", "TREE", "ERROR"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for v in m["versions"].as_array().into_iter().flatten() {
+        rows.push(vec![
+            format!("v{}", text(&v["version"])),
+            text(&v["state"]),
+            since(&v["created_at"]),
+            text(&v["created_by"]),
+            text(&v["node"]),
+            text(&v["tree"]),
+            text(&v["error"]),
+        ]);
+    }
+    print_table(&rows);
+    let replicas = m["replicas"].as_array().cloned().unwrap_or_default();
+    if !replicas.is_empty() {
+        println!();
+        let mut rows = vec![[
+            "VERSION", "PROCESS", "STATE", "NODE", "ADDRESS", "REQUESTS", "P50", "P99",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for r in replicas {
+            let ms = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x}ms"));
+            rows.push(vec![
+                format!("v{}", text(&r["version"])),
+                text(&r["process"]),
+                text(&r["state"]),
+                text(&r["node"]),
+                text(&r["address"]),
+                text(&r["requests"]),
+                ms(&r["p50_ms"]),
+                ms(&r["p99_ms"]),
+            ]);
+        }
+        print_table(&rows);
+    }
+    Ok(())
+}
+
+fn predict(a: PredictArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let (ws, name) = model_path(&client, &a.model)?;
+    let text = match a.data.strip_prefix('@') {
+        Some("-") => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            s
+        }
+        Some(f) => {
+            std::fs::read_to_string(f).with_context(|| format!("--data @{f} cannot be read"))?
+        }
+        None => a.data.clone(),
+    };
+    let data: Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow!("--data is not JSON ({e}): give JSON text or @FILE"))?;
+    let mut path = format!("{}/predict", model_url(&ws, &name));
+    if let Some(v) = a.version {
+        path.push_str(&format!("?version={v}"));
+    }
+    let (_, out) = client.post_json(&path, &json!({ "data": data }), &[])?;
+    println!("{}", serde_json::to_string(&out["result"])?);
+    Ok(())
+}
+
+fn revert(a: RevertArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let (ws, name) = model_path(&client, &a.model)?;
+    let (_, made) = client.post_json(
+        &format!("{}/revert", model_url(&ws, &name)),
+        &json!({"version": a.version}),
+        &[],
+    )?;
+    let tree = text(&made["tree"]);
+    if a.no_wait {
+        println!("{ws}/{name}: reverting to v{} (tree {tree})", a.version);
+        return Ok(());
+    }
+    let ok = follow(&client, &tree, &ws, &name, a.version as u64, a.json)?;
+    let m = client.get_json(&model_url(&ws, &name), &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    }
+    if ok && m["live"].as_u64() == Some(a.version as u64) {
+        if !a.json {
+            println!("{ws}/{name} v{} is live again (tree {tree})", a.version);
+        }
+        Ok(())
+    } else {
+        bail!(
+            "the revert of {ws}/{name} to v{} failed (see `muster jobs tree {tree}`)",
+            a.version
+        )
+    }
+}
+
+fn rm(a: ModelArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let (ws, name) = model_path(&client, &a.model)?;
+    let v = json_body(client.delete(&model_url(&ws, &name))?)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{ws}/{name}: deleted (the reaper removes its processes and files)");
+    }
+    Ok(())
+}
+
+fn logs(a: ModelLogsArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let (ws, name) = model_path(&client, &a.model)?;
+    let m = client.get_json(&model_url(&ws, &name), &[])?;
+    let Some(n) = a.version.map(u64::from).or_else(|| m["live"].as_u64()) else {
+        bail!("{ws}/{name} has no live version: name one with --version N");
+    };
+    let v = m["versions"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["version"].as_u64() == Some(n)))
+        .ok_or_else(|| anyhow!("{ws}/{name} has no version {n}"))?;
+    let ids: Vec<String> = v["processes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(text)
+        .collect();
+    if ids.is_empty() {
+        bail!("{ws}/{name} v{n} has no predictors (yet)");
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let path = format!("/api/v1/processes/{}/log", seg(id));
+        if a.follow {
+            let resp = client.get(&path, &[("follow", "true".into())])?;
+            if !resp.status().is_success() {
+                return Err(http_error(resp));
+            }
+            return stream_to_stdout(resp);
+        }
+        if ids.len() > 1 {
+            println!("==> v{n} r{} ({id}) <==", i + 1);
+        }
+        let resp = client.get(&path, &[])?;
+        if !resp.status().is_success() {
+            return Err(http_error(resp));
+        }
+        stream_to_stdout(resp)?;
+    }
+    Ok(())
+}
+
+fn step(a: StepArgs) -> Result<()> {
+    if a.step == "prepare" {
+        return prepare(a);
+    }
+    if a.step == "gc" {
+        return gc(a);
+    }
+    let client = authed_client(&a.server)?;
+    let path = format!(
+        "{}/versions/{}/steps/{}",
+        model_url(&a.workspace, &a.model),
+        a.version,
+        seg(&a.step)
+    );
+    let mut resp = client.post(&path, &json!({}), &[])?;
+    if !resp.status().is_success() {
+        return Err(http_error(resp));
+    }
+    let reader = std::io::BufReader::new(resp.body_mut().as_reader());
+    let mut last = String::new();
+    for line in reader.lines() {
+        let line = line.context("the server's answer broke off")?;
+        println!("{line}");
+        last = line;
+    }
+    if last == "ok" {
+        Ok(())
+    } else {
+        bail!(
+            "{}",
+            last.strip_prefix("error: ")
+                .unwrap_or("the server's answer ended before the step did")
+        )
+    }
+}
+
+/// `prepare`: the version's archive fetched and unpacked under the node's data dir, its
+/// environment built or reused (progress on stdout, the job's log); the last line is the
+/// placement as JSON (the job's result).
+fn prepare(a: StepArgs) -> Result<()> {
+    let node_dir = std::env::var_os("MUSTER_NODE_DIR")
+        .map(PathBuf::from)
+        .context("MUSTER_NODE_DIR is not set: this step runs as a job of a deploy tree")?;
+    let models = node_dir.join("models");
+    let dest = models
+        .join("bundles")
+        .join(&a.workspace)
+        .join(&a.model)
+        .join(a.version.to_string());
+    let root = match find_bundle(&dest) {
+        Some(root) => {
+            println!("bundle: already unpacked at {}", root.display());
+            root
+        }
+        None => {
+            let _ = std::fs::remove_dir_all(&dest);
+            std::fs::create_dir_all(dest.parent().unwrap_or(&models))?;
+            let client = authed_client(&a.server)?;
+            let path = format!(
+                "{}/versions/{}/bundle",
+                model_url(&a.workspace, &a.model),
+                a.version
+            );
+            let mut resp = client.get(&path, &[])?;
+            if !resp.status().is_success() {
+                return Err(http_error(resp));
+            }
+            let u = archive::unpack(
+                resp.body_mut().with_config().limit(u64::MAX).reader(),
+                &dest,
+                &archive::Limits::default(),
+            )
+            .map_err(anyhow::Error::msg)?;
+            println!(
+                "bundle: {} entries, {} bytes unpacked at {}",
+                u.entries,
+                u.bytes,
+                u.root.display()
+            );
+            u.root
+        }
+    };
+    let bundle = Bundle::load(&root).map_err(anyhow::Error::msg)?;
+    let envs = Envs::new(
+        a.envs.unwrap_or_else(|| models.join("envs")),
+        a.wheels.unwrap_or_else(|| models.join("wheels")),
+    );
+    let python = Interpreter::probe(std::path::Path::new("python3")).map_err(anyhow::Error::msg)?;
+    println!(
+        "python: {} {}",
+        python.executable.display(),
+        python.version_text()
+    );
+    let mut out = std::io::stdout();
+    let env = envs
+        .ensure_bundle(&bundle, &python, &mut out)
+        .map_err(anyhow::Error::msg)?;
+    let placement = json!({
+        "node": std::env::var("MUSTER_NODE_NAME").unwrap_or_default(),
+        "bundle_dir": root, "env_dir": env.dir, "env_key": env.key, "env_reused": env.reused,
+    });
+    println!("{}", serde_json::to_string(&placement)?);
+    Ok(())
+}
+
+/// `gc` (the reaper's clean-up job): removes each `--remove` directory that lies under this
+/// node's model directories (`$MUSTER_NODE_DIR/models`, or `--envs`), and nothing else.
+fn gc(a: StepArgs) -> Result<()> {
+    let node_dir = std::env::var_os("MUSTER_NODE_DIR")
+        .map(PathBuf::from)
+        .context("MUSTER_NODE_DIR is not set: this step runs as a job of the reaper")?;
+    let mut roots = vec![node_dir.join("models")];
+    roots.extend(a.envs.clone());
+    let roots: Vec<PathBuf> = roots.iter().filter_map(|r| r.canonicalize().ok()).collect();
+    let mut failed = 0;
+    for p in &a.remove {
+        let Ok(real) = p.canonicalize() else {
+            println!("{}: already gone", p.display());
+            continue;
+        };
+        if !roots.iter().any(|r| real.starts_with(r) && real != *r) {
+            println!(
+                "{}: not under this node's model directories; left alone",
+                p.display()
+            );
+            failed += 1;
+            continue;
+        }
+        match std::fs::remove_dir_all(&real) {
+            Ok(()) => println!("{}: removed", p.display()),
+            Err(e) => {
+                println!("{}: {e}", p.display());
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} path(s) not removed");
+    }
+    Ok(())
+}
+
+/// The unpacked bundle at `dest`, if a valid one is there.
+fn find_bundle(dest: &std::path::Path) -> Option<PathBuf> {
+    let root = if dest.join("bundle.json").is_file() {
+        dest.to_path_buf()
+    } else {
+        let mut dirs = std::fs::read_dir(dest).ok()?.flatten();
+        let only = dirs.next()?;
+        if dirs.next().is_some() {
+            return None;
+        }
+        only.path()
+    };
+    Bundle::load(&root).ok().map(|_| root)
+}

@@ -1,0 +1,557 @@
+//! Long-running processes (SPEC §5a) with real programs: python3's http.server started,
+//! healthy and reachable on its port; restarts after kill -9, a crash loop, a missing program,
+//! an unhealthy check; stop ending a setsid daemon (with and without a cgroup); bad input.
+
+use crate::harness::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+pub fn create(s: &Server, spec: Value) -> String {
+    let (st, body) = s.call("POST", "/api/v1/processes", Some(spec));
+    assert_eq!(st, 201, "{body}");
+    body["id"].as_str().unwrap().to_string()
+}
+
+pub fn get(s: &Server, id: &str) -> Value {
+    let (st, body) = s.call("GET", &format!("/api/v1/processes/{id}"), None);
+    assert_eq!(st, 200, "{body}");
+    body
+}
+
+/// Waits until the process satisfies `cond`; returns it.
+pub fn wait_for(s: &Server, id: &str, within: Duration, cond: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    let ok = wait_until(within, || {
+        last = get(s, id);
+        cond(&last)
+    });
+    assert!(
+        ok,
+        "process {id} never got there within {within:?}: {last:#}"
+    );
+    last
+}
+
+fn alive(pid: i64) -> bool {
+    // A zombie is not alive: look at its state.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .is_some_and(|zombie| !zombie)
+}
+
+fn http_get(port: u64, path: &str) -> Option<(u16, String)> {
+    let mut resp = http()
+        .get(&format!("http://127.0.0.1:{port}{path}"))
+        .call()
+        .ok()?;
+    let st = resp.status().as_u16();
+    Some((st, resp.body_mut().read_to_string().unwrap_or_default()))
+}
+
+/// The log of process `id` as it stands.
+fn log_of(s: &Server, id: &str) -> String {
+    let (st, log) = s.raw(
+        Some(&s.token),
+        "GET",
+        &format!("/api/v1/processes/{id}/log"),
+        None,
+        &[],
+    );
+    assert_eq!(st, 200, "{log}");
+    log
+}
+
+fn web(name: &str) -> Value {
+    json!({"name": name, "exec": ["python3", "-m", "http.server", "$PORT", "--bind", "127.0.0.1"],
+        "ports": ["http"], "restart": "always", "backoff_base": "50ms", "backoff_max": "200ms",
+        "health": {"http": "/", "interval": "300ms", "timeout": "1s", "failures": 2, "grace": "10s"},
+        "kill_grace": "2s"})
+}
+
+#[test]
+fn an_http_server_gets_healthy_serves_on_its_port_and_stops() {
+    let s = Server::start();
+    let dir = TempDir::new("web-root");
+    std::fs::write(dir.0.join("hello.txt"), "hello from muster\n").unwrap();
+    let mut spec = web("web");
+    spec["cwd"] = json!(dir.0.to_str().unwrap());
+    let id = create(&s, spec);
+    let p = wait_for(&s, &id, Duration::from_secs(20), |p| {
+        p["state"] == "healthy"
+    });
+    assert_eq!(p["node"], "node-1");
+    assert_eq!(p["address"], "127.0.0.1");
+    assert_eq!(p["reason"], "health check passed");
+    let port = p["ports"]["http"].as_u64().unwrap();
+    assert!((20000..=29999).contains(&port), "{p:#}");
+    let (st, text) = http_get(port, "/hello.txt").expect("the server answers");
+    assert_eq!((st, text.as_str()), (200, "hello from muster\n"));
+    // The list shows it; filters work.
+    let (_, list) = s.call("GET", "/api/v1/processes?state=healthy&node=node-1", None);
+    assert!(
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["id"] == id.as_str()),
+        "{list:#}"
+    );
+    let (_, none) = s.call("GET", "/api/v1/processes?state=failed", None);
+    assert!(none["items"].as_array().unwrap().is_empty());
+    // Its log: typed, time-stamped lines, the request among them.
+    let ok = wait_until(Duration::from_secs(10), || {
+        let log = log_of(&s, &id);
+        log.contains(" err ")
+            && log.contains("GET /hello.txt")
+            && log.contains(" sys healthy: health check passed")
+    });
+    assert!(ok, "the log never showed the request");
+    let pid = p["pid"].as_i64().unwrap();
+    assert!(alive(pid));
+    // Stop: the process ends, the port closes, the state says so.
+    let (st, body) = s.call("POST", &format!("/api/v1/processes/{id}/stop"), None);
+    assert_eq!(st, 202, "{body}");
+    let p = wait_for(&s, &id, Duration::from_secs(10), |p| {
+        p["state"] == "stopped"
+    });
+    assert_eq!(p["reason"], "stopped");
+    assert!(wait_until(Duration::from_secs(5), || !alive(pid)));
+    assert!(http_get(port, "/").is_none(), "still serving after stop");
+    // Start again: a new generation, healthy again.
+    let (st, _) = s.call("POST", &format!("/api/v1/processes/{id}/start"), None);
+    assert_eq!(st, 202);
+    let p = wait_for(&s, &id, Duration::from_secs(20), |p| {
+        p["state"] == "healthy"
+    });
+    assert_eq!(p["gen"], 2);
+    // Remove: stopped and gone.
+    let pid = p["pid"].as_i64().unwrap();
+    let (st, _) = s.call("DELETE", &format!("/api/v1/processes/{id}"), None);
+    assert_eq!(st, 202);
+    assert!(wait_until(Duration::from_secs(10), || !alive(pid)));
+    let (st, _) = s.call("GET", &format!("/api/v1/processes/{id}"), None);
+    assert_eq!(st, 404);
+}
+
+#[test]
+fn kill_9_of_the_process_restarts_it_after_its_backoff_and_restart_restarts_it() {
+    let s = Server::start();
+    let id = create(&s, web("web"));
+    let p = wait_for(&s, &id, Duration::from_secs(20), |p| {
+        p["state"] == "healthy"
+    });
+    let pid = p["pid"].as_i64().unwrap();
+    // SAFETY: SIGKILL to the test's own process's child.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let p = wait_for(&s, &id, Duration::from_secs(20), |p| {
+        p["state"] == "healthy" && p["pid"].as_i64().is_some_and(|n| n != pid)
+    });
+    assert_eq!(p["restarts"], 1, "{p:#}");
+    assert!(!alive(pid));
+    let port = p["ports"]["http"].as_u64().unwrap();
+    assert_eq!(http_get(port, "/").map(|r| r.0), Some(200));
+    let log = log_of(&s, &id);
+    assert!(log.contains("restarting: killed by signal 9"), "{log}");
+    // An asked-for restart: a new pid, same generation.
+    let pid2 = p["pid"].as_i64().unwrap();
+    let (st, _) = s.call("POST", &format!("/api/v1/processes/{id}/restart"), None);
+    assert_eq!(st, 202);
+    let p = wait_for(&s, &id, Duration::from_secs(20), |p| {
+        p["state"] == "healthy" && p["pid"].as_i64().is_some_and(|n| n != pid2)
+    });
+    assert_eq!(p["gen"], 1);
+    assert!(wait_until(Duration::from_secs(5), || !alive(pid2)));
+}
+
+#[test]
+fn a_crash_loop_fails_after_max_restarts() {
+    let s = Server::start();
+    let t0 = Instant::now();
+    let id = create(
+        &s,
+        json!({"name": "crasher", "shell": "echo starting; exit 3", "restart": "on-failure",
+            "backoff_base": "50ms", "backoff_max": "100ms", "max_restarts": 3, "restart_window": "1m"}),
+    );
+    let p = wait_for(&s, &id, Duration::from_secs(20), |p| p["state"] == "failed");
+    assert!(
+        p["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("exited 3 (restarted 3 times"),
+        "{p:#}"
+    );
+    assert_eq!(p["restarts"], 3);
+    // Backoff: at least 25 + 50 + 50 ms (jitter halves at most).
+    assert!(t0.elapsed() >= Duration::from_millis(125));
+    let log = log_of(&s, &id);
+    assert_eq!(log.matches(" out starting").count(), 4, "{log}");
+}
+
+#[test]
+fn a_missing_program_fails_with_no_such_file_after_the_policy_not_in_a_hot_loop() {
+    let s = Server::start();
+    let t0 = Instant::now();
+    let id = create(
+        &s,
+        json!({"name": "ghost", "exec": ["/no/such/program"], "backoff_base": "100ms",
+            "backoff_max": "1s", "max_restarts": 3}),
+    );
+    let p = wait_for(&s, &id, Duration::from_secs(20), |p| p["state"] == "failed");
+    assert!(
+        p["reason"].as_str().unwrap().starts_with("no such file"),
+        "{p:#}"
+    );
+    assert_eq!(p["restarts"], 3);
+    // 50 + 100 + 200 ms at the least: waited, not looped.
+    assert!(
+        t0.elapsed() >= Duration::from_millis(350),
+        "{:?}",
+        t0.elapsed()
+    );
+    let log = log_of(&s, &id);
+    assert_eq!(log.matches("cannot start").count(), 4, "{log}");
+}
+
+#[test]
+fn a_failing_health_check_makes_it_unhealthy_and_restarts_it() {
+    let s = Server::start();
+    let mut spec = web("web");
+    spec["health"] = json!({"http": "/missing", "interval": "200ms", "failures": 2, "timeout": "1s", "grace": "3s"});
+    spec["max_restarts"] = json!(100);
+    let id = create(&s, spec);
+    let p = wait_for(&s, &id, Duration::from_secs(30), |p| {
+        p["restarts"].as_u64().is_some_and(|n| n >= 1)
+    });
+    let log = log_of(&s, &id);
+    assert!(
+        log.contains("unhealthy: health check failed: HTTP 404"),
+        "{p:#}\n{log}"
+    );
+    // A tcp check on a port nothing listens on: connection refused.
+    let id = create(
+        &s,
+        json!({"name": "deaf", "exec": ["sleep", "1000"], "ports": ["p"], "max_restarts": 100,
+            "health": {"tcp": "p", "interval": "100ms", "failures": 1}}),
+    );
+    wait_for(&s, &id, Duration::from_secs(30), |p| {
+        p["restarts"].as_u64().is_some_and(|n| n >= 1)
+    });
+    let log = log_of(&s, &id);
+    assert!(
+        log.contains("health check failed: connection refused"),
+        "{log}"
+    );
+}
+
+fn setsid_daemon_ends_with_stop(cgroups: bool) {
+    let s = Server::start_with(|c| c.agent.cgroups = cgroups);
+    let dir = TempDir::new("daemon");
+    let pidfile = dir.0.join("daemon.pid");
+    let id = create(
+        &s,
+        json!({"name": "forker", "shell": format!("setsid sh -c 'echo $$ > {}; exec sleep 1000' & exec sleep 1000", pidfile.display()),
+            "kill_grace": "1s"}),
+    );
+    let p = wait_for(&s, &id, Duration::from_secs(20), |p| {
+        p["state"] == "healthy"
+    });
+    assert!(wait_until(Duration::from_secs(10), || pidfile.exists()));
+    let daemon: i64 = wait_read(&pidfile);
+    let main = p["pid"].as_i64().unwrap();
+    assert!(alive(daemon) && alive(main));
+    s.call("POST", &format!("/api/v1/processes/{id}/stop"), None);
+    wait_for(&s, &id, Duration::from_secs(15), |p| {
+        p["state"] == "stopped"
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || !alive(daemon) && !alive(main)),
+        "the daemon survived the stop"
+    );
+}
+
+fn wait_read(path: &std::path::Path) -> i64 {
+    let mut n = 0;
+    assert!(wait_until(Duration::from_secs(5), || {
+        n = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        n > 0
+    }));
+    n
+}
+
+#[test]
+fn stop_ends_a_setsid_daemon_with_a_cgroup() {
+    setsid_daemon_ends_with_stop(true);
+}
+
+#[test]
+fn stop_ends_a_setsid_daemon_with_the_process_group_fallback() {
+    setsid_daemon_ends_with_stop(false);
+}
+
+#[test]
+fn limits_are_applied_or_reported_unavailable_and_a_memory_hog_ends_as_oom() {
+    let s = Server::start();
+    let id = create(
+        &s,
+        json!({"name": "hog", "exec": ["python3", "-c", "import time\nx = bytearray(256 << 20)\nfor i in range(0, len(x), 4096): x[i] = 1\ntime.sleep(1000)"],
+            "restart": "never", "limits": {"memory": "64M", "pids": 50}}),
+    );
+    let p = wait_for(&s, &id, Duration::from_secs(30), |p| {
+        p["limits"]["status"] != "pending" && p["state"] != "pending"
+    });
+    let status = p["limits"]["status"].as_str().unwrap().to_string();
+    if status == "applied" {
+        let p = wait_for(&s, &id, Duration::from_secs(30), |p| p["state"] == "failed");
+        assert_eq!(p["reason"], "oom", "{p:#}");
+    } else {
+        // This host has no memory controller to give: the process runs anyway, and says why.
+        assert!(status.starts_with("unavailable: "), "{p:#}");
+        assert!(status.len() > "unavailable: ".len() + 5, "{status}");
+        wait_for(&s, &id, Duration::from_secs(30), |p| {
+            p["state"] == "healthy"
+        });
+        s.call("POST", &format!("/api/v1/processes/{id}/stop"), None);
+    }
+}
+
+#[test]
+fn bad_input_is_refused_and_nothing_is_made() {
+    let s = Server::start();
+    let bad = [
+        json!({"name": "x", "exec": ["a"], "health": {"grpc": "p"}}),
+        json!({"name": "x", "exec": ["a"], "ports": ["http", "http"]}),
+        json!({"name": "x", "exec": ["a"], "limits": {"memory": "lots"}}),
+        json!({"name": "x"}),
+        json!({"name": "x", "exec": ["a"], "restart": "sometimes"}),
+    ];
+    for b in bad {
+        let (st, body) = s.call("POST", "/api/v1/processes", Some(b.clone()));
+        assert_eq!(st, 400, "{b}: {body}");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(!msg.contains("lots") && msg.len() < 300, "{msg}");
+    }
+    let (_, list) = s.call("GET", "/api/v1/processes", None);
+    assert!(list["items"].as_array().unwrap().is_empty(), "{list:#}");
+    let (st, _) = s.call("GET", "/api/v1/processes/nope", None);
+    assert_eq!(st, 400);
+    let (st, _) = s.call(
+        "GET",
+        "/api/v1/processes/0193a000-0000-7000-8000-000000000000",
+        None,
+    );
+    assert_eq!(st, 404);
+}
+
+#[test]
+fn an_exhausted_port_range_fails_the_process_with_a_clear_reason() {
+    let port = crate::support::free_port();
+    let s = Server::start_with(|c| c.agent.port_range = format!("{port}-{port}"));
+    let id = create(
+        &s,
+        json!({"name": "two", "exec": ["sleep", "100"], "ports": ["a", "b"]}),
+    );
+    let p = wait_for(&s, &id, Duration::from_secs(20), |p| p["state"] == "failed");
+    assert!(
+        p["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("port range exhausted"),
+        "{p:#}"
+    );
+}
+
+fn call_up(
+    up: &crate::crash::Up,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    crate::crash::call(&up.url, Some(token), method, path, body)
+}
+
+fn wait_up(
+    up: &crate::crash::Up,
+    token: &str,
+    id: &str,
+    within: Duration,
+    cond: impl Fn(&Value) -> bool,
+) -> Value {
+    let mut last = Value::Null;
+    let ok = wait_until(within, || {
+        last = call_up(up, token, "GET", &format!("/api/v1/processes/{id}"), None).1;
+        cond(&last)
+    });
+    assert!(ok, "process {id} never got there: {last:#}");
+    last
+}
+
+fn starts(counter: &std::path::Path) -> usize {
+    std::fs::read_to_string(counter)
+        .unwrap_or_default()
+        .lines()
+        .count()
+}
+
+/// `kill -9` of `muster up` (its embedded agent with it) and a clean stop: the process keeps
+/// serving under its supervisor, the next `muster up` re-adopts it, and it ran once (its pid and
+/// a counter file say so). `kill -9` of its supervisor: the agent kills what it left before it
+/// starts it again, so there are never two copies.
+#[test]
+fn the_process_outlives_muster_up_and_is_adopted_never_running_twice() {
+    let dir = TempDir::new("up-procs");
+    let counter = dir.0.join("starts");
+    let mut up = crate::crash::Up::start(&dir.0);
+    let token = crate::crash::setup(&up, &dir.0);
+    let (st, body) = call_up(
+        &up,
+        &token,
+        "POST",
+        "/api/v1/processes",
+        Some(json!({"name": "web", "ports": ["http"],
+            "shell": format!("echo start >> {}; exec python3 -m http.server $PORT --bind 127.0.0.1", counter.display()),
+            "health": {"tcp": "http", "interval": "200ms", "grace": "10s"}, "kill_grace": "2s"})),
+    );
+    assert_eq!(st, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let p = wait_up(&up, &token, &id, Duration::from_secs(30), |p| {
+        p["state"] == "healthy"
+    });
+    let (pid, port) = (
+        p["pid"].as_i64().unwrap(),
+        p["ports"]["http"].as_u64().unwrap(),
+    );
+    up.kill9();
+    assert_eq!(
+        http_get(port, "/").map(|r| r.0),
+        Some(200),
+        "not serving after kill -9 of muster up"
+    );
+    assert!(alive(pid));
+    let mut up = crate::crash::Up::start(&dir.0);
+    // Re-adopted: the new agent reports it (a fresh update), with the same pid.
+    let before = p["updated_at"].clone();
+    let p = wait_up(&up, &token, &id, Duration::from_secs(30), |p| {
+        p["state"] == "healthy" && p["updated_at"] != before
+    });
+    assert_eq!(p["pid"].as_i64(), Some(pid), "{p:#}");
+    // A clean stop leaves it running too.
+    up.stop();
+    assert_eq!(http_get(port, "/").map(|r| r.0), Some(200));
+    let up = crate::crash::Up::start(&dir.0);
+    let before = p["updated_at"].clone();
+    let p = wait_up(&up, &token, &id, Duration::from_secs(30), |p| {
+        p["state"] == "healthy" && p["updated_at"] != before
+    });
+    assert_eq!(p["pid"].as_i64(), Some(pid));
+    assert_eq!(starts(&counter), 1, "ran more than once");
+    // The adopted supervisor takes requests: a restart runs it a second time, in place.
+    let (st, _) = call_up(
+        &up,
+        &token,
+        "POST",
+        &format!("/api/v1/processes/{id}/restart"),
+        None,
+    );
+    assert_eq!(st, 202);
+    let p = wait_up(&up, &token, &id, Duration::from_secs(30), |p| {
+        p["state"] == "healthy" && p["pid"].as_i64().is_some_and(|n| n != pid)
+    });
+    assert!(!alive(pid));
+    assert_eq!(starts(&counter), 2);
+    // kill -9 of the supervisor: what it ran is killed, then it starts again, once.
+    let pid = p["pid"].as_i64().unwrap();
+    let started: Value = serde_json::from_slice(
+        &std::fs::read(dir.0.join("agent/procs").join(&id).join("started.json")).unwrap(),
+    )
+    .unwrap();
+    let sup = started["sid"].as_i64().unwrap();
+    // SAFETY: SIGKILL to the supervisor this test's muster up started.
+    unsafe { libc::kill(sup as i32, libc::SIGKILL) };
+    let p = wait_up(&up, &token, &id, Duration::from_secs(30), |p| {
+        p["state"] == "healthy" && p["pid"].as_i64().is_some_and(|n| n != pid)
+    });
+    assert!(!alive(pid), "the old copy still runs");
+    assert_eq!(starts(&counter), 3);
+    let new_pid = p["pid"].as_i64().unwrap();
+    call_up(
+        &up,
+        &token,
+        "DELETE",
+        &format!("/api/v1/processes/{id}"),
+        None,
+    );
+    assert!(wait_until(Duration::from_secs(10), || !alive(new_pid)));
+}
+
+/// The internal API the services and models use: start a process, health-watch it, learn its
+/// address, stop it — no HTTP.
+#[test]
+fn the_internal_api_starts_watches_addresses_and_stops_a_process() {
+    let s = Server::start();
+    let spec: muster_core::process::ProcessSpec = serde_json::from_value(web("internal")).unwrap();
+    let def = muster_core::process::validate(&spec, "admin", Default::default()).unwrap();
+    let procs = s.app.processes.clone();
+    let p = procs.start(def, "admin", true).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let healthy = rt
+        .block_on(procs.wait_for(p.id, Duration::from_secs(20), |p| {
+            p.state == muster_core::process::ProcState::Healthy
+        }))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        healthy.state,
+        muster_core::process::ProcState::Healthy,
+        "{healthy:?}"
+    );
+    let addr = procs
+        .address(p.id)
+        .unwrap()
+        .expect("an address once it runs");
+    assert_eq!(addr.host, "127.0.0.1");
+    let port = addr.ports["http"];
+    assert_eq!(http_get(port as u64, "/").map(|r| r.0), Some(200));
+    procs.stop(p.id).unwrap();
+    let stopped = rt
+        .block_on(procs.wait_for(p.id, Duration::from_secs(20), |p| p.state.is_final()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(stopped.state, muster_core::process::ProcState::Stopped);
+    assert!(http_get(port as u64, "/").is_none());
+}
+
+/// With `agent.stop_processes` (`muster agent --stop-processes`), a clean stop of `muster up`
+/// stops its processes too; without it they run on (the test above).
+#[test]
+fn stop_processes_stops_them_with_the_agent() {
+    let dir = TempDir::new("up-stop-procs");
+    let mut up = crate::crash::Up::start_env(&dir.0, &[("MUSTER_AGENT__STOP_PROCESSES", "true")]);
+    let token = crate::crash::setup(&up, &dir.0);
+    let mut spec = web("web");
+    spec["kill_grace"] = json!("1s");
+    let (st, body) = call_up(&up, &token, "POST", "/api/v1/processes", Some(spec));
+    assert_eq!(st, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let p = wait_up(&up, &token, &id, Duration::from_secs(30), |p| {
+        p["state"] == "healthy"
+    });
+    let pid = p["pid"].as_i64().unwrap();
+    up.stop();
+    assert!(!alive(pid), "still running after muster up stopped");
+    let ended: Value = serde_json::from_slice(
+        &std::fs::read(dir.0.join("agent/procs").join(&id).join("exit.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ended["status"]["state"], "stopped", "{ended:#}");
+}
