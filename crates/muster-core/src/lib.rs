@@ -11,6 +11,9 @@
 //! - [`process`]: long-running processes: their spec and validation, and [`process::Supervision`],
 //!   the state machine of one supervised process (health, restart policy, backoff, window).
 //! - [`orders`]: the orders grammar of HQ and the identity of an order.
+//! - [`service`], [`service_plan`]: services (SPEC §6): `service.toml` and interfaces parsed,
+//!   the graph of services resolved with an input hash each, and the plan against the recorded
+//!   state.
 //! - [`sched`]: [`sched::TreeRun`], the state machine of one running tree (leaf-first starts,
 //!   fail-fast, retries, user abort, the derived tree state).
 
@@ -19,6 +22,8 @@ pub mod names;
 pub mod orders;
 pub mod process;
 pub mod sched;
+pub mod service;
+pub mod service_plan;
 pub mod spec;
 pub mod time;
 
