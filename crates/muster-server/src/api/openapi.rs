@@ -960,7 +960,7 @@ pub fn document() -> Value {
         )),
         false,
     );
-    upload["requestBody"] = json!({"required": true, "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}});
+    upload["requestBody"] = json!({"required": true, "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}, "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}});
     add(
         "/api/v1/models/{ws}/{model}",
         "post",

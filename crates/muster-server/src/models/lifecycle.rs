@@ -34,7 +34,7 @@ pub async fn revert(
 ) -> Result<Deployed, ModelError> {
     let (a, ws2, name2) = (app.clone(), ws.to_string(), name.to_string());
     tokio::task::spawn_blocking(move || -> Result<(), ModelError> {
-        let r = a.models.update(&ws2, &name2, |m| {
+        a.models.edit(&ws2, &name2, |m| {
             if m.deleted {
                 return Err(ModelError::NotFound(format!("model {ws2}/{name2} not found")));
             }
@@ -72,8 +72,8 @@ pub async fn revert(
             v.error = None;
             v.tree = None;
             Ok(())
-        })?;
-        r.map(|_| ())
+        })
+        .map(|_| ())
     })
     .await
     .map_err(blocking_err)??;
@@ -85,7 +85,7 @@ pub async fn revert(
 pub async fn delete(app: &Arc<App>, ws: &str, name: &str) -> Result<(), ModelError> {
     let (a, ws2, name2) = (app.clone(), ws.to_string(), name.to_string());
     let m = tokio::task::spawn_blocking(move || -> Result<Model, ModelError> {
-        a.models.update(&ws2, &name2, |m| {
+        a.models.edit(&ws2, &name2, |m| {
             if m.deleted {
                 return Err(ModelError::NotFound(format!(
                     "model {ws2}/{name2} not found"
@@ -107,7 +107,7 @@ pub async fn delete(app: &Arc<App>, ws: &str, name: &str) -> Result<(), ModelErr
                 }
             }
             Ok(())
-        })?
+        })
     })
     .await
     .map_err(blocking_err)??;

@@ -340,6 +340,20 @@ impl Models {
         }
     }
 
+    /// [`Models::update`] for a request: a model that does not exist is `NotFound` (not a
+    /// store error), and the change's refusal is the answer.
+    pub fn edit(
+        &self,
+        ws: &str,
+        name: &str,
+        f: impl FnMut(&mut Model) -> Result<(), ModelError>,
+    ) -> Result<Model, ModelError> {
+        if self.get(ws, name)?.is_none() {
+            return Err(ModelError::NotFound(format!("model {ws}/{name} not found")));
+        }
+        self.update(ws, name, f)?
+    }
+
     /// Tells every server (this one first) that a model changed: their routes follow.
     pub fn changed(&self, m: &Model) {
         self.inner.routes.refresh_model(self, &m.workspace, &m.name);

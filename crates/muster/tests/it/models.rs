@@ -397,6 +397,15 @@ fn bad_bundles_and_bad_calls_are_refused_clearly() {
     assert_eq!(st, 404);
     let (_, list) = s.call("GET", "/api/v1/models", None);
     assert_eq!(list["items"], json!([]));
+    // Revert and delete of a model that does not exist: 404, not a store error.
+    let (st, body) = s.call("DELETE", "/api/v1/models/admin/Iris", None);
+    assert_eq!(st, 404, "{body}");
+    let (st, body) = s.call(
+        "POST",
+        "/api/v1/models/admin/Iris/revert",
+        Some(json!({"version": 1})),
+    );
+    assert_eq!(st, 404, "{body}");
     let (st, _) = upload(
         &s,
         "nowhere",
