@@ -319,6 +319,11 @@ pub struct ModelsConfig {
     /// The address predictors listen on, on their node (the server reaches them at the node's
     /// address): `0.0.0.0`, or `127.0.0.1` when every node is this server's own machine.
     pub predictor_host: String,
+    /// Rows per chunk of a batch (`POST …/batch`) unless the call names `chunk_rows`.
+    pub batch_chunk_rows: u64,
+    /// How long one chunk's predict call may take (a chunk is many rows).
+    #[serde(with = "dur")]
+    pub batch_timeout: Duration,
 }
 
 impl Default for ModelsConfig {
@@ -333,6 +338,8 @@ impl Default for ModelsConfig {
             envs_dir: String::new(),
             wheels_dir: String::new(),
             predictor_host: "0.0.0.0".into(),
+            batch_chunk_rows: 10_000,
+            batch_timeout: Duration::from_secs(600),
         }
     }
 }

@@ -185,6 +185,17 @@ pub enum Event {
         live: Option<u32>,
         at: Ts,
     },
+    /// A batch scoring's progress (SPEC §8): a chunk scored, the result merged.
+    Batch {
+        id: Uuid,
+        workspace: String,
+        model: String,
+        rows_done: u64,
+        rows_total: u64,
+        /// `running` or `done`.
+        state: String,
+        at: Ts,
+    },
 }
 
 /// The version of a stored document (see [`Store::write_doc`]): only its order means anything.

@@ -21,9 +21,59 @@ pub enum ModelsCmd {
     Rm(ModelArgs),
     /// Print the logs of the live version's predictors (with -f: follow the first replica's).
     Logs(ModelLogsArgs),
+    /// Score a whole CSV (a header line, then rows) through a model, in chunks scored in
+    /// parallel across its replicas; the result CSV (input order kept) to `-o FILE` or stdout.
+    Batch(BatchArgs),
     /// One step of a deploy tree (run by the tree's jobs, not by hand).
     #[command(hide = true)]
     Step(StepArgs),
+    /// One job of a batch tree: `chunk I` or `merge` (run by the tree's jobs, not by hand).
+    #[command(hide = true)]
+    BatchStep(BatchStepArgs),
+}
+
+#[derive(Args)]
+pub struct BatchArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// WORKSPACE/MODEL, or MODEL in your workspace.
+    model: String,
+    /// The input CSV (`-` for stdin).
+    input: PathBuf,
+    /// Where the result CSV goes (default: stdout).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Rows per chunk (default: the server's, 10000).
+    #[arg(long)]
+    chunk_rows: Option<u64>,
+    /// A row the model refuses: `fail` the batch, or `mark` it in an `errors` column.
+    #[arg(long, default_value = "fail")]
+    on_error: String,
+    /// How rows are given to the model as `data`: rows (lists), records or columns.
+    #[arg(long, default_value = "rows")]
+    shape: String,
+    /// The result's columns beside the predictions: the `input` ones, or a row number (`id`).
+    #[arg(long = "columns", default_value = "input")]
+    columns: String,
+    /// Score with this version (a kept one whose predictors run) instead of the live one.
+    #[arg(long)]
+    version: Option<u32>,
+    /// Answer once the batch is made (its tree id); do not wait for the result.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+#[derive(Args)]
+pub struct BatchStepArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    workspace: String,
+    model: String,
+    batch: String,
+    /// `chunk` or `merge`.
+    what: String,
+    /// The chunk's index (for `chunk`).
+    chunk: Option<usize>,
 }
 
 #[derive(Args)]
@@ -134,6 +184,8 @@ pub fn run(cmd: ModelsCmd) -> Result<()> {
         ModelsCmd::Rm(a) => rm(a),
         ModelsCmd::Logs(a) => logs(a),
         ModelsCmd::Step(a) => step(a),
+        ModelsCmd::Batch(a) => batch(a),
+        ModelsCmd::BatchStep(a) => batch_step(a),
     }
 }
 
@@ -652,4 +704,180 @@ fn find_bundle(dest: &std::path::Path) -> Option<PathBuf> {
         only.path()
     };
     Bundle::load(&root).ok().map(|_| root)
+}
+
+/// A reader that counts what was read into a progress bar.
+struct Counting<R> {
+    inner: R,
+    bar: indicatif::ProgressBar,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+}
+
+fn bar_style(template: &str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+fn batch(a: BatchArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let (ws, name) = model_path(&client, &a.model)?;
+    let show = std::io::stderr().is_terminal();
+    let mut query = vec![
+        format!("on_error={}", seg(&a.on_error)),
+        format!("shape={}", seg(&a.shape)),
+        format!("output={}", seg(&a.columns)),
+    ];
+    if let Some(n) = a.chunk_rows {
+        query.push(format!("chunk_rows={n}"));
+    }
+    if let Some(v) = a.version {
+        query.push(format!("version={v}"));
+    }
+    let url = client.url(&format!(
+        "{}/batch?{}",
+        model_url(&ws, &name),
+        query.join("&")
+    ));
+    let (input, len): (Box<dyn Read>, Option<u64>) = if a.input.as_os_str() == "-" {
+        (Box::new(std::io::stdin()), None)
+    } else {
+        let f = std::fs::File::open(&a.input)
+            .with_context(|| format!("{} cannot be read", a.input.display()))?;
+        let len = f.metadata().ok().map(|m| m.len());
+        (Box::new(f), len)
+    };
+    let up = if !show {
+        indicatif::ProgressBar::hidden()
+    } else if let Some(len) = len {
+        let b = indicatif::ProgressBar::new(len);
+        b.set_style(bar_style(
+            "upload [{bar:24}] {bytes}/{total_bytes} {bytes_per_sec}",
+        ));
+        b
+    } else {
+        indicatif::ProgressBar::new_spinner()
+    };
+    let mut reader = Counting {
+        inner: std::io::BufReader::with_capacity(256 << 10, input),
+        bar: up.clone(),
+    };
+    let req = ureq::http::Request::builder()
+        .method("POST")
+        .uri(url)
+        .header("Content-Type", "text/csv")
+        .header(
+            "Authorization",
+            format!("Bearer {}", client.token.clone().unwrap_or_default()),
+        )
+        .body(ureq::SendBody::from_reader(&mut reader))?;
+    let resp = client
+        .agent
+        .run(req)
+        .map_err(|e| client.transport_error(e))?;
+    up.finish_and_clear();
+    let made = json_body(resp)?;
+    let tree = text(&made["tree"]);
+    let total = made["batch"]["rows_total"].as_u64().unwrap_or(0);
+    if a.no_wait {
+        println!("{}", serde_json::to_string_pretty(&made)?);
+        return Ok(());
+    }
+    let bar = if show {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(bar_style(
+            "{prefix} [{bar:24}] {pos}/{len} rows {per_sec} {wide_msg}",
+        ));
+        b.set_prefix(format!("{ws}/{name}"));
+        b.enable_steady_tick(Duration::from_millis(200));
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let batch_url = format!("{}/batches/{}", model_url(&ws, &name), seg(&tree));
+    loop {
+        let b = client.get_json(&batch_url, &[])?;
+        bar.set_position(b["rows_done"].as_u64().unwrap_or(0));
+        let t = client.get_json(&format!("/api/v1/jobs/{}/tree", seg(&tree)), &[])?;
+        match t["tree_state"].as_str() {
+            Some("succeeded") => break,
+            Some("failed" | "aborted") => {
+                bar.finish_and_clear();
+                // The first failed job's error says why.
+                let why = t["children"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|j| j["state"] == "failed")
+                    .map(|j| {
+                        let log = client
+                            .get(
+                                &format!("/api/v1/jobs/{}/log", seg(&text(&j["id"]))),
+                                &[("tail", "400".into())],
+                            )
+                            .ok()
+                            .filter(|r| r.status().is_success())
+                            .and_then(|mut r| read_text(&mut r).ok())
+                            .unwrap_or_default();
+                        let last = log
+                            .lines()
+                            .rev()
+                            .find(|l| !l.trim().is_empty())
+                            .unwrap_or("")
+                            .to_string();
+                        format!("{}: {last}", text(&j["name"]))
+                    })
+                    .unwrap_or_else(|| "the batch tree did not succeed".into());
+                bail!("the batch {tree} failed: {why} (see `muster jobs tree {tree}`)");
+            }
+            _ => std::thread::sleep(POLL),
+        }
+    }
+    bar.finish_and_clear();
+    let mut resp = client.get(&format!("/api/v1/jobs/{}/result", seg(&tree)), &[])?;
+    if !resp.status().is_success() {
+        return Err(http_error(resp));
+    }
+    let mut body = resp.body_mut().with_config().limit(u64::MAX).reader();
+    match &a.output {
+        Some(p) => {
+            let tmp = p.with_extension("part");
+            let mut f = std::fs::File::create(&tmp)
+                .with_context(|| format!("{} cannot be written", tmp.display()))?;
+            std::io::copy(&mut body, &mut f).context("the result broke off")?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, p)?;
+            eprintln!("{ws}/{name}: {total} rows scored into {}", p.display());
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            std::io::copy(&mut body, &mut out).context("the result broke off")?;
+        }
+    }
+    Ok(())
+}
+
+fn batch_step(a: BatchStepArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let base = format!(
+        "{}/batches/{}",
+        model_url(&a.workspace, &a.model),
+        seg(&a.batch)
+    );
+    let path = match (a.what.as_str(), a.chunk) {
+        ("chunk", Some(i)) => format!("{base}/chunks/{i}"),
+        ("merge", None) => format!("{base}/merge"),
+        _ => bail!("batch-step takes `chunk I` or `merge`"),
+    };
+    let (_, v) = client.post_json(&path, &json!({}), &[])?;
+    // The last line is the job's result: the rows scored and the batch's progress.
+    println!("{v}");
+    Ok(())
 }

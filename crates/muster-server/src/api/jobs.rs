@@ -349,7 +349,28 @@ async fn job_result(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let (job, _) = load_job(&app, &caller, &id).await?;
+    let (job, tree) = load_job(&app, &caller, &id).await?;
+    // A batch tree's result is its CSV, once the tree has succeeded.
+    if job.parent.is_none()
+        && tree.tags.labels.get("kind").map(String::as_str)
+            == Some(crate::models::batch::KIND_BATCH)
+    {
+        if tree.state != TreeState::Succeeded {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "not_finished",
+                format!(
+                    "the batch is {}; its result is not ready",
+                    tree.state.as_str()
+                ),
+            ));
+        }
+        let (a, id) = (app.clone(), job.id);
+        let b = blocking(move || Ok(crate::models::batch::get(&a, id)?)).await?;
+        if let Some(blob) = b.and_then(|b| b.result) {
+            return super::models::batch_result(&app, &blob);
+        }
+    }
     if !job.state.is_final() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -576,7 +597,8 @@ async fn events_ws(
         Event::Job { workspace, .. }
         | Event::Tree { workspace, .. }
         | Event::Process { workspace, .. }
-        | Event::Model { workspace, .. } => caller.role(workspace).is_some(),
+        | Event::Model { workspace, .. }
+        | Event::Batch { workspace, .. } => caller.role(workspace).is_some(),
         Event::Node { .. } => true,
     };
     Ok(

@@ -671,6 +671,12 @@ mod tests {
             ("POST", "/api/v1/jobs"),
             ("POST", "/api/v1/jobs/{id}/abort"),
             ("POST", "/api/v1/models/{ws}/{model}"),
+            ("POST", "/api/v1/models/{ws}/{model}/batch"),
+            (
+                "POST",
+                "/api/v1/models/{ws}/{model}/batches/{id}/chunks/{chunk}",
+            ),
+            ("POST", "/api/v1/models/{ws}/{model}/batches/{id}/merge"),
             ("POST", "/api/v1/models/{ws}/{model}/revert"),
             (
                 "POST",

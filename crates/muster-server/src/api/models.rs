@@ -34,6 +34,29 @@ pub(super) fn routes(r: Routes) -> Routes {
             post(predict),
         )
         .add(
+            "/api/v1/models/{ws}/{model}/batch",
+            &["POST"],
+            post(batch_create),
+        )
+        .leader(&["POST"])
+        .add(
+            "/api/v1/models/{ws}/{model}/batches/{id}",
+            &["GET"],
+            get(batch_show),
+        )
+        .add(
+            "/api/v1/models/{ws}/{model}/batches/{id}/chunks/{chunk}",
+            &["POST"],
+            post(batch_chunk),
+        )
+        .leader(&["POST"])
+        .add(
+            "/api/v1/models/{ws}/{model}/batches/{id}/merge",
+            &["POST"],
+            post(batch_merge),
+        )
+        .leader(&["POST"])
+        .add(
             "/api/v1/models/{ws}/{model}/versions/{version}/bundle",
             &["GET"],
             get(bundle),
@@ -469,4 +492,182 @@ async fn step(
         let _ = tx.send(last).await;
     });
     Ok(text_stream(rx))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchQuery {
+    version: Option<u32>,
+    chunk_rows: Option<u64>,
+    on_error: Option<String>,
+    shape: Option<String>,
+    output: Option<String>,
+}
+
+/// `POST /api/v1/models/{ws}/{model}/batch`: the body is a CSV (a header line, then rows),
+/// read as a stream and split into chunks in the blob store as it comes; answers 202 with the
+/// batch's tree (the result CSV: `GET /api/v1/jobs/{tree}/result` once it has succeeded).
+async fn batch_create(
+    State(app): AppState,
+    caller: Caller,
+    Path((ws, model)): Path<(String, String)>,
+    Query(q): Query<BatchQuery>,
+    body: Body,
+) -> ApiResult<Response> {
+    use crate::models::batch::{self, OnError, Output, Shape};
+    names(&ws, &model)?;
+    caller.need_role(&ws, Role::Operator)?;
+    let chunk_rows = q.chunk_rows.unwrap_or(app.config.models.batch_chunk_rows);
+    if !(1..=1_000_000).contains(&chunk_rows) {
+        return Err(ApiError::bad("chunk_rows must be between 1 and 1000000"));
+    }
+    let on_error = match q.on_error.as_deref() {
+        None | Some("fail") => OnError::Fail,
+        Some("mark") => OnError::Mark,
+        Some(_) => return Err(ApiError::bad("on_error must be fail or mark")),
+    };
+    let shape = match q.shape.as_deref() {
+        None | Some("rows") => Shape::Rows,
+        Some("records") => Shape::Records,
+        Some("columns") => Shape::Columns,
+        Some(_) => return Err(ApiError::bad("shape must be rows, records or columns")),
+    };
+    let output = match q.output.as_deref() {
+        None | Some("input") => Output::Input,
+        Some("id") => Output::Id,
+        Some(_) => return Err(ApiError::bad("output must be input or id")),
+    };
+    let (a, ws2, m2) = (app.clone(), ws.clone(), model.clone());
+    let m = blocking(move || Ok(a.models.get(&ws2, &m2)?))
+        .await?
+        .filter(|m| !m.deleted)
+        .ok_or_else(|| ApiError::not_found("model"))?;
+    match q.version {
+        Some(v) if m.version(v).is_none() => return Err(ApiError::not_found("version")),
+        None if m.live.is_none() => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "not_live",
+                format!("model {ws}/{model} has no live version yet"),
+            ))
+        }
+        _ => {}
+    }
+    let id = muster_core::Uuid::now_v7();
+    // The body goes to the splitter through a small channel: memory stays bounded.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let a = app.clone();
+    let splitter = tokio::task::spawn_blocking(move || {
+        batch::split(&a, id, batch::ChanReader::new(rx), chunk_rows)
+    });
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+        let item = chunk.map_err(|e| format!("the upload broke off: {e}"));
+        let broke = item.is_err();
+        if tx.send(item).await.is_err() || broke {
+            break;
+        }
+    }
+    drop(tx);
+    let split = splitter
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| match e {
+            batch::SplitError::Bad(m) => ApiError::bad(m),
+            batch::SplitError::Io(m) => ApiError::bad(format!("the CSV could not be read: {m}")),
+        })?;
+    if split.rows == 0 {
+        return Err(ApiError::bad("the CSV has a header but no rows"));
+    }
+    let b = batch::Batch {
+        id,
+        workspace: ws,
+        model,
+        version: q.version,
+        columns: split.columns,
+        chunk_rows,
+        on_error,
+        shape,
+        output,
+        rows_total: split.rows,
+        rows_done: 0,
+        chunks: split.chunks,
+        result: None,
+        result_size: 0,
+        created_at: muster_wire::util::now(),
+        created_by: caller.user.name.clone(),
+    };
+    let view = b.view();
+    let tree = batch::start(&app, b, caller.user.admin)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"tree": tree, "batch": view})),
+    )
+        .into_response())
+}
+
+fn batch_id(ws: &str, model: &str, id: &str) -> ApiResult<muster_core::Uuid> {
+    names(ws, model)?;
+    id.parse()
+        .map_err(|_| ApiError::bad("the batch id must be a UUID"))
+}
+
+/// A batch's progress: rows done and total, chunks, errors, whether its result is merged.
+async fn batch_show(
+    State(app): AppState,
+    caller: Caller,
+    Path((ws, model, id)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let id = batch_id(&ws, &model, &id)?;
+    caller.need_role(&ws, Role::Viewer)?;
+    let b = blocking(move || Ok(crate::models::batch::get(&app, id)?))
+        .await?
+        .filter(|b| b.workspace == ws && b.model == model)
+        .ok_or_else(|| ApiError::not_found("batch"))?;
+    Ok(axum::Json(b.view()).into_response())
+}
+
+/// One chunk of a batch scored (what its job runs): answers the chunk's rows and the batch's
+/// progress.
+async fn batch_chunk(
+    State(app): AppState,
+    caller: Caller,
+    Path((ws, model, id, chunk)): Path<(String, String, String, String)>,
+) -> ApiResult<Response> {
+    let id = batch_id(&ws, &model, &id)?;
+    let i: usize = chunk
+        .parse()
+        .map_err(|_| ApiError::bad("the chunk must be a number"))?;
+    caller.need_role(&ws, Role::Operator)?;
+    let s = crate::models::batch::score_chunk(&app, &ws, &model, id, i)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "batch_failed", e))?;
+    Ok(axum::Json(json!(s)).into_response())
+}
+
+/// The result CSV of a batch written (what its `merge` job runs).
+async fn batch_merge(
+    State(app): AppState,
+    caller: Caller,
+    Path((ws, model, id)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let id = batch_id(&ws, &model, &id)?;
+    caller.need_role(&ws, Role::Operator)?;
+    let v = crate::models::batch::merge(&app, &ws, &model, id)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "batch_failed", e))?;
+    Ok(axum::Json(v).into_response())
+}
+
+/// The result CSV of batch tree `id`, streamed (`GET /api/v1/jobs/{id}/result`).
+pub(super) fn batch_result(app: &App, blob: &str) -> ApiResult<Response> {
+    let f = app.blobs.open(blob).map_err(ApiError::internal)?;
+    let stream = tokio_util_stream(tokio::fs::File::from_std(f));
+    Ok((
+        [(header::CONTENT_TYPE, "text/csv")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }

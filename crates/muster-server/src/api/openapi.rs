@@ -756,21 +756,18 @@ pub fn document() -> Value {
         op("The log as a websocket", None, "101", None, false),
         log_params(),
     );
-    add(
-        "/api/v1/jobs/{id}/result",
-        "get",
-        op(
-            "How a finished job ended",
-            None,
-            "200",
-            Some(obj(
-                json!({"id": {"type": "string"}, "state": {"type": "string"}, "exit_code": {"type": "integer", "nullable": true}, "error": nullable("string"), "result": {}}),
-                &["id", "state"],
-            )),
-            false,
-        ),
-        job_id(),
+    let mut result = op(
+        "How a finished job ended (a batch tree's root: the result CSV)",
+        None,
+        "200",
+        Some(obj(
+            json!({"id": {"type": "string"}, "state": {"type": "string"}, "exit_code": {"type": "integer", "nullable": true}, "error": nullable("string"), "result": {}}),
+            &["id", "state"],
+        )),
+        false,
     );
+    result["responses"]["200"]["content"]["text/csv"] = json!({"schema": {"type": "string"}});
+    add("/api/v1/jobs/{id}/result", "get", result, job_id());
     // Long-running processes (SPEC §5a).
     let process = obj(
         json!({"id": {"type": "string"}, "name": {"type": "string"}, "workspace": {"type": "string"},
@@ -1017,6 +1014,90 @@ pub fn document() -> Value {
             false,
         ),
         predict_params,
+    );
+    // Batch scoring.
+    let batch = obj(
+        json!({
+            "id": {"type": "string"}, "tree": {"type": "string"}, "workspace": {"type": "string"},
+            "model": {"type": "string"}, "version": {"type": "integer", "nullable": true},
+            "state": {"type": "string"}, "columns": {"type": "array", "items": {"type": "string"}},
+            "chunk_rows": {"type": "integer"}, "on_error": {"type": "string"},
+            "shape": {"type": "string"}, "output": {"type": "string"},
+            "rows_total": {"type": "integer"}, "rows_done": {"type": "integer"},
+            "chunks": {"type": "integer"}, "chunks_done": {"type": "integer"},
+            "errors": {"type": "integer"}, "result_size": {"type": "integer", "nullable": true},
+            "created_at": ts.clone(), "created_by": {"type": "string"},
+        }),
+        &["id", "tree", "state", "rows_total", "rows_done"],
+    );
+    let mut batch_params = model_params();
+    batch_params.extend([
+        query("version", "integer"),
+        query("chunk_rows", "integer"),
+        query("on_error", "string"),
+        query("shape", "string"),
+        query("output", "string"),
+    ]);
+    let mut batch_op = op(
+        "Score a CSV (a header line, then rows) in chunks across the replicas: answers with the batch's tree; the result CSV at /api/v1/jobs/{tree}/result",
+        None,
+        "202",
+        Some(obj(
+            json!({"tree": {"type": "string"}, "batch": batch.clone()}),
+            &["tree", "batch"],
+        )),
+        false,
+    );
+    batch_op["requestBody"] =
+        json!({"required": true, "content": {"text/csv": {"schema": {"type": "string"}}}});
+    add(
+        "/api/v1/models/{ws}/{model}/batch",
+        "post",
+        batch_op,
+        batch_params,
+    );
+    let mut one_batch = model_params();
+    one_batch.push(path_param("id"));
+    add(
+        "/api/v1/models/{ws}/{model}/batches/{id}",
+        "get",
+        op(
+            "A batch's progress",
+            None,
+            "200",
+            Some(batch.clone()),
+            false,
+        ),
+        one_batch.clone(),
+    );
+    let mut chunk_params = one_batch.clone();
+    chunk_params.push(path_param("chunk"));
+    add(
+        "/api/v1/models/{ws}/{model}/batches/{id}/chunks/{chunk}",
+        "post",
+        op(
+            "Score one chunk of a batch (what its job runs)",
+            None,
+            "200",
+            Some(obj(
+                json!({"chunk": {"type": "integer"}, "rows": {"type": "integer"}, "errors": {"type": "integer"}, "rows_done": {"type": "integer"}, "rows_total": {"type": "integer"}}),
+                &["chunk", "rows"],
+            )),
+            false,
+        ),
+        chunk_params,
+    );
+    add(
+        "/api/v1/models/{ws}/{model}/batches/{id}/merge",
+        "post",
+        op(
+            "Write a batch's result CSV (what its merge job runs)",
+            None,
+            "200",
+            Some(batch),
+            false,
+        ),
+        one_batch,
     );
     add(
         "/api/v1/models/{ws}/{model}/versions/{version}/bundle",

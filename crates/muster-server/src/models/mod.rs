@@ -14,6 +14,8 @@
 //!   that settles a deploy whose tree ended unheard.
 //! - [`uploads`]: the HQ `uploads/` watcher: archives and `.yhat` files dropped there deployed,
 //!   then moved to `uploads/done/` or `uploads/rejected/` (with a `.why`), the move committed.
+//! - [`batch`]: batch scoring: a CSV split into chunks in the blob store, a tree of a job per
+//!   chunk scored through the predict routes and a merge into the result CSV, input order kept.
 //! - [`routes`]: the predict path: a table of each model's live version and ready replicas, kept
 //!   from the store's events (never read or written per request), least outstanding calls first,
 //!   a bound on calls in flight per replica, kept-alive connections to the predictors.
@@ -21,6 +23,7 @@
 //! Invariant: the live version changes only in the `switch` step, by compare-and-set of the
 //! model's document; a deploy that fails before it leaves the old version serving.
 
+pub mod batch;
 pub mod deploy;
 pub mod lifecycle;
 pub mod routes;

@@ -14,6 +14,7 @@ mod model_support;
 
 mod access;
 mod api;
+mod batch;
 mod cluster;
 mod crash;
 mod daemons;

@@ -1,0 +1,307 @@
+//! Batch scoring (SPEC §8): a CSV through the real scikit-learn iris model (two replicas), in
+//! chunks scored by a job tree, the result CSV in input order and equal to the model's own
+//! predictions (scikit-learn run on the same file); the CLI; a bad row marked or failing the
+//! batch; bad input refused.
+
+use crate::model_support as models;
+
+use crate::harness::Server;
+use crate::support::http;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+
+fn server() -> Server {
+    let cache = models::cache();
+    Server::start_with(move |c| {
+        c.models.envs_dir = cache.join("envs").to_string_lossy().into_owned();
+        c.models.wheels_dir = cache.join("wheels").to_string_lossy().into_owned();
+        c.models.predictor_host = "127.0.0.1".into();
+        c.hq.max_file_size = 256;
+    })
+}
+
+/// Deploys the iris bundle in `dir` as admin/Iris; waits until it is live.
+fn deploy(s: &Server, dir: &Path) {
+    let mut archive = Vec::new();
+    muster_models::archive::pack(dir, &mut archive).unwrap();
+    let req = ureq::http::Request::builder()
+        .method("POST")
+        .uri(format!("{}/api/v1/models/admin/Iris", s.url))
+        .header("authorization", format!("Bearer {}", s.token))
+        .header("content-type", "application/gzip")
+        .body(archive)
+        .unwrap();
+    let mut resp = http().run(req).unwrap();
+    let body: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(resp.status().as_u16(), 202, "{body}");
+    let t = s.wait_tree(body["tree"].as_str().unwrap(), Duration::from_secs(600));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+}
+
+/// POSTs `csv` to the batch route with `query`; the status and body.
+fn post_batch(s: &Server, query: &str, csv: &str) -> (u16, Value) {
+    s.call_raw_body(
+        "POST",
+        &format!("/api/v1/models/admin/Iris/batch{query}"),
+        csv,
+        "text/csv",
+    )
+}
+
+trait RawBody {
+    fn call_raw_body(&self, method: &str, path: &str, body: &str, ct: &str) -> (u16, Value);
+}
+
+impl RawBody for Server {
+    fn call_raw_body(&self, method: &str, path: &str, body: &str, ct: &str) -> (u16, Value) {
+        let (st, text) = self.raw(
+            Some(&self.token),
+            method,
+            path,
+            Some(body.to_string()),
+            &[("content-type", ct)],
+        );
+        (st, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+}
+
+/// `n` iris-like rows (deterministic), with the header.
+fn iris_csv(n: usize) -> String {
+    let mut out = String::from("sepal_length,sepal_width,petal_length,petal_width\n");
+    let mut x: u64 = 12345;
+    let mut next = |lo: f64, hi: f64| {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let f = (x >> 11) as f64 / (1u64 << 53) as f64;
+        ((lo + f * (hi - lo)) * 10.0).round() / 10.0
+    };
+    for _ in 0..n {
+        out.push_str(&format!(
+            "{},{},{},{}\n",
+            next(4.3, 7.9),
+            next(2.0, 4.4),
+            next(1.0, 6.9),
+            next(0.1, 2.5)
+        ));
+    }
+    out
+}
+
+/// The model's own predictions of `csv` (scikit-learn on the same file, in the test's env).
+fn own_predictions(env: &muster_models::PythonEnv, bundle: &Path, csv: &Path) -> Vec<String> {
+    let script = "import csv, pickle, sys\n\
+        m = pickle.load(open(sys.argv[1], 'rb'))\n\
+        rows = list(csv.reader(open(sys.argv[2])))[1:]\n\
+        X = [[float(v) for v in r] for r in rows]\n\
+        print('\\n'.join(str(p) for p in m.predict(X).tolist()))\n";
+    let out = std::process::Command::new(env.python())
+        .arg("-c")
+        .arg(script)
+        .arg(bundle.join("model.pkl"))
+        .arg(csv)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn result_csv(s: &Server, tree: &str) -> (u16, String) {
+    s.raw(
+        Some(&s.token),
+        "GET",
+        &format!("/api/v1/jobs/{tree}/result"),
+        None,
+        &[],
+    )
+}
+
+#[test]
+fn a_csv_is_scored_in_chunks_across_replicas_in_input_order() {
+    let env = models::sklearn_env();
+    let s = server();
+    let dir = models::Scratch::new("batch");
+    models::iris_bundle(dir.path(), &env);
+    // Two replicas: the chunks are spread across both.
+    let bundle_json = dir.path().join("bundle.json");
+    let mut b: Value = serde_json::from_slice(&std::fs::read(&bundle_json).unwrap()).unwrap();
+    b["replicas"] = json!(2);
+    std::fs::write(&bundle_json, b.to_string()).unwrap();
+    deploy(&s, dir.path());
+
+    // Bad input first: each a 4xx with a short message that does not echo the input.
+    let (st, out) = post_batch(&s, "", "");
+    assert_eq!(st, 400, "{out}");
+    let (st, out) = post_batch(&s, "", "a,b\n1,2\n3\n");
+    assert_eq!(st, 400, "{out}");
+    assert!(
+        out["error"]["message"].as_str().unwrap().contains("row 2"),
+        "{out}"
+    );
+    let (st, out) = post_batch(&s, "", "a,b\n");
+    assert_eq!(st, 400, "{out}");
+    let (st, out) = post_batch(&s, "?on_error=ignore-it", "a\n1\n");
+    assert_eq!(st, 400, "{out}");
+    assert!(!out.to_string().contains("ignore-it"), "{out}");
+    let (st, out) = post_batch(&s, "?chunk_rows=0", "a\n1\n");
+    assert_eq!(st, 400, "{out}");
+    let (st, out) = s.call_raw_body(
+        "POST",
+        "/api/v1/models/admin/NoSuch/batch",
+        "a\n1\n",
+        "text/csv",
+    );
+    assert_eq!(st, 404, "{out}");
+
+    // 25,000 rows in chunks of 3,000: nine chunk jobs and a merge.
+    let rows = 25_000;
+    let csv = iris_csv(rows);
+    let input = dir.path().join("input.csv");
+    std::fs::write(&input, &csv).unwrap();
+    let expected = own_predictions(&env, dir.path(), &input);
+    assert_eq!(expected.len(), rows);
+    let (st, made) = post_batch(&s, "?chunk_rows=3000", &csv);
+    assert_eq!(st, 202, "{made}");
+    assert_eq!(made["batch"]["rows_total"], rows);
+    assert_eq!(made["batch"]["chunks"], 9);
+    let tree = made["tree"].as_str().unwrap().to_string();
+    let t = s.wait_tree(&tree, Duration::from_secs(600));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    let keys: Vec<&str> = t["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 10, "{keys:?}");
+    assert_eq!(keys[9], "merge");
+    // Each chunk job's result is its rows and the batch's progress.
+    let chunk0 = crate::harness::child(&t, "score admin/Iris rows 1-3000");
+    let (_, j) = s.call(
+        "GET",
+        &format!("/api/v1/jobs/{}", chunk0["id"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(j["result"]["rows"], 3000, "{j:#}");
+    assert_eq!(j["result"]["rows_total"], rows, "{j:#}");
+    // Progress on the batch.
+    let (st, b) = s.call(
+        "GET",
+        &format!("/api/v1/models/admin/Iris/batches/{tree}"),
+        None,
+    );
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(
+        (b["rows_done"].clone(), b["state"].clone()),
+        (json!(rows), json!("done"))
+    );
+    assert_eq!(b["chunks_done"], 9);
+
+    // The result: the input rows in order, each beside the model's own prediction.
+    let (st, text) = result_csv(&s, &tree);
+    assert_eq!(st, 200, "{text}");
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "sepal_length,sepal_width,petal_length,petal_width,prediction"
+    );
+    let got: Vec<&str> = lines.collect();
+    assert_eq!(got.len(), rows);
+    for (i, (line, input)) in got.iter().zip(csv.lines().skip(1)).enumerate() {
+        assert_eq!(*line, format!("{input},{}", expected[i]), "row {}", i + 1);
+    }
+    // Both replicas took chunks.
+    let (_, m) = s.call("GET", "/api/v1/models/admin/Iris", None);
+    let reqs: Vec<u64> = m["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["requests"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(reqs.len(), 2, "{m:#}");
+    assert!(reqs.iter().sum::<u64>() >= 9, "{m:#}");
+
+    // The CLI: the same file, the result to a file; with a row number instead of the input.
+    let out = dir.path().join("out.csv");
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_muster"))
+        .args(["models", "batch", "admin/Iris"])
+        .arg(&input)
+        .arg("-o")
+        .arg(&out)
+        .args(["--chunk-rows", "10000", "--columns", "id"])
+        .env("MUSTER_URL", &s.url)
+        .env("MUSTER_TOKEN", &s.token)
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next().unwrap(), "row,prediction");
+    for (i, line) in lines.enumerate() {
+        assert_eq!(line, format!("{},{}", i + 1, expected[i]));
+    }
+    assert_eq!(text.lines().count(), rows + 1);
+
+    // A bad row: marked in the `errors` column (the rest scored), or failing the batch.
+    let mut small = String::from("sepal_length,sepal_width,petal_length,petal_width\n");
+    for i in 0..30 {
+        if i == 16 {
+            small.push_str("5.1,abc,1.4,0.2\n");
+        } else {
+            small.push_str("6.7,3.0,5.2,2.3\n");
+        }
+    }
+    let (st, made) = post_batch(&s, "?chunk_rows=10&on_error=mark", &small);
+    assert_eq!(st, 202, "{made}");
+    let tree = made["tree"].as_str().unwrap().to_string();
+    let t = s.wait_tree(&tree, Duration::from_secs(300));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    let (_, text) = result_csv(&s, &tree);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0],
+        "sepal_length,sepal_width,petal_length,petal_width,prediction,errors"
+    );
+    assert_eq!(lines.len(), 31);
+    for (i, l) in lines[1..].iter().enumerate() {
+        if i == 16 {
+            assert!(l.starts_with("5.1,abc,1.4,0.2,,ValueError: "), "{l}");
+        } else {
+            assert_eq!(*l, "6.7,3.0,5.2,2.3,2,", "row {}", i + 1);
+        }
+    }
+    let (_, b) = s.call(
+        "GET",
+        &format!("/api/v1/models/admin/Iris/batches/{tree}"),
+        None,
+    );
+    assert_eq!(b["errors"], 1, "{b}");
+    let (st, made) = post_batch(&s, "?chunk_rows=10", &small);
+    assert_eq!(st, 202, "{made}");
+    let tree = made["tree"].as_str().unwrap().to_string();
+    let t = s.wait_tree(&tree, Duration::from_secs(300));
+    assert_eq!(t["tree_state"], "failed", "{t:#}");
+    let failed = crate::harness::child(&t, "score admin/Iris rows 11-20");
+    assert_eq!(failed["state"], "failed", "{t:#}");
+    let log = s.log(failed["id"].as_str().unwrap());
+    assert!(
+        log.contains("rows 11-20") && log.contains("ValueError"),
+        "{log}"
+    );
+    let (st, out) = result_csv(&s, &tree);
+    assert_eq!(st, 409, "{out}");
+}
