@@ -8,6 +8,7 @@
 //! - [`hq`]: headquarters, the git repository of desired state: the pulse and its watchers
 //!   (sync, orders), node control scripts, the reaper's frame.
 //! - [`models`]: models (SPEC §8): versions, deploy trees and their steps, predict routing.
+//! - [`services`]: services (SPEC §6): plans of HQ's services, applies as job trees, records.
 //! - [`api`]: the HTTP API (thin routes over the pieces above).
 //! - [`auth`], [`blobs`]: passwords and tokens; the content-addressed blob store.
 //!
@@ -33,6 +34,7 @@ pub mod nodes;
 pub mod perf;
 pub mod processes;
 pub mod server;
+pub mod services;
 pub mod session;
 pub mod tls;
 
@@ -81,6 +83,8 @@ pub struct App {
     pub hq: hq::Hq,
     /// Models (SPEC §8): their versions and this server's predict routes.
     pub models: models::Models,
+    /// Services (SPEC §6): plans, applies and the recorded state of each service.
+    pub services: services::Services,
 }
 
 impl App {
@@ -150,6 +154,11 @@ impl App {
                 models: models.clone(),
                 alerts: alerts.clone(),
             }),
+        );
+        let services = services::Services::default();
+        hooks.register(
+            services::STEP_HOOK,
+            Arc::new(services::StepHook(services.clone())),
         );
         let reactions = jobs::manager::Reactions {
             observers: vec![
@@ -223,8 +232,10 @@ impl App {
             tls,
             hq,
             models,
+            services,
         });
         app.models.set_app(&app);
+        app.services.set_app(&app);
         Ok((app, handle))
     }
 

@@ -350,6 +350,12 @@ impl Processes {
         Ok(p)
     }
 
+    /// The address node `name`'s agent is connected from, while it is (services publish it as
+    /// the node's `address`).
+    pub fn node_address(&self, name: &str) -> Option<String> {
+        self.agents().get(name).map(|a| a.addr.clone())
+    }
+
     /// Where a process listens: its node's address and its ports by name (`None` until it runs
     /// somewhere).
     pub fn address(&self, id: Uuid) -> Result<Option<Address>, StoreError> {

@@ -69,6 +69,9 @@ impl Server {
                 .await
                 .map_err(|e| e.to_string())??
         };
+        if let Some(e) = &embedded {
+            app.services.set_embedded(&e.name);
+        }
         let setup_code = write_setup_code(&app)?;
         // HQ: made on first start; a failure is reported and retried each pulse, the server
         // goes on. Scripts kept in the data dir before HQ held them move in.

@@ -17,6 +17,8 @@ use std::time::Duration;
 
 #[path = "cli_models.rs"]
 mod models;
+#[path = "cli_services.rs"]
+mod services;
 
 /// The server used when nothing else names one.
 const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
@@ -58,6 +60,11 @@ pub enum ClientCmd {
     Models {
         #[command(subcommand)]
         cmd: models::ModelsCmd,
+    },
+    /// Services in HQ (SPEC §6): plan, apply, list, show.
+    Services {
+        #[command(subcommand)]
+        cmd: services::ServicesCmd,
     },
     /// List, add and remove users (adding and removing: cluster admins only).
     Users {
@@ -595,6 +602,7 @@ pub fn run(cmd: ClientCmd) -> Result<()> {
             ProcsCmd::Rm(a) => procs_verb(a, "rm"),
         },
         ClientCmd::Models { cmd } => models::run(cmd),
+        ClientCmd::Services { cmd } => services::run(cmd),
         ClientCmd::Users { cmd } => match cmd {
             UsersCmd::Ls(a) => users_ls(a),
             UsersCmd::Add(a) => users_add(a),

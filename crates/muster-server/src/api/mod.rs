@@ -14,6 +14,7 @@ mod nodes;
 pub mod openapi;
 mod processes;
 mod scripts;
+mod services;
 mod yhat;
 
 use crate::accounts::Role;
@@ -569,6 +570,7 @@ pub fn routes() -> Routes {
     let r = hq::routes(r);
     let r = processes::routes(r);
     let r = models::routes(r);
+    let r = services::routes(r);
     let r = yhat::routes(r);
     jobs::routes(r)
 }

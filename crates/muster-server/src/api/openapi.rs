@@ -1125,6 +1125,119 @@ pub fn document() -> Value {
         ),
         step_params,
     );
+    // Services (SPEC §6).
+    let any = json!({"nullable": true});
+    let service = obj(
+        json!({
+            "path": {"type": "string"}, "node": nullable("string"),
+            "status": {"type": "string", "enum": ["active", "maintenance", "waiting", "blocked", "error", "unknown"]},
+            "message": {"type": "string"}, "installed": {"type": "boolean"}, "hash": {"type": "string"},
+            "deps": {"type": "array", "items": {"type": "string"}}, "state": any.clone(), "published": any.clone(),
+            "last_action": nullable("string"), "last_job": {"type": "string", "format": "uuid", "nullable": true},
+            "last_plan": nullable("string"), "updated_at": ts.clone()
+        }),
+        &["path", "status", "installed"],
+    );
+    let plan = obj(
+        json!({
+            "id": {"type": "string"}, "commit": {"type": "string"}, "created_at": ts.clone(),
+            "created_by": {"type": "string"},
+            "steps": {"type": "array", "items": obj(json!({
+                "key": {"type": "string"}, "path": {"type": "string"},
+                "action": {"type": "string", "enum": ["install", "reconfigure", "reset"]},
+                "reason": {"type": "string"}, "hash": nullable("string"),
+                "after": {"type": "array", "items": {"type": "string"}}, "node": nullable("string")
+            }), &["key", "path", "action", "reason"])},
+            "unchanged": {"type": "array", "items": {"type": "string"}},
+            "tree": {"type": "string", "format": "uuid", "nullable": true},
+            "applied_at": {"type": "string", "format": "date-time", "nullable": true}
+        }),
+        &["id", "commit", "steps", "unchanged"],
+    );
+    add(
+        "/api/v1/services",
+        "get",
+        op(
+            "The services as recorded (by path): status, message, node, published data, state, last action",
+            None,
+            "200",
+            Some(obj(json!({"items": {"type": "array", "items": service.clone()}}), &["items"])),
+            false,
+        ),
+        vec![],
+    );
+    add(
+        "/api/v1/services/{path}",
+        "get",
+        op(
+            "One service as recorded ({path}: its path in services/, each / as %2F)",
+            None,
+            "200",
+            Some(service),
+            false,
+        ),
+        vec![path_param("path")],
+    );
+    add(
+        "/api/v1/services/plan",
+        "post",
+        op(
+            "Plan HQ's services at its head against their recorded state (cluster admins): install, reconfigure or reset per service with the reason, in dependency order; bad service directories, cycles and missing producers are 422 naming the files",
+            None,
+            "201",
+            Some(plan.clone()),
+            false,
+        ),
+        vec![],
+    );
+    add(
+        "/api/v1/services/apply",
+        "post",
+        op(
+            "Apply a plan as one job tree (202 with the tree; 200 when it has no steps); 409 when HQ moved since the plan or the recorded state changed",
+            Some(obj(json!({"plan": {"type": "string", "format": "uuid"}}), &["plan"])),
+            "202",
+            Some(plan.clone()),
+            false,
+        ),
+        vec![],
+    );
+    add(
+        "/api/v1/services/plans/{id}",
+        "get",
+        op("A stored plan", None, "200", Some(plan), false),
+        vec![path_param("id")],
+    );
+    add(
+        "/api/v1/services/plans/{id}/steps/{key}",
+        "get",
+        op(
+            "What a step's job runs (for the apply tree's jobs): path, action, verbs, node, archive and the JSON context of its actions",
+            None,
+            "200",
+            Some(obj(json!({
+                "plan": {"type": "string"}, "key": {"type": "string"}, "path": {"type": "string"},
+                "action": {"type": "string"}, "verbs": {"type": "array", "items": {"type": "string"}},
+                "node": nullable("string"), "archive": nullable("string"),
+                "actions": {"type": "array", "items": {"type": "string"}}, "process": {"type": "boolean"},
+                "context": {"type": "object"}
+            }), &["plan", "key", "path", "action", "verbs", "context"])),
+            false,
+        ),
+        vec![path_param("id"), path_param("key")],
+    );
+    add(
+        "/api/v1/services/plans/{id}/steps/{key}/archive",
+        "get",
+        op(
+            "The service directory of a step as a .tar.gz (content-addressed in the blob store)",
+            None,
+            "200",
+            text("application/gzip"),
+            false,
+        ),
+        vec![path_param("id"), path_param("key")],
+    );
     // The yhat client's routes (PROTOCOL.md): HTTP Basic username:apikey or ?username=&apikey=.
     let yhat_query = || vec![query("username", "string"), query("apikey", "string")];
     add(

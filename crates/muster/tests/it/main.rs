@@ -27,3 +27,4 @@ mod nodes;
 mod predictor;
 mod procs;
 mod secrets;
+mod services;

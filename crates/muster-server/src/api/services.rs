@@ -1,0 +1,213 @@
+//! Routes of services (SPEC §6): plan, apply, the recorded services, a stored plan, and the two
+//! an apply's step jobs use (the step's context, the service's archive). A `{path}` is the
+//! service's path with its `/` sent as `%2F`.
+
+use super::*;
+use crate::accounts::Role;
+use crate::services::{ServiceError, ServiceRecord, StoredPlan};
+use axum::body::Body;
+use axum::extract::Path;
+use axum::routing::post;
+use serde::Deserialize;
+use serde_json::Value;
+
+pub(super) fn routes(r: Routes) -> Routes {
+    r.add("/api/v1/services", &["GET"], get(list))
+        .add("/api/v1/services/plan", &["POST"], post(plan))
+        .leader(&["POST"])
+        .add("/api/v1/services/apply", &["POST"], post(apply))
+        .leader(&["POST"])
+        .add("/api/v1/services/plans/{id}", &["GET"], get(show_plan))
+        .add(
+            "/api/v1/services/plans/{id}/steps/{key}",
+            &["GET"],
+            get(step),
+        )
+        .add(
+            "/api/v1/services/plans/{id}/steps/{key}/archive",
+            &["GET"],
+            get(archive),
+        )
+        .add("/api/v1/services/{path}", &["GET"], get(show))
+}
+
+/// At most this many problems are named in an error (the rest counted).
+const PROBLEMS_SHOWN: usize = 3;
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> ApiError {
+        match e {
+            ServiceError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
+            ServiceError::Invalid(problems) => {
+                let mut msg: Vec<String> = problems
+                    .iter()
+                    .take(PROBLEMS_SHOWN)
+                    .map(|p| p.to_string())
+                    .collect();
+                if problems.len() > PROBLEMS_SHOWN {
+                    msg.push(format!("and {} more", problems.len() - PROBLEMS_SHOWN));
+                }
+                let mut text = msg.join("; ");
+                if text.len() > 390 {
+                    let mut cut = 387;
+                    while !text.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    text.truncate(cut);
+                    text.push_str("...");
+                }
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_services", text)
+            }
+            ServiceError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            ServiceError::Unavailable(m) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "hq_unavailable", m)
+            }
+            ServiceError::Store(s) => s.into(),
+            ServiceError::Internal(m) => ApiError::internal(m),
+        }
+    }
+}
+
+fn record_json(r: &ServiceRecord) -> Value {
+    json!({
+        "path": r.path, "node": r.node, "status": r.status, "message": r.message,
+        "installed": r.recorded.installed, "hash": r.recorded.hash, "deps": r.recorded.deps,
+        "state": r.state, "published": r.published, "last_action": r.last_action,
+        "last_job": r.last_job, "last_plan": r.last_plan, "updated_at": r.updated_at,
+    })
+}
+
+fn plan_json(p: &StoredPlan) -> Value {
+    let steps: Vec<Value> = p
+        .steps
+        .iter()
+        .map(|s| {
+            json!({"key": s.key, "path": s.step.path, "action": s.step.action.as_str(),
+                   "reason": s.step.reason, "hash": s.step.hash, "after": s.step.after, "node": s.node})
+        })
+        .collect();
+    json!({"id": p.id, "commit": p.commit, "created_at": p.created_at, "created_by": p.created_by,
+           "steps": steps, "unchanged": p.unchanged, "tree": p.tree, "applied_at": p.applied_at})
+}
+
+async fn list(State(app): AppState, caller: Caller) -> ApiResult<Response> {
+    caller.need_scope("read")?;
+    let a = app.clone();
+    let records = blocking(move || Ok(a.services.records(&a)?)).await?;
+    let items: Vec<Value> = records.values().map(record_json).collect();
+    Ok(axum::Json(json!({"items": items})).into_response())
+}
+
+async fn show(
+    State(app): AppState,
+    caller: Caller,
+    Path(path): Path<String>,
+) -> ApiResult<Response> {
+    caller.need_scope("read")?;
+    muster_core::service::check_path(&path).map_err(ApiError::bad)?;
+    let a = app.clone();
+    let rec = blocking(move || {
+        Ok(crate::services::SERVICES
+            .get(&*a.store, &path)?
+            .map(|(r, _)| r))
+    })
+    .await?
+    .ok_or_else(|| ApiError::not_found("service"))?;
+    Ok(axum::Json(record_json(&rec)).into_response())
+}
+
+async fn plan(State(app): AppState, caller: Caller) -> ApiResult<Response> {
+    caller.need_cluster_admin("plan and apply services")?;
+    let (a, by) = (app.clone(), caller.user.name.clone());
+    let p = blocking(move || Ok(a.services.plan(&a, &by)?)).await?;
+    Ok((StatusCode::CREATED, axum::Json(plan_json(&p))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyBody {
+    plan: String,
+}
+
+fn plan_id(id: &str) -> ApiResult<()> {
+    id.parse::<muster_core::Uuid>()
+        .map(|_| ())
+        .map_err(|_| ApiError::bad("a plan id is a UUID"))
+}
+
+async fn apply(
+    State(app): AppState,
+    caller: Caller,
+    JsonBody(body): JsonBody<ApplyBody>,
+) -> ApiResult<Response> {
+    caller.need_cluster_admin("plan and apply services")?;
+    plan_id(&body.plan)?;
+    let (plan, tree) = app
+        .services
+        .apply(&app, &body.plan, &caller.user.name, caller.user.admin)
+        .await?;
+    let status = if tree.is_some() {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(plan_json(&plan))).into_response())
+}
+
+async fn show_plan(
+    State(app): AppState,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    caller.need_scope("read")?;
+    plan_id(&id)?;
+    let a = app.clone();
+    let p = blocking(move || Ok(a.services.get_plan(&a, &id)?))
+        .await?
+        .ok_or_else(|| ApiError::not_found("plan"))?;
+    Ok(axum::Json(plan_json(&p)).into_response())
+}
+
+/// The plan and step a step's job asks about, for a caller acting in the trees' workspace.
+async fn step_of(app: &Arc<App>, caller: &Caller, id: &str, key: &str) -> ApiResult<StoredPlan> {
+    caller.need_role(crate::hq::orders::ORDERS_WORKSPACE, Role::Operator)?;
+    plan_id(id)?;
+    muster_core::names::check_name("step", key).map_err(ApiError::bad)?;
+    let (a, id) = (app.clone(), id.to_string());
+    blocking(move || Ok(a.services.get_plan(&a, &id)?))
+        .await?
+        .ok_or_else(|| ApiError::not_found("plan"))
+}
+
+async fn step(
+    State(app): AppState,
+    caller: Caller,
+    Path((id, key)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let plan = step_of(&app, &caller, &id, &key).await?;
+    let a = app.clone();
+    let v = blocking(move || Ok(crate::services::step::info(&a, &plan, &key)?)).await?;
+    Ok(axum::Json(v).into_response())
+}
+
+async fn archive(
+    State(app): AppState,
+    caller: Caller,
+    Path((id, key)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let plan = step_of(&app, &caller, &id, &key).await?;
+    let blob = plan
+        .steps
+        .iter()
+        .find(|s| s.key == key)
+        .ok_or_else(|| ApiError::not_found("step"))?
+        .archive
+        .clone()
+        .ok_or_else(|| ApiError::not_found("archive"))?;
+    let data = app.blobs.get(&blob).map_err(ApiError::internal)?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/gzip")],
+        Body::from(data),
+    )
+        .into_response())
+}

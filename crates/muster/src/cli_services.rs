@@ -1,0 +1,435 @@
+//! `muster services …`: plan and apply HQ's services, list and show them; and `muster services
+//! step`, what an apply tree's jobs run on the service's node.
+
+use super::*;
+use muster_models::archive;
+use std::process::{Command, Stdio};
+
+#[derive(Subcommand)]
+pub enum ServicesCmd {
+    /// List the services as recorded: status, node, last action, message.
+    Ls(SvcListArgs),
+    /// The same as `ls`.
+    Status(SvcListArgs),
+    /// Show one service (PATH: its directory under services/, e.g. demo__env__prod/demo__kv__main).
+    Show(SvcPathArgs),
+    /// Plan HQ's services at its head: install, reconfigure or reset per service, with the reason.
+    Plan(SvcPlanArgs),
+    /// Apply a plan (by id; without one: plan now and apply that), and follow its tree.
+    Apply(SvcApplyArgs),
+    /// One step of an apply tree (run by the tree's jobs, not by hand).
+    #[command(hide = true)]
+    Step(SvcStepArgs),
+}
+
+#[derive(Args)]
+pub struct SvcListArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct SvcPathArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    path: String,
+}
+
+#[derive(Args)]
+pub struct SvcPlanArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct SvcApplyArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    /// The plan's id (from `muster services plan`).
+    plan: Option<String>,
+    /// Answer once the tree is made; do not follow it.
+    #[arg(long)]
+    no_wait: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct SvcStepArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    plan: String,
+    key: String,
+}
+
+pub fn run(cmd: ServicesCmd) -> Result<()> {
+    match cmd {
+        ServicesCmd::Ls(a) | ServicesCmd::Status(a) => ls(a),
+        ServicesCmd::Show(a) => show(a),
+        ServicesCmd::Plan(a) => plan(a),
+        ServicesCmd::Apply(a) => apply(a),
+        ServicesCmd::Step(a) => step(a),
+    }
+}
+
+fn ls(a: SvcListArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let v = client.get_json("/api/v1/services", &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let mut rows = vec![vec![
+        "PATH".into(),
+        "STATUS".into(),
+        "NODE".into(),
+        "LAST".into(),
+        "UPDATED".into(),
+        "MESSAGE".into(),
+    ]];
+    for s in items(&v) {
+        rows.push(vec![
+            text(&s["path"]),
+            text(&s["status"]),
+            text(&s["node"]),
+            text(&s["last_action"]),
+            short_time(&s["updated_at"]),
+            text(&s["message"]),
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+fn show(a: SvcPathArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let v = client.get_json(&format!("/api/v1/services/{}", seg(&a.path)), &[])?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+fn print_plan(p: &Value) {
+    let steps = p["steps"].as_array().map(|s| s.as_slice()).unwrap_or(&[]);
+    let commit = p["commit"].as_str().unwrap_or("");
+    println!(
+        "plan {} at HQ commit {}: {} step(s), {} unchanged",
+        text(&p["id"]),
+        &commit[..commit.len().min(12)],
+        steps.len(),
+        p["unchanged"].as_array().map_or(0, |u| u.len())
+    );
+    if steps.is_empty() {
+        return;
+    }
+    let mut rows = vec![vec![
+        "ACTION".into(),
+        "PATH".into(),
+        "NODE".into(),
+        "REASON".into(),
+    ]];
+    for s in steps {
+        rows.push(vec![
+            text(&s["action"]),
+            text(&s["path"]),
+            text(&s["node"]),
+            text(&s["reason"]),
+        ]);
+    }
+    print_table(&rows);
+}
+
+fn plan(a: SvcPlanArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let (_, p) = client.post_json("/api/v1/services/plan", &json!({}), &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+    } else {
+        print_plan(&p);
+    }
+    Ok(())
+}
+
+fn apply(a: SvcApplyArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let id = match &a.plan {
+        Some(id) => id.clone(),
+        None => {
+            let (_, p) = client.post_json("/api/v1/services/plan", &json!({}), &[])?;
+            if !a.json {
+                print_plan(&p);
+            }
+            text(&p["id"])
+        }
+    };
+    let (_, p) = client.post_json("/api/v1/services/apply", &json!({"plan": id}), &[])?;
+    let Some(tree) = p["tree"].as_str().map(str::to_string) else {
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&p)?);
+        } else {
+            println!("nothing to do");
+        }
+        return Ok(());
+    };
+    if a.no_wait {
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&p)?);
+        } else {
+            println!("applying in tree {tree}");
+        }
+        return Ok(());
+    }
+    let state = if a.json {
+        wait_tree(&client, &tree)?
+    } else {
+        println!("applying in tree {tree}");
+        follow_tree(&client, &tree)?
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"plan": p, "tree_state": state}))?
+        );
+    }
+    finish(&tree, &state)
+}
+
+// ---------------------------------------------------------------------------------------------
+// step: on the node
+
+/// The shim that runs one function of an `actions.py` (the source design's own form).
+const PY_SHIM: &str = r#"
+import builtins, importlib.util, json, sys
+class RetryLater(Exception):
+    pass
+builtins.RetryLater = RetryLater
+path, verb = sys.argv[1], sys.argv[2]
+spec = importlib.util.spec_from_file_location("actions", path)
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+ctx = json.load(sys.stdin)
+try:
+    out = getattr(mod, verb)(ctx)
+except RetryLater as e:
+    print("retry later: %s" % e, file=sys.stderr)
+    sys.exit(75)
+if out is not None:
+    print(json.dumps(out))
+"#;
+
+/// How an action ended.
+enum Ran {
+    /// No action for the verb.
+    Missing,
+    /// Exit 0; its last stdout line if that was a JSON object.
+    Done(Option<Value>),
+}
+
+/// Tries to exit 75 this many times before the step fails.
+const RETRIES: u32 = 6;
+
+fn run_action(dir: &Path, verb: &str, ctx: &Value, env: &[(String, String)]) -> Result<Ran> {
+    let file = dir.join("actions").join(verb);
+    let py = dir.join("actions.py");
+    let mut cmd = if file.is_file() {
+        Command::new(&file)
+    } else if py.is_file()
+        && std::fs::read_to_string(&py)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with(&format!("def {verb}(")))
+    {
+        let mut c = Command::new("python3");
+        c.arg("-c").arg(PY_SHIM).arg(&py).arg(verb);
+        c
+    } else {
+        return Ok(Ran::Missing);
+    };
+    cmd.current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.env("MUSTER_ACTION", verb);
+    let mut delay = Duration::from_secs(1);
+    for attempt in 1..=RETRIES {
+        println!("action {verb}: run (attempt {attempt})");
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot run action {verb}"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let text = serde_json::to_string(ctx)?;
+            // An action that reads nothing closes its stdin early: that is fine.
+            let _ = stdin.write_all(text.as_bytes());
+        }
+        let mut last = String::new();
+        if let Some(out) = child.stdout.take() {
+            for line in std::io::BufReader::new(out).lines() {
+                let line = line.unwrap_or_default();
+                println!("{line}");
+                if !line.trim().is_empty() {
+                    last = line;
+                }
+            }
+        }
+        let status = child.wait()?;
+        match status.code() {
+            Some(0) => {
+                let v = serde_json::from_str::<Value>(last.trim())
+                    .ok()
+                    .filter(|v| v.is_object());
+                return Ok(Ran::Done(v));
+            }
+            Some(75) if attempt < RETRIES => {
+                println!(
+                    "action {verb}: asks to retry later (exit 75); again in {}s",
+                    delay.as_secs()
+                );
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Some(75) => bail!("action {verb} still asked to retry later after {RETRIES} attempts"),
+            Some(c) => bail!("action {verb} failed with exit code {c}"),
+            None => bail!("action {verb} was killed by a signal"),
+        }
+    }
+    unreachable!("the loop returns or fails")
+}
+
+fn step(a: SvcStepArgs) -> Result<()> {
+    let node_dir = std::env::var_os("MUSTER_NODE_DIR")
+        .map(PathBuf::from)
+        .context("MUSTER_NODE_DIR is not set: this step runs as a job of an apply tree")?;
+    let client = authed_client(&a.server)?;
+    let base = format!(
+        "/api/v1/services/plans/{}/steps/{}",
+        seg(&a.plan),
+        seg(&a.key)
+    );
+    let info = client.get_json(&base, &[])?;
+    let path = text(&info["path"]);
+    let action = text(&info["action"]);
+    println!(
+        "service {path}: {action} ({})",
+        text(&info["context"]["reason"])
+    );
+    let root = node_dir.join("services");
+    let state_dir = root.join("state").join(path.replace('/', "+"));
+    // The service directory: its archive unpacked once per content.
+    let dir = match info["archive"].as_str() {
+        Some(blob) => {
+            let d = root.join("dirs").join(blob);
+            if !d.is_dir() {
+                std::fs::create_dir_all(root.join("dirs"))?;
+                let tmp = root
+                    .join("dirs")
+                    .join(format!(".{blob}.{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&tmp);
+                let mut resp = client.get(&format!("{base}/archive"), &[])?;
+                if !resp.status().is_success() {
+                    return Err(http_error(resp));
+                }
+                archive::unpack(
+                    resp.body_mut().with_config().limit(u64::MAX).reader(),
+                    &tmp,
+                    &archive::Limits::default(),
+                )
+                .map_err(anyhow::Error::msg)?;
+                if std::fs::rename(&tmp, &d).is_err() {
+                    // Another step unpacked the same content meanwhile.
+                    let _ = std::fs::remove_dir_all(&tmp);
+                }
+                println!("service directory unpacked at {}", d.display());
+            }
+            Some(d)
+        }
+        None => None,
+    };
+    if action != "reset" {
+        std::fs::create_dir_all(&state_dir)
+            .with_context(|| format!("cannot make {}", state_dir.display()))?;
+    }
+    let env: Vec<(String, String)> = vec![
+        ("MUSTER_SERVICE".into(), path.clone()),
+        (
+            "MUSTER_STATE_DIR".into(),
+            state_dir.to_string_lossy().into_owned(),
+        ),
+        (
+            "MUSTER_SERVICE_DIR".into(),
+            dir.as_ref()
+                .map(|d| d.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        ),
+        ("MUSTER_PLAN".into(), a.plan.clone()),
+    ];
+    let mut ctx = info["context"].clone();
+    let mut result = serde_json::Map::new();
+    let verbs: Vec<String> = info["verbs"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    for verb in verbs {
+        let Some(d) = &dir else {
+            println!("action {verb}: no service directory recorded: built-in default");
+            continue;
+        };
+        ctx["action"] = json!(verb);
+        let mut ran = run_action(d, &verb, &ctx, &env)?;
+        if matches!(ran, Ran::Missing) && verb == "restart" {
+            // restart = stop + start.
+            let stopped = run_action(d, "stop", &ctx, &env)?;
+            let started = run_action(d, "start", &ctx, &env)?;
+            ran = match (stopped, started) {
+                (_, Ran::Done(v)) => Ran::Done(v),
+                (Ran::Done(v), Ran::Missing) => Ran::Done(v),
+                _ => Ran::Missing,
+            };
+        }
+        match ran {
+            Ran::Missing => println!("action {verb}: none (built-in default: nothing to do)"),
+            Ran::Done(Some(v)) => {
+                if let Some(p) = v.get("published") {
+                    let mut merged = result
+                        .get("published")
+                        .and_then(|x| x.as_object())
+                        .cloned()
+                        .unwrap_or_default();
+                    if let Some(obj) = p.as_object() {
+                        for (k, x) in obj {
+                            merged.insert(k.clone(), x.clone());
+                        }
+                    }
+                    result.insert("published".into(), Value::Object(merged));
+                }
+                for k in ["state", "status", "message"] {
+                    if let Some(x) = v.get(k) {
+                        result.insert(k.into(), x.clone());
+                    }
+                }
+                if let Some(s) = v.get("state") {
+                    ctx["state"] = s.clone();
+                }
+            }
+            Ran::Done(None) => {}
+        }
+    }
+    if action == "reset" {
+        match std::fs::remove_dir_all(&state_dir) {
+            Ok(()) => println!("state directory {} removed", state_dir.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => bail!("cannot remove {}: {e}", state_dir.display()),
+        }
+    }
+    println!("{}", serde_json::to_string(&Value::Object(result))?);
+    Ok(())
+}

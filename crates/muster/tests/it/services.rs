@@ -1,0 +1,422 @@
+//! Services (SPEC §6): a three-part environment in HQ (a key-value store on a node, an app
+//! consuming it through a typed interface, a child of the app) planned and applied with real
+//! bash and python actions that append to a file; planning again gives nothing; a param change
+//! reconfigures only that service and its consumer; an old plan is refused once HQ moved; bad
+//! service directories are 422 naming the file and line; a service gone from HQ is reset.
+
+use crate::harness::{wait_until, Server};
+use crate::support::git;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn write(hq: &Path, file: &str, text: &str, exec: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    let p = hq.join(file);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(&p, text).unwrap();
+    let mode = if exec { 0o755 } else { 0o644 };
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn commit(hq: &Path, msg: &str) {
+    git(hq, &["add", "-A", "services", "interfaces"]);
+    git(hq, &["commit", "-q", "-m", msg]);
+}
+
+fn kv_toml(port: u32, log: &Path) -> String {
+    format!(
+        r#"domain = "demo"
+name = "kv"
+instance = "main"
+version = "1"
+
+[params]
+port = {port}
+log = "{}"
+
+[consumes.host]
+interface = "node"
+
+[provides.kv]
+interface = "kv"
+data = {{ host = "${{node.address}}", port = "${{params.port}}" }}
+"#,
+        log.display()
+    )
+}
+
+fn setup(hq: &Path, log: &Path) {
+    write(
+        hq,
+        "interfaces/kv.toml",
+        "description = \"a key-value store\"\noptional = [\"token\"]\n[keys]\nhost = \"string\"\nport = \"integer\"\ntoken = \"string\"\n",
+        false,
+    );
+    write(
+        hq,
+        "services/demo__kv__main/service.toml",
+        &kv_toml(6400, log),
+        false,
+    );
+    // bash: the context on stdin, the env, a JSON result as the last line.
+    write(
+        hq,
+        "services/demo__kv__main/actions/install",
+        r#"#!/bin/bash
+set -e
+ctx=$(cat)
+port=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params"]["port"])' "$ctx")
+log=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params"]["log"])' "$ctx")
+echo "install $MUSTER_SERVICE $port node=$MUSTER_NODE_NAME action=$MUSTER_ACTION" >> "$log"
+echo "kv installed in $MUSTER_STATE_DIR"
+echo '{"published": {"token": "tok-'$port'"}, "state": {"port": '$port'}, "status": "active", "message": "serving"}'
+"#,
+        true,
+    );
+    write(
+        hq,
+        "services/demo__kv__main/actions/reset",
+        "#!/bin/bash\nlog=$(python3 -c 'import json,sys; print(json.load(sys.stdin)[\"params\"][\"log\"])')\necho \"reset $MUSTER_SERVICE\" >> \"$log\"\n",
+        true,
+    );
+    write(
+        hq,
+        "services/demo__app__web/service.toml",
+        &format!(
+            "domain = \"demo\"\nname = \"app\"\ninstance = \"web\"\nversion = \"1\"\n\n[params]\nlog = \"{}\"\nurl = \"kv://${{consumes.db.host}}:${{consumes.db.port}}\"\n\n[consumes.db]\ninterface = \"kv\"\n",
+            log.display()
+        ),
+        false,
+    );
+    // python: the producer's planned data and what it published in this apply.
+    write(
+        hq,
+        "services/demo__app__web/actions/install",
+        r#"#!/usr/bin/env python3
+import json, os, sys
+ctx = json.load(sys.stdin)
+db = ctx["consumes"]["db"]
+with open(ctx["params"]["log"], "a") as f:
+    f.write("install %s %s %s %s prev=%s\n" % (os.environ["MUSTER_SERVICE"], db["port"], db["token"], ctx["params"]["url"], json.dumps(ctx["state"])))
+print(json.dumps({"state": {"seen": db["port"]}, "published": {"url": ctx["params"]["url"]}}))
+"#,
+        true,
+    );
+    write(
+        hq,
+        "services/demo__app__web/demo__cron__backup/service.toml",
+        &format!(
+            "domain = \"demo\"\nname = \"cron\"\ninstance = \"backup\"\n[params]\nlog = \"{}\"\n",
+            log.display()
+        ),
+        false,
+    );
+    // The source design's own form: actions.py; the first try asks to be retried (exit 75).
+    write(
+        hq,
+        "services/demo__app__web/demo__cron__backup/actions.py",
+        r#"import os
+def install(ctx):
+    mark = os.path.join(os.environ["MUSTER_STATE_DIR"], "tried")
+    if not os.path.exists(mark):
+        open(mark, "w").close()
+        raise RetryLater("not yet")
+    with open(ctx["params"]["log"], "a") as f:
+        f.write("install %s\n" % os.environ["MUSTER_SERVICE"])
+    return {"status": "active", "message": "scheduled"}
+
+def reset(ctx):
+    with open(ctx["params"]["log"], "a") as f:
+        f.write("reset %s\n" % os.environ["MUSTER_SERVICE"])
+"#,
+        false,
+    );
+    commit(hq, "a demo environment");
+}
+
+fn plan(s: &Server) -> Value {
+    let (st, p) = s.call("POST", "/api/v1/services/plan", Some(json!({})));
+    assert_eq!(st, 201, "{p}");
+    p
+}
+
+fn steps(p: &Value) -> Vec<(String, String)> {
+    p["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["action"].as_str().unwrap().to_string(),
+                s["path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Applies plan `p`, waits for its tree to succeed and for every step to be recorded.
+fn apply(s: &Server, p: &Value) -> Value {
+    let (st, a) = s.call(
+        "POST",
+        "/api/v1/services/apply",
+        Some(json!({"plan": p["id"]})),
+    );
+    assert_eq!(st, 202, "{a}");
+    let tree = a["tree"].as_str().unwrap().to_string();
+    let t = s.wait_tree(&tree, WAIT);
+    if t["tree_state"] != "succeeded" {
+        let mut logs = String::new();
+        let mut todo = vec![t.clone()];
+        while let Some(j) = todo.pop() {
+            if j["state"] == "failed" && j["exit_code"].is_number() {
+                logs.push_str(&s.log(j["id"].as_str().unwrap()));
+            }
+            todo.extend(j["children"].as_array().cloned().unwrap_or_default());
+        }
+        panic!("apply tree {tree} did not succeed:\n{logs}");
+    }
+    let id = p["id"].as_str().unwrap().to_string();
+    let want: Vec<(String, String)> = steps(p);
+    let ok = wait_until(WAIT, || {
+        let (_, l) = s.call("GET", "/api/v1/services", None);
+        let items = l["items"].as_array().cloned().unwrap_or_default();
+        want.iter().all(|(action, path)| {
+            let rec = items.iter().find(|i| i["path"] == path.as_str());
+            if action == "reset" {
+                rec.is_none()
+            } else {
+                rec.is_some_and(|r| r["last_plan"] == id.as_str())
+            }
+        })
+    });
+    assert!(ok, "the steps of plan {id} were never all recorded");
+    t
+}
+
+fn lines(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn plan_apply_replan_reconfigure_and_reset() {
+    // HQ without a remote, which only a local store allows: SQLite on the Redis pass too.
+    let s = Server::start_with(|c| {
+        c.store.url = format!("sqlite://{}", c.data_dir.join("muster.db").display());
+    });
+    let hq = s.dir.0.join("hq");
+    assert!(wait_until(WAIT, || hq.join(".git").is_dir()));
+    let log = s.dir.0.join("actions.log");
+    setup(&hq, &log);
+
+    // The first plan installs all three, producers and parents first.
+    let p = plan(&s);
+    assert_eq!(
+        steps(&p),
+        vec![
+            ("install".into(), "demo__kv__main".into()),
+            ("install".into(), "demo__app__web".into()),
+            ("install".into(), "demo__app__web/demo__cron__backup".into()),
+        ]
+    );
+    assert_eq!(p["steps"][0]["node"], "node-1");
+    assert_eq!(p["steps"][1]["after"], json!(["demo__kv__main"]));
+    let t = apply(&s, &p);
+    // One tree: the producer is a child of the app's step, the app's a child of its child's.
+    let backup = &t["children"][0];
+    assert_eq!(
+        backup["name"], "install demo__app__web/demo__cron__backup",
+        "{t:#}"
+    );
+    assert_eq!(backup["children"][0]["name"], "install demo__app__web");
+    assert_eq!(
+        backup["children"][0]["children"][0]["name"],
+        "install demo__kv__main"
+    );
+    assert_eq!(
+        lines(&log),
+        vec![
+            "install demo__kv__main 6400 node=node-1 action=install".to_string(),
+            "install demo__app__web 6400 tok-6400 kv://127.0.0.1:6400 prev=null".to_string(),
+            "install demo__app__web/demo__cron__backup".to_string(),
+        ]
+    );
+    let (st, kv) = s.call("GET", "/api/v1/services/demo__kv__main", None);
+    assert_eq!(st, 200, "{kv}");
+    assert_eq!(kv["status"], "active");
+    assert_eq!(kv["message"], "serving");
+    assert_eq!(kv["node"], "node-1");
+    assert_eq!(kv["published"], json!({"token": "tok-6400"}));
+    assert_eq!(kv["state"], json!({"port": 6400}));
+    let (st, b) = s.call(
+        "GET",
+        "/api/v1/services/demo__app__web%2Fdemo__cron__backup",
+        None,
+    );
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["message"], "scheduled");
+
+    // Nothing changed: an empty plan, and applying it does nothing.
+    let again = plan(&s);
+    assert!(steps(&again).is_empty(), "{again:#}");
+    assert_eq!(again["unchanged"].as_array().unwrap().len(), 3);
+    let (st, a) = s.call(
+        "POST",
+        "/api/v1/services/apply",
+        Some(json!({"plan": again["id"]})),
+    );
+    assert_eq!(st, 200, "{a}");
+    assert!(a["tree"].is_null());
+    assert_eq!(lines(&log).len(), 3);
+
+    // A param of the producer: it and its consumer reconfigure, not the app's child.
+    let stale = plan(&s);
+    write(
+        &hq,
+        "services/demo__kv__main/service.toml",
+        &kv_toml(6401, &log),
+        false,
+    );
+    commit(&hq, "kv on 6401");
+    // A plan made before HQ moved is refused.
+    let (st, e) = s.call(
+        "POST",
+        "/api/v1/services/apply",
+        Some(json!({"plan": stale["id"]})),
+    );
+    assert_eq!(st, 200, "an empty plan does nothing even when stale: {e}");
+    let p = plan(&s);
+    assert_eq!(
+        steps(&p),
+        vec![
+            ("reconfigure".into(), "demo__kv__main".into()),
+            ("reconfigure".into(), "demo__app__web".into()),
+        ]
+    );
+    assert!(
+        p["steps"][0]["reason"].as_str().unwrap().contains("params"),
+        "{p:#}"
+    );
+    assert!(
+        p["steps"][1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("producer data"),
+        "{p:#}"
+    );
+    write(&hq, "README-services.md", "moved\n", false);
+    git(&hq, &["add", "README-services.md"]);
+    git(&hq, &["commit", "-q", "-m", "HQ moves"]);
+    let (st, e) = s.call(
+        "POST",
+        "/api/v1/services/apply",
+        Some(json!({"plan": p["id"]})),
+    );
+    assert_eq!(st, 409, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("plan again"),
+        "{e}"
+    );
+    let p = plan(&s);
+    assert_eq!(steps(&p).len(), 2);
+    apply(&s, &p);
+    assert_eq!(
+        lines(&log)[3..],
+        [
+            "install demo__kv__main 6401 node=node-1 action=install".to_string(),
+            "install demo__app__web 6401 tok-6401 kv://127.0.0.1:6401 prev={\"seen\": 6400}"
+                .to_string(),
+        ]
+    );
+    assert!(steps(&plan(&s)).is_empty());
+
+    // Bad service directories: 422 naming the file and line; nothing planned.
+    for (file, text, want) in [
+        (
+            "services/demo__bad__one/service.toml",
+            "domain = \"demo\"\nname = \"bad\"\ninstance = \"one\"\ncolour = \"red\"\n",
+            "services/demo__bad__one/service.toml:4:",
+        ),
+        (
+            "services/demo__bad__one/service.toml",
+            "domain = \"demo\"\nname = \"bad\"\ninstance = \"two\"\n",
+            "do not match the directory name",
+        ),
+        (
+            "services/demo__bad__one/service.toml",
+            "domain = \"demo\"\nname = \"bad\"\ninstance = \"one\"\n[params]\nx = 1\n[process]\nexec = [\"${params.nope}\"]\n",
+            "service.toml:7: ${params.nope} names nothing",
+        ),
+        (
+            "services/demo__bad__one/service.toml",
+            "domain = \"demo\"\nname = \"bad\"\ninstance = \"one\"\n[consumes.db]\ninterface = \"nosuch\"\n",
+            "no interface",
+        ),
+    ] {
+        write(&hq, file, text, false);
+        commit(&hq, "a bad service");
+        let (st, e) = s.call("POST", "/api/v1/services/plan", Some(json!({})));
+        assert_eq!(st, 422, "{e}");
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(want), "{want}: {msg}");
+    }
+    // Two producers of kv now: the app's choice is ambiguous, both named.
+    write(
+        &hq,
+        "services/demo__bad__one/service.toml",
+        "domain = \"demo\"\nname = \"bad\"\ninstance = \"one\"\n[provides.kv]\ninterface = \"kv\"\ndata = { host = \"h\", port = 1 }\n",
+        false,
+    );
+    commit(&hq, "a second kv");
+    let (st, e) = s.call("POST", "/api/v1/services/plan", Some(json!({})));
+    assert_eq!(st, 422, "{e}");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("ambiguous")
+            && msg.contains("demo__bad__one")
+            && msg.contains("demo__kv__main"),
+        "{msg}"
+    );
+    git(&hq, &["rm", "-q", "-r", "services/demo__bad__one"]);
+    git(&hq, &["commit", "-q", "-m", "no bad service"]);
+
+    // The app's child gone from HQ: reset (its reset action runs, its record goes).
+    git(
+        &hq,
+        &[
+            "rm",
+            "-q",
+            "-r",
+            "services/demo__app__web/demo__cron__backup",
+        ],
+    );
+    git(&hq, &["commit", "-q", "-m", "no backup"]);
+    let p = plan(&s);
+    assert_eq!(
+        steps(&p),
+        vec![("reset".into(), "demo__app__web/demo__cron__backup".into())]
+    );
+    apply(&s, &p);
+    assert_eq!(
+        lines(&log).last().unwrap(),
+        "reset demo__app__web/demo__cron__backup"
+    );
+    let (st, _) = s.call(
+        "GET",
+        "/api/v1/services/demo__app__web%2Fdemo__cron__backup",
+        None,
+    );
+    assert_eq!(st, 404);
+    assert!(steps(&plan(&s)).is_empty());
+    // Every action ran once (the retried one counted once: its first try did nothing).
+    assert_eq!(lines(&log).len(), 6, "{:#?}", lines(&log));
+}
