@@ -204,6 +204,7 @@ impl App {
         hq.reaper()
             .register(Arc::new(models::lifecycle::DeletedModels));
         models::lifecycle::register_verbs(hq.verbs());
+        services::reset::register_verbs(hq.verbs());
         let perf = if config.perf.enabled {
             Some(perf::PerfLog::start(&config.data_dir).map_err(|e| format!("perf log: {e}"))?)
         } else {

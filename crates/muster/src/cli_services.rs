@@ -17,6 +17,10 @@ pub enum ServicesCmd {
     Plan(SvcPlanArgs),
     /// Apply a plan (by id; without one: plan now and apply that), and follow its tree.
     Apply(SvcApplyArgs),
+    /// Reset a service: stop it, run its reset action, remove its state dir and its record.
+    Reset(SvcResetArgs),
+    /// Run one action of a service on its node (e.g. `monitor`, `export`), and follow it.
+    Action(SvcActionArgs),
     /// One step of an apply tree (run by the tree's jobs, not by hand).
     #[command(hide = true)]
     Step(SvcStepArgs),
@@ -59,6 +63,31 @@ pub struct SvcApplyArgs {
 }
 
 #[derive(Args)]
+pub struct SvcResetArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    path: String,
+    /// Reset the services that depend on it first (leaf-first).
+    #[arg(long)]
+    cascade: bool,
+    /// Keep its dependencies even when nothing else uses them.
+    #[arg(long)]
+    keep_deps: bool,
+    #[arg(long)]
+    no_wait: bool,
+}
+
+#[derive(Args)]
+pub struct SvcActionArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    path: String,
+    verb: String,
+    #[arg(long)]
+    no_wait: bool,
+}
+
+#[derive(Args)]
 pub struct SvcStepArgs {
     #[command(flatten)]
     server: ServerOpt,
@@ -72,8 +101,38 @@ pub fn run(cmd: ServicesCmd) -> Result<()> {
         ServicesCmd::Show(a) => show(a),
         ServicesCmd::Plan(a) => plan(a),
         ServicesCmd::Apply(a) => apply(a),
+        ServicesCmd::Reset(a) => {
+            let client = authed_client(&a.server)?;
+            let (_, p) = client.post_json(
+                &format!("/api/v1/services/{}/reset", seg(&a.path)),
+                &json!({"cascade": a.cascade, "keep_deps": a.keep_deps}),
+                &[],
+            )?;
+            run_tree(&client, &p, a.no_wait)
+        }
+        ServicesCmd::Action(a) => {
+            let client = authed_client(&a.server)?;
+            let (_, p) = client.post_json(
+                &format!("/api/v1/services/{}/actions/{}", seg(&a.path), seg(&a.verb)),
+                &json!({}),
+                &[],
+            )?;
+            run_tree(&client, &p, a.no_wait)
+        }
         ServicesCmd::Step(a) => step(a),
     }
+}
+
+/// Prints a reset's or an action's steps and follows its tree.
+fn run_tree(client: &Client, p: &Value, no_wait: bool) -> Result<()> {
+    print_plan(p);
+    let tree = text(&p["tree"]);
+    println!("in tree {tree}");
+    if no_wait {
+        return Ok(());
+    }
+    let state = follow_tree(client, &tree)?;
+    finish(&tree, &state)
 }
 
 fn ls(a: SvcListArgs) -> Result<()> {

@@ -1140,7 +1140,8 @@ pub fn document() -> Value {
     );
     let plan = obj(
         json!({
-            "id": {"type": "string"}, "commit": {"type": "string"}, "created_at": ts.clone(),
+            "id": {"type": "string"}, "kind": {"type": "string", "enum": ["plan", "reset", "action"]},
+            "commit": {"type": "string"}, "created_at": ts.clone(),
             "created_by": {"type": "string"},
             "steps": {"type": "array", "items": obj(json!({
                 "key": {"type": "string"}, "path": {"type": "string"},
@@ -1201,6 +1202,30 @@ pub fn document() -> Value {
             false,
         ),
         vec![],
+    );
+    add(
+        "/api/v1/services/{path}/reset",
+        "post",
+        op(
+            "Reset a recorded service on its node (stop, reset action, state dir, record) as a tree (202); 409 naming the services that depend on it unless cascade; dependencies nothing else uses go too unless keep_deps",
+            Some(obj(json!({"cascade": {"type": "boolean"}, "keep_deps": {"type": "boolean"}}), &[])),
+            "202",
+            Some(plan.clone()),
+            false,
+        ),
+        vec![path_param("path")],
+    );
+    add(
+        "/api/v1/services/{path}/actions/{verb}",
+        "post",
+        op(
+            "Run one action of a recorded service on its node as a tree (202)",
+            None,
+            "202",
+            Some(plan.clone()),
+            false,
+        ),
+        vec![path_param("path"), path_param("verb")],
     );
     add(
         "/api/v1/services/plans/{id}",

@@ -29,6 +29,62 @@ pub(super) fn routes(r: Routes) -> Routes {
             get(archive),
         )
         .add("/api/v1/services/{path}", &["GET"], get(show))
+        .add("/api/v1/services/{path}/reset", &["POST"], post(reset))
+        .leader(&["POST"])
+        .add(
+            "/api/v1/services/{path}/actions/{verb}",
+            &["POST"],
+            post(action),
+        )
+        .leader(&["POST"])
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ResetBody {
+    #[serde(default)]
+    cascade: bool,
+    #[serde(default)]
+    keep_deps: bool,
+}
+
+/// Applies a stored reset or action plan at once: 202 with the plan and its tree.
+async fn run_now(app: &Arc<App>, caller: &Caller, plan: StoredPlan) -> ApiResult<Response> {
+    let (plan, _) = app
+        .services
+        .apply(app, &plan.id, &caller.user.name, caller.user.admin)
+        .await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(plan_json(&plan))).into_response())
+}
+
+async fn reset(
+    State(app): AppState,
+    caller: Caller,
+    Path(path): Path<String>,
+    JsonBody(body): JsonBody<ResetBody>,
+) -> ApiResult<Response> {
+    caller.need_cluster_admin("reset services")?;
+    muster_core::service::check_path(&path).map_err(ApiError::bad)?;
+    let (a, by) = (app.clone(), caller.user.name.clone());
+    let plan = blocking(move || {
+        Ok(a.services
+            .reset_plan(&a, &path, body.cascade, body.keep_deps, &by)?)
+    })
+    .await?;
+    run_now(&app, &caller, plan).await
+}
+
+async fn action(
+    State(app): AppState,
+    caller: Caller,
+    Path((path, verb)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    caller.need_cluster_admin("run service actions")?;
+    muster_core::service::check_path(&path).map_err(ApiError::bad)?;
+    muster_core::names::check_name("action", &verb).map_err(ApiError::bad)?;
+    let (a, by) = (app.clone(), caller.user.name.clone());
+    let plan = blocking(move || Ok(a.services.action_plan(&a, &path, &verb, &by)?)).await?;
+    run_now(&app, &caller, plan).await
 }
 
 /// At most this many problems are named in an error (the rest counted).
@@ -86,7 +142,7 @@ fn plan_json(p: &StoredPlan) -> Value {
                    "reason": s.step.reason, "hash": s.step.hash, "after": s.step.after, "node": s.node})
         })
         .collect();
-    json!({"id": p.id, "commit": p.commit, "created_at": p.created_at, "created_by": p.created_by,
+    json!({"id": p.id, "kind": p.kind, "commit": p.commit, "created_at": p.created_at, "created_by": p.created_by,
            "steps": steps, "unchanged": p.unchanged, "tree": p.tree, "applied_at": p.applied_at})
 }
 
@@ -119,7 +175,7 @@ async fn show(
 async fn plan(State(app): AppState, caller: Caller) -> ApiResult<Response> {
     caller.need_cluster_admin("plan and apply services")?;
     let (a, by) = (app.clone(), caller.user.name.clone());
-    let p = blocking(move || Ok(a.services.plan(&a, &by)?)).await?;
+    let p = blocking(move || Ok(a.services.plan(&a, &by, None)?)).await?;
     Ok((StatusCode::CREATED, axum::Json(plan_json(&p))).into_response())
 }
 

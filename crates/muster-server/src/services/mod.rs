@@ -16,6 +16,7 @@
 //! Invariant: an apply runs exactly the stored plan; a plan whose HQ commit or steps no longer
 //! hold is refused (409), never re-planned behind the caller's back.
 
+pub mod reset;
 pub mod step;
 
 use crate::App;
@@ -93,6 +94,9 @@ pub struct PlanStep {
     /// The archive of its directory (set at apply; a reset's is the one it was installed with).
     #[serde(default)]
     pub archive: Option<String>,
+    /// The verbs to run instead of the action's own (`muster services action PATH VERB`).
+    #[serde(default)]
+    pub verbs: Option<Vec<String>>,
 }
 
 /// A plan as stored: what an apply runs.
@@ -105,11 +109,21 @@ pub struct StoredPlan {
     pub created_by: String,
     pub steps: Vec<PlanStep>,
     pub unchanged: Vec<String>,
+    /// `plan` (of HQ), `reset` (of recorded services, asked for by path) or `action` (one verb).
+    #[serde(default = "plan_kind")]
+    pub kind: String,
+    /// Only this service and what it depends on (`apply services/PATH`).
+    #[serde(default)]
+    pub only: Option<String>,
     /// The tree of its apply.
     #[serde(default)]
     pub tree: Option<Uuid>,
     #[serde(default)]
     pub applied_at: Option<Ts>,
+}
+
+fn plan_kind() -> String {
+    "plan".into()
 }
 
 /// What can go wrong with a request about services.
@@ -245,7 +259,12 @@ impl Services {
     }
 
     /// The plan at HQ's head, not stored.
-    fn compute(&self, app: &App, snap: &Snapshot) -> Result<(Vec<PlanStep>, Vec<String>)> {
+    fn compute(
+        &self,
+        app: &App,
+        snap: &Snapshot,
+        only: Option<&str>,
+    ) -> Result<(Vec<PlanStep>, Vec<String>)> {
         let cat = service::load(&snap.files).map_err(ServiceError::Invalid)?;
         let nodes = self.nodes(app)?;
         let graph = service::resolve(&cat, &nodes).map_err(ServiceError::Invalid)?;
@@ -254,7 +273,27 @@ impl Services {
             .iter()
             .map(|(k, r)| (k.clone(), r.recorded.clone()))
             .collect();
-        let plan = service_plan::plan(&graph, &recorded);
+        let mut plan = service_plan::plan(&graph, &recorded);
+        if let Some(only) = only {
+            if !graph.services.contains_key(only) && !recorded.contains_key(only) {
+                return Err(ServiceError::NotFound(format!(
+                    "no service services/{only} in HQ"
+                )));
+            }
+            // The service, what is under it, and (transitively) the steps they wait for.
+            let mut keep: std::collections::BTreeSet<String> = plan
+                .steps
+                .iter()
+                .filter(|s| s.path == only || s.path.starts_with(&format!("{only}/")))
+                .map(|s| s.path.clone())
+                .collect();
+            for s in plan.steps.iter().rev() {
+                if keep.contains(&s.path) {
+                    keep.extend(s.after.iter().cloned());
+                }
+            }
+            plan.steps.retain(|s| keep.contains(&s.path));
+        }
         let by_name: BTreeMap<&str, &NodeInfo> =
             nodes.iter().map(|n| (n.name.as_str(), n)).collect();
         let embedded = self.embedded();
@@ -286,6 +325,7 @@ impl Services {
                     resolved,
                     node_data,
                     archive,
+                    verbs: None,
                 }
             })
             .collect();
@@ -293,9 +333,9 @@ impl Services {
     }
 
     /// Plans at HQ's head and stores the plan (blocking).
-    pub fn plan(&self, app: &App, by: &str) -> Result<StoredPlan> {
+    pub fn plan(&self, app: &App, by: &str, only: Option<&str>) -> Result<StoredPlan> {
         let snap = self.snapshot(app)?;
-        let (steps, unchanged) = self.compute(app, &snap)?;
+        let (steps, unchanged) = self.compute(app, &snap, only)?;
         let plan = StoredPlan {
             id: Uuid::now_v7().to_string(),
             commit: snap.commit,
@@ -303,6 +343,8 @@ impl Services {
             created_by: by.to_string(),
             steps,
             unchanged,
+            kind: plan_kind(),
+            only: only.map(str::to_string),
             tree: None,
             applied_at: None,
         };
@@ -378,6 +420,18 @@ impl Services {
         if plan.steps.is_empty() {
             return Ok(Prepared::Empty(plan));
         }
+        if plan.kind != "plan" {
+            // A reset or an action of recorded services: they must still be recorded.
+            for s in &plan.steps {
+                if SERVICES.get(&*app.store, &s.step.path)?.is_none() {
+                    return Err(ServiceError::Conflict(format!(
+                        "service {} is no longer recorded: ask again",
+                        s.step.path
+                    )));
+                }
+            }
+            return Ok(Prepared::Ready(plan));
+        }
         let snap = self.snapshot(app)?;
         if snap.commit != plan.commit {
             return Err(ServiceError::Conflict(format!(
@@ -386,7 +440,7 @@ impl Services {
                 short(&snap.commit)
             )));
         }
-        let (now_steps, _) = self.compute(app, &snap)?;
+        let (now_steps, _) = self.compute(app, &snap, plan.only.as_deref())?;
         let same = now_steps.len() == plan.steps.len()
             && now_steps.iter().zip(&plan.steps).all(|(a, b)| {
                 a.step.path == b.step.path
@@ -559,6 +613,43 @@ impl Services {
         let path = s.step.path.clone();
         let result = job.result.clone().unwrap_or(Value::Null);
         let text = |k: &str| result.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        if plan.kind == "action" {
+            // One verb: what it returned, nothing of what is installed.
+            let verb = s.verbs.clone().unwrap_or_default().join("+");
+            SERVICES.update(&*app.store, &path, |old| {
+                let mut rec = old?;
+                match job.state {
+                    JobState::Succeeded => {
+                        if let Some(v) = text("status") {
+                            rec.status = v;
+                        }
+                        rec.message = text("message").unwrap_or_default();
+                        if let Some(v) = result.get("state") {
+                            rec.state = v.clone();
+                        }
+                        if let Some(v) = result.get("published") {
+                            rec.published = v.clone();
+                        }
+                    }
+                    JobState::Failed => {
+                        rec.status = "error".into();
+                        rec.message = format!(
+                            "{verb} failed: {}",
+                            job.error.clone().unwrap_or_else(|| format!(
+                                "exit code {}",
+                                job.exit_code.unwrap_or(-1)
+                            ))
+                        );
+                    }
+                    _ => return Some(rec),
+                }
+                rec.last_action = Some(verb.clone());
+                rec.last_job = Some(job.id);
+                rec.updated_at = now();
+                Some(rec)
+            })?;
+            return Ok(());
+        }
         match job.state {
             JobState::Succeeded if s.step.action == Action::Reset => {
                 SERVICES.delete(&*app.store, &path)?;

@@ -120,7 +120,7 @@ pub fn info(app: &App, plan: &StoredPlan, key: &str) -> Result<Value, ServiceErr
         "key": s.key,
         "path": path,
         "action": s.step.action.as_str(),
-        "verbs": verbs(s.step.action),
+        "verbs": s.verbs.clone().unwrap_or_else(|| verbs(s.step.action).iter().map(|v| v.to_string()).collect()),
         "node": s.node,
         "archive": s.archive,
         "actions": actions,

@@ -2,7 +2,9 @@
 //! consuming it through a typed interface, a child of the app) planned and applied with real
 //! bash and python actions that append to a file; planning again gives nothing; a param change
 //! reconfigures only that service and its consumer; an old plan is refused once HQ moved; bad
-//! service directories are 422 naming the file and line; a service gone from HQ is reset.
+//! service directories are 422 naming the file and line; a service gone from HQ is reset; an
+//! `apply` order; one action by hand; reset refused while consumers depend on it, cascade,
+//! dependencies reset once nothing uses them (or kept).
 
 use crate::harness::{wait_until, Server};
 use crate::support::git;
@@ -419,4 +421,185 @@ fn plan_apply_replan_reconfigure_and_reset() {
     assert!(steps(&plan(&s)).is_empty());
     // Every action ran once (the retried one counted once: its first try did nothing).
     assert_eq!(lines(&log).len(), 6, "{:#?}", lines(&log));
+}
+
+fn reset(s: &Server, path: &str, body: Value) -> (u16, Value) {
+    s.call(
+        "POST",
+        &format!("/api/v1/services/{}/reset", path.replace('/', "%2F")),
+        Some(body),
+    )
+}
+
+/// Waits for the tree of a reset, action or apply answer to succeed.
+fn wait_done(s: &Server, answer: &Value) {
+    let tree = answer["tree"].as_str().expect("a tree").to_string();
+    let t = s.wait_tree(&tree, WAIT);
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+}
+
+fn recorded(s: &Server) -> Vec<String> {
+    let (_, l) = s.call("GET", "/api/v1/services", None);
+    l["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["path"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn orders_apply_actions_and_reset_with_refcounts() {
+    let s = Server::start_with(|c| {
+        c.store.url = format!("sqlite://{}", c.data_dir.join("muster.db").display());
+        crate::hq::fast_pulse(c);
+    });
+    let hq = s.dir.0.join("hq");
+    assert!(wait_until(WAIT, || hq.join(".git").is_dir()));
+    let log = s.dir.0.join("actions.log");
+    let action = format!(
+        "#!/bin/bash\ncat > /dev/null\necho \"$MUSTER_ACTION $MUSTER_SERVICE\" >> '{}'\n\
+         if [ \"$MUSTER_ACTION\" = monitor ]; then echo '{{\"status\": \"maintenance\", \"message\": \"checking\"}}'; fi\n",
+        log.display()
+    );
+    write(
+        &hq,
+        "interfaces/db.toml",
+        "[keys]\nport = \"integer\"\n",
+        false,
+    );
+    let svc = |dir: &str, body: &str| {
+        let (d, rest) = dir.split_once("__").unwrap();
+        let (n, i) = rest.split_once("__").unwrap();
+        write(
+            &hq,
+            &format!("services/{dir}/service.toml"),
+            &format!("domain = \"{d}\"\nname = \"{n}\"\ninstance = \"{i}\"\n{body}"),
+            false,
+        );
+        for verb in ["install", "reset", "monitor"] {
+            write(
+                &hq,
+                &format!("services/{dir}/actions/{verb}"),
+                &action,
+                true,
+            );
+        }
+    };
+    svc(
+        "x__db__main",
+        "[provides.db]\ninterface = \"db\"\ndata = { port = 5432 }\n",
+    );
+    svc("x__app__a", "[consumes.db]\ninterface = \"db\"\n");
+    svc("x__app__b", "[consumes.db]\ninterface = \"db\"\n");
+    svc("x__lone__one", "");
+    commit(&hq, "four services");
+
+    // An `apply` order in deployer/orders plans and applies.
+    crate::hq::append_commit(&hq, "deployer/orders", "apply\n");
+    crate::hq::wait_order(&s, 1, "succeeded");
+    let all = ["x__app__a", "x__app__b", "x__db__main", "x__lone__one"];
+    assert!(
+        wait_until(WAIT, || recorded(&s) == all),
+        "{:?}",
+        recorded(&s)
+    );
+    assert!(wait_until(WAIT, || lines(&log).len() == 4));
+    assert_eq!(lines(&log)[0], "install x__db__main");
+    // `apply services/PATH`: that one and what it needs; nothing left to do here.
+    crate::hq::append_commit(&hq, "deployer/orders", "apply services/x__app__a\n");
+    crate::hq::wait_order(&s, 2, "succeeded");
+    crate::hq::append_commit(&hq, "deployer/orders", "apply services/x__nope__no\n");
+    crate::hq::wait_order(&s, 3, "rejected");
+
+    // One action by hand: its result is the service's status.
+    let (st, a) = s.call(
+        "POST",
+        "/api/v1/services/x__app__a/actions/monitor",
+        Some(json!({})),
+    );
+    assert_eq!(st, 202, "{a}");
+    wait_done(&s, &a);
+    assert!(wait_until(WAIT, || {
+        let (_, r) = s.call("GET", "/api/v1/services/x__app__a", None);
+        r["status"] == "maintenance" && r["message"] == "checking"
+    }));
+
+    // Refused while consumers depend on it, naming them.
+    let (st, e) = reset(&s, "x__db__main", json!({}));
+    assert_eq!(st, 409, "{e}");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("x__app__a") && msg.contains("x__app__b"),
+        "{msg}"
+    );
+    // One consumer goes; the producer stays (still used by the other).
+    let (st, r) = reset(&s, "x__app__a", json!({}));
+    assert_eq!(st, 202, "{r}");
+    assert_eq!(steps(&r), vec![("reset".into(), "x__app__a".into())]);
+    wait_done(&s, &r);
+    assert!(wait_until(WAIT, || !recorded(&s).contains(&"x__app__a".to_string())));
+    assert!(recorded(&s).contains(&"x__db__main".to_string()));
+    // The last consumer goes: the producer nothing uses any more goes after it.
+    let (st, r) = reset(&s, "x__app__b", json!({}));
+    assert_eq!(st, 202, "{r}");
+    assert_eq!(
+        steps(&r),
+        vec![
+            ("reset".into(), "x__app__b".into()),
+            ("reset".into(), "x__db__main".into())
+        ]
+    );
+    wait_done(&s, &r);
+    assert!(wait_until(WAIT, || recorded(&s) == ["x__lone__one"]));
+
+    // Back again by a plan; then keep_deps keeps the producer, and a cascade resets its
+    // remaining consumer first.
+    let p = plan(&s);
+    assert_eq!(steps(&p).len(), 3, "{p:#}");
+    apply(&s, &p);
+    let (_, r) = reset(&s, "x__app__b", json!({"keep_deps": true}));
+    assert_eq!(steps(&r), vec![("reset".into(), "x__app__b".into())]);
+    wait_done(&s, &r);
+    assert!(wait_until(WAIT, || !recorded(&s).contains(&"x__app__b".to_string())));
+    let (st, r) = reset(&s, "x__db__main", json!({"cascade": true}));
+    assert_eq!(st, 202, "{r}");
+    assert_eq!(
+        steps(&r),
+        vec![
+            ("reset".into(), "x__app__a".into()),
+            ("reset".into(), "x__db__main".into())
+        ]
+    );
+    wait_done(&s, &r);
+    assert!(wait_until(WAIT, || recorded(&s) == ["x__lone__one"]));
+    let (st, _) = reset(&s, "x__nope__no", json!({}));
+    assert_eq!(st, 404);
+    // Every action ran once per request: 4 + 1 installs, 1 monitor, resets a, b, db, b, a, db,
+    // and 3 installs again.
+    let l = lines(&log);
+    assert_eq!(
+        l.iter().filter(|x| x.starts_with("install")).count(),
+        7,
+        "{l:#?}"
+    );
+    assert_eq!(
+        l.iter().filter(|x| x.starts_with("monitor")).count(),
+        1,
+        "{l:#?}"
+    );
+    assert_eq!(
+        l.iter()
+            .filter(|x| x.starts_with("reset"))
+            .cloned()
+            .collect::<Vec<_>>(),
+        [
+            "reset x__app__a",
+            "reset x__app__b",
+            "reset x__db__main",
+            "reset x__app__b",
+            "reset x__app__a",
+            "reset x__db__main"
+        ]
+    );
 }
