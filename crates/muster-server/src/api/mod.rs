@@ -689,6 +689,10 @@ mod tests {
             ("POST", "/api/v1/processes/{id}/start"),
             ("POST", "/api/v1/processes/{id}/stop"),
             ("POST", "/api/v1/scripts/{name}/run"),
+            ("POST", "/api/v1/services/apply"),
+            ("POST", "/api/v1/services/plan"),
+            ("POST", "/api/v1/services/{path}/actions/{verb}"),
+            ("POST", "/api/v1/services/{path}/reset"),
             ("POST", "/deployer/model/large"),
             ("PUT", "/api/v1/scripts/{name}"),
         ];
