@@ -1015,7 +1015,18 @@ pub fn resolve(cat: &Catalog, nodes: &[NodeInfo]) -> Result<Graph, Vec<Problem>>
             .as_ref()
             .map(|t| scope.resolve(&to_json(&toml::Value::Table(t.clone()))))
         {
-            Some(Ok(v)) => Some(v),
+            Some(Ok(v)) => match process_spec(path, &v) {
+                Ok(_) => Some(v),
+                Err(e) => {
+                    problems.push(problem(
+                        &file,
+                        line_with(&s.source, "[process]"),
+                        format!("[process]: {e}"),
+                    ));
+                    bad = true;
+                    None
+                }
+            },
             Some(Err(e)) => {
                 problems.push(fail(e));
                 bad = true;
@@ -1094,6 +1105,26 @@ pub fn resolve(cat: &Catalog, nodes: &[NodeInfo]) -> Result<Graph, Vec<Problem>>
     } else {
         Err(problems)
     }
+}
+
+/// The process spec (SPEC §5a) of the resolved `[process]` table of service `path`, checked:
+/// named `service PATH`, in workspace `hq`.
+pub fn process_spec(path: &str, table: &Value) -> Result<crate::process::ProcessSpec, String> {
+    let mut v = table.clone();
+    if let Value::Object(m) = &mut v {
+        if m.contains_key("name") || m.contains_key("tags") {
+            return Err("name and tags are given by muster".into());
+        }
+        m.insert("name".into(), Value::String(format!("service {path}")));
+    }
+    let mut spec: crate::process::ProcessSpec = serde_json::from_value(v)
+        .map_err(|e| e.to_string().chars().take(160).collect::<String>())?;
+    spec.tags = Some(crate::Tags {
+        workspace: "hq".into(),
+        ..Default::default()
+    });
+    crate::process::validate(&spec, "hq", crate::process::Defaults::default())?;
+    Ok(spec)
 }
 
 /// Kahn's algorithm over `deps` (each key after its dependencies; ties by name); on a cycle,

@@ -444,6 +444,16 @@ fn step(a: SvcStepArgs) -> Result<()> {
         };
         ctx["action"] = json!(verb);
         let mut ran = run_action(d, &verb, &ctx, &env)?;
+        let has_process = info["process"].as_bool().unwrap_or(false);
+        if matches!(ran, Ran::Missing)
+            && has_process
+            && ["start", "stop", "restart"].contains(&verb.as_str())
+        {
+            // The built-in verbs of a [process]: through the server's process layer.
+            let (_, v) = client.post_json(&format!("{base}/process/{verb}"), &json!({}), &[])?;
+            println!("process {verb}: {}", serde_json::to_string(&v)?);
+            continue;
+        }
         if matches!(ran, Ran::Missing) && verb == "restart" {
             // restart = stop + start.
             let stopped = run_action(d, "stop", &ctx, &env)?;
@@ -483,6 +493,10 @@ fn step(a: SvcStepArgs) -> Result<()> {
         }
     }
     if action == "reset" {
+        if info["process"].as_bool().unwrap_or(false) {
+            let (_, v) = client.post_json(&format!("{base}/process/remove"), &json!({}), &[])?;
+            println!("process removed: {}", serde_json::to_string(&v)?);
+        }
         match std::fs::remove_dir_all(&state_dir) {
             Ok(()) => println!("state directory {} removed", state_dir.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

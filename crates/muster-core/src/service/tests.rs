@@ -352,3 +352,19 @@ fn the_hash_ignores_key_order() {
     let b = canonical(&serde_json::json!({"a": {"x": 3, "y": 2}, "b": 1}));
     assert_eq!(a, b);
 }
+
+#[test]
+fn a_process_is_checked_at_plan_time() {
+    let ok = graph(&[(
+        "services/a__b__c/service.toml",
+        "domain = \"a\"\nname = \"b\"\ninstance = \"c\"\n[params]\nport = 8\n[process]\nexec = [\"srv\", \"--port=${params.port}\"]\nports = [\"http\"]\n",
+    )])
+    .unwrap();
+    let p = ok.services["a__b__c"].process.as_ref().unwrap();
+    assert_eq!(p["exec"][1], serde_json::json!("--port=8"));
+    let e = err(&[(
+        "services/a__b__c/service.toml",
+        "domain = \"a\"\nname = \"b\"\ninstance = \"c\"\n[process]\ncolour = 1\n",
+    )]);
+    assert!(e.contains(":4: [process]"), "{e}");
+}

@@ -691,6 +691,10 @@ mod tests {
             ("POST", "/api/v1/scripts/{name}/run"),
             ("POST", "/api/v1/services/apply"),
             ("POST", "/api/v1/services/plan"),
+            (
+                "POST",
+                "/api/v1/services/plans/{id}/steps/{key}/process/{verb}",
+            ),
             ("POST", "/api/v1/services/{path}/actions/{verb}"),
             ("POST", "/api/v1/services/{path}/reset"),
             ("POST", "/deployer/model/large"),

@@ -1134,7 +1134,8 @@ pub fn document() -> Value {
             "message": {"type": "string"}, "installed": {"type": "boolean"}, "hash": {"type": "string"},
             "deps": {"type": "array", "items": {"type": "string"}}, "state": any.clone(), "published": any.clone(),
             "last_action": nullable("string"), "last_job": {"type": "string", "format": "uuid", "nullable": true},
-            "last_plan": nullable("string"), "updated_at": ts.clone()
+            "last_plan": nullable("string"), "process": {"type": "string", "format": "uuid", "nullable": true},
+            "updated_at": ts.clone()
         }),
         &["path", "status", "installed"],
     );
@@ -1250,6 +1251,18 @@ pub fn document() -> Value {
             false,
         ),
         vec![path_param("id"), path_param("key")],
+    );
+    add(
+        "/api/v1/services/plans/{id}/steps/{key}/process/{verb}",
+        "post",
+        op(
+            "The built-in start, stop, restart or remove of a step's [process] through the process layer (for the apply tree's jobs); start answers once the process is healthy",
+            None,
+            "200",
+            Some(obj(json!({"process": {"type": "string", "format": "uuid", "nullable": true}, "state": {"type": "string"}}), &["process"])),
+            false,
+        ),
+        vec![path_param("id"), path_param("key"), path_param("verb")],
     );
     add(
         "/api/v1/services/plans/{id}/steps/{key}/archive",

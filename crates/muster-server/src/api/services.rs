@@ -28,6 +28,12 @@ pub(super) fn routes(r: Routes) -> Routes {
             &["GET"],
             get(archive),
         )
+        .add(
+            "/api/v1/services/plans/{id}/steps/{key}/process/{verb}",
+            &["POST"],
+            post(process),
+        )
+        .leader(&["POST"])
         .add("/api/v1/services/{path}", &["GET"], get(show))
         .add("/api/v1/services/{path}/reset", &["POST"], post(reset))
         .leader(&["POST"])
@@ -129,7 +135,8 @@ fn record_json(r: &ServiceRecord) -> Value {
         "path": r.path, "node": r.node, "status": r.status, "message": r.message,
         "installed": r.recorded.installed, "hash": r.recorded.hash, "deps": r.recorded.deps,
         "state": r.state, "published": r.published, "last_action": r.last_action,
-        "last_job": r.last_job, "last_plan": r.last_plan, "updated_at": r.updated_at,
+        "last_job": r.last_job, "last_plan": r.last_plan, "process": r.process,
+        "updated_at": r.updated_at,
     })
 }
 
@@ -266,4 +273,20 @@ async fn archive(
         Body::from(data),
     )
         .into_response())
+}
+
+/// The built-in process verbs of a step (`start`, `stop`, `restart`, `remove`).
+async fn process(
+    State(app): AppState,
+    caller: Caller,
+    Path((id, key, verb)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let plan = step_of(&app, &caller, &id, &key).await?;
+    if !["start", "stop", "restart", "remove"].contains(&verb.as_str()) {
+        return Err(ApiError::bad(
+            "the verb must be one of start, stop, restart, remove",
+        ));
+    }
+    let v = crate::services::process::run(&app, &plan, &key, &verb).await?;
+    Ok(axum::Json(v).into_response())
 }

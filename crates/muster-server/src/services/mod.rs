@@ -16,6 +16,7 @@
 //! Invariant: an apply runs exactly the stored plan; a plan whose HQ commit or steps no longer
 //! hold is refused (409), never re-planned behind the caller's back.
 
+pub mod process;
 pub mod reset;
 pub mod step;
 
@@ -67,6 +68,9 @@ pub struct ServiceRecord {
     /// Its params as last installed (a reset's context).
     #[serde(default)]
     pub params: Value,
+    /// Its `[process]`, run by the process layer.
+    #[serde(default)]
+    pub process: Option<Uuid>,
     #[serde(default)]
     pub last_action: Option<String>,
     #[serde(default)]
@@ -673,6 +677,7 @@ impl Services {
                         published: result.get("published").cloned().unwrap_or(old.published),
                         archive: s.archive.clone(),
                         params: r.as_ref().map(|r| r.params.clone()).unwrap_or(old.params),
+                        process: old.process,
                         last_action: Some(s.step.action.as_str().into()),
                         last_job: Some(job.id),
                         last_plan: Some(plan.id.clone()),

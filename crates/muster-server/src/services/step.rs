@@ -124,7 +124,7 @@ pub fn info(app: &App, plan: &StoredPlan, key: &str) -> Result<Value, ServiceErr
         "node": s.node,
         "archive": s.archive,
         "actions": actions,
-        "process": has_process,
+        "process": has_process || record.as_ref().is_some_and(|r| r.process.is_some()),
         "context": context,
     }))
 }

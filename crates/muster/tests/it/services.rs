@@ -505,7 +505,17 @@ fn orders_apply_actions_and_reset_with_refcounts() {
         recorded(&s)
     );
     assert!(wait_until(WAIT, || lines(&log).len() == 4));
-    assert_eq!(lines(&log)[0], "install x__db__main");
+    // The producer before its consumers (x__lone__one may come anywhere).
+    let l = lines(&log);
+    let at = |x: &str| l.iter().position(|y| y == x).unwrap();
+    assert!(
+        at("install x__db__main") < at("install x__app__a"),
+        "{l:#?}"
+    );
+    assert!(
+        at("install x__db__main") < at("install x__app__b"),
+        "{l:#?}"
+    );
     // `apply services/PATH`: that one and what it needs; nothing left to do here.
     crate::hq::append_commit(&hq, "deployer/orders", "apply services/x__app__a\n");
     crate::hq::wait_order(&s, 2, "succeeded");
@@ -602,4 +612,74 @@ fn orders_apply_actions_and_reset_with_refcounts() {
             "reset x__db__main"
         ]
     );
+}
+
+#[test]
+fn a_process_service_runs_through_the_process_layer() {
+    let s = Server::start_with(|c| {
+        c.store.url = format!("sqlite://{}", c.data_dir.join("muster.db").display());
+    });
+    let hq = s.dir.0.join("hq");
+    assert!(wait_until(WAIT, || hq.join(".git").is_dir()));
+    // No actions at all: start, stop and reset are the built-in ones of [process].
+    write(
+        &hq,
+        "services/web__static__one/service.toml",
+        "domain = \"web\"\nname = \"static\"\ninstance = \"one\"\n[params]\ndir = \"/\"\n\
+         [process]\nshell = \"exec python3 -m http.server --bind 127.0.0.1 --directory ${params.dir} $PORT\"\nports = [\"http\"]\n\
+         [process.health]\ntcp = \"http\"\ninterval = \"200ms\"\n",
+        false,
+    );
+    commit(&hq, "a static web server");
+    let p = plan(&s);
+    assert_eq!(
+        steps(&p),
+        vec![("install".into(), "web__static__one".into())]
+    );
+    apply(&s, &p);
+    let (_, r) = s.call("GET", "/api/v1/services/web__static__one", None);
+    let id = r["process"].as_str().expect("a process").to_string();
+    let (st, proc_) = s.call("GET", &format!("/api/v1/processes/{id}"), None);
+    assert_eq!(st, 200, "{proc_}");
+    assert_eq!(proc_["state"], "healthy", "{proc_:#}");
+    let port = proc_["ports"]["http"].as_u64().unwrap();
+    let resp = crate::harness::http()
+        .get(format!("http://127.0.0.1:{port}/"))
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(steps(&plan(&s)).is_empty());
+    // A param change: a new process with the new spec, the old one gone.
+    write(
+        &hq,
+        "services/web__static__one/service.toml",
+        "domain = \"web\"\nname = \"static\"\ninstance = \"one\"\n[params]\ndir = \"/tmp\"\n\
+         [process]\nshell = \"exec python3 -m http.server --bind 127.0.0.1 --directory ${params.dir} $PORT\"\nports = [\"http\"]\n\
+         [process.health]\ntcp = \"http\"\ninterval = \"200ms\"\n",
+        false,
+    );
+    commit(&hq, "bind elsewhere");
+    let p = plan(&s);
+    assert_eq!(
+        steps(&p),
+        vec![("reconfigure".into(), "web__static__one".into())]
+    );
+    apply(&s, &p);
+    let (_, r) = s.call("GET", "/api/v1/services/web__static__one", None);
+    let id2 = r["process"].as_str().unwrap().to_string();
+    assert_ne!(id, id2);
+    let gone = |id: &str| {
+        let (st, p) = s.call("GET", &format!("/api/v1/processes/{id}"), None);
+        st == 404 || p["state"] == "stopped"
+    };
+    assert!(wait_until(WAIT, || gone(&id)), "the old process still runs");
+    // Reset: the process goes with the record.
+    let (st, r) = reset(&s, "web__static__one", json!({}));
+    assert_eq!(st, 202, "{r}");
+    wait_done(&s, &r);
+    assert!(
+        wait_until(WAIT, || gone(&id2)),
+        "the process still runs after the reset"
+    );
+    assert!(wait_until(WAIT, || recorded(&s).is_empty()));
 }
