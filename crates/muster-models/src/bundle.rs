@@ -243,6 +243,12 @@ impl Bundle {
                         return Err(bad(format!("requirements[{i}] must be a string")));
                     };
                     check_requirement(s).map_err(|m| bad(format!("requirements[{i}] {m}")))?;
+                    if runtime == Runtime::R && !crate::r::is_debian_r_package(s.trim()) {
+                        return Err(bad(format!(
+                            "requirements[{i}] {} is not a Debian R package: an R bundle names Debian packages such as \"r-cran-randomforest\" (CRAN cannot be reached from these machines)",
+                            quote(s)
+                        )));
+                    }
                     out.push(s.trim().to_string());
                 }
                 out

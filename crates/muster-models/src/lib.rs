@@ -18,6 +18,7 @@ pub mod archive;
 pub mod bundle;
 pub mod env;
 pub mod pool;
+pub mod r;
 pub mod yhat;
 
 pub use bundle::{Bundle, Runtime};

@@ -15,7 +15,7 @@
 //! traceback, and everything the workers print, go to [`PoolConfig::log`].
 
 use crate::env::PythonEnv;
-use crate::{Bundle, Error, Result};
+use crate::{Bundle, Error, Result, Runtime};
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// The worker module, embedded in the binary and written into each environment.
@@ -62,12 +61,34 @@ pub struct PoolConfig {
     /// How long a worker may take to load the model.
     pub start_timeout: Duration,
     pub log: Log,
+    /// Which worker: Python's (`python` is the venv's interpreter) or R's (`python` is
+    /// `Rscript`, `class` empty).
+    pub runtime: Runtime,
 }
 
 impl PoolConfig {
     /// A pool for a Python bundle in its environment: `workers` from the bundle, a queue of 64
     /// calls per worker, 30 s per call, 120 s to load.
     pub fn new(bundle: &Bundle, env: &PythonEnv) -> Result<PoolConfig> {
+        if bundle.runtime == Runtime::R {
+            let e = bundle
+                .entrypoint
+                .as_ref()
+                .ok_or_else(|| Error::Bundle("an R bundle needs an entrypoint".into()))?;
+            return Ok(PoolConfig {
+                python: crate::r::rscript()?,
+                env_dir: env.dir.clone(),
+                bundle_dir: bundle.dir.clone(),
+                entry_file: e.file.clone(),
+                class: String::new(),
+                workers: bundle.workers as usize,
+                queue: 64 * bundle.workers as usize,
+                timeout: Duration::from_secs(30),
+                start_timeout: Duration::from_secs(120),
+                log: no_log(),
+                runtime: Runtime::R,
+            });
+        }
         let e = bundle
             .entrypoint
             .as_ref()
@@ -84,6 +105,7 @@ impl PoolConfig {
             timeout: Duration::from_secs(30),
             start_timeout: Duration::from_secs(120),
             log: no_log(),
+            runtime: Runtime::Python,
         })
     }
 }
@@ -146,7 +168,10 @@ impl Pool {
         if config.workers == 0 {
             return Err(Error::Start("a pool needs at least one worker".into()));
         }
-        install_worker(&config.env_dir)?;
+        match config.runtime {
+            Runtime::R => crate::r::install_worker(&config.env_dir)?,
+            _ => install_worker(&config.env_dir)?,
+        }
         let config = Arc::new(config);
         let mut starting = tokio::task::JoinSet::new();
         for i in 0..config.workers {
@@ -264,8 +289,8 @@ fn install_worker(env_dir: &Path) -> Result<()> {
 struct Worker {
     child: tokio::process::Child,
     pid: u32,
-    read: BufReader<OwnedReadHalf>,
-    write: OwnedWriteHalf,
+    read: BufReader<Box<dyn tokio::io::AsyncRead + Send + Unpin>>,
+    write: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
 }
 
 enum Failure {
@@ -275,44 +300,10 @@ enum Failure {
 
 impl Worker {
     async fn spawn(config: &PoolConfig, index: usize) -> Result<Worker> {
-        let (ours, theirs) =
-            std::os::unix::net::UnixStream::pair().map_err(Error::io("making a socket pair"))?;
-        let fd = theirs.as_raw_fd();
-        let mut cmd = tokio::process::Command::new(&config.python);
-        cmd.arg("-u")
-            .arg(config.env_dir.join(WORKER_FILE))
-            .arg("3")
-            .arg(&config.bundle_dir)
-            .arg(&config.entry_file)
-            .arg(&config.class)
-            .current_dir(&config.bundle_dir)
-            .env("PYTHONNOUSERSITE", "1")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if fd == 3 {
-                    let flags = libc::fcntl(3, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(|e| {
-            Error::Start(format!(
-                "the worker ({}) cannot be started: {e}",
-                config.python.display()
-            ))
-        })?;
-        drop(theirs);
+        let (mut child, read, write) = match config.runtime {
+            Runtime::R => Self::spawn_r(config)?,
+            _ => Self::spawn_python(config)?,
+        };
         let pid = child.id().unwrap_or(0);
         for out in [
             child
@@ -337,17 +328,13 @@ impl Worker {
                 }
             });
         }
-        ours.set_nonblocking(true)
-            .map_err(Error::io("setting up the socket"))?;
-        let stream =
-            tokio::net::UnixStream::from_std(ours).map_err(Error::io("setting up the socket"))?;
-        let (read, write) = stream.into_split();
         let mut w = Worker {
             child,
             pid,
             read: BufReader::with_capacity(1 << 16, read),
             write,
         };
+
         let hello = tokio::time::timeout(config.start_timeout, w.read_frame()).await;
         let fail = |why: String| Error::Start(why);
         match hello {
@@ -379,6 +366,95 @@ impl Worker {
                 )))
             }
         }
+    }
+
+    /// The common parts of a worker's command: its own process group, output piped to the log.
+    fn command(config: &PoolConfig) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&config.python);
+        cmd.current_dir(&config.bundle_dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        cmd
+    }
+
+    fn started(config: &PoolConfig, e: std::io::Error) -> Error {
+        Error::Start(format!(
+            "the worker ({}) cannot be started: {e}",
+            config.python.display()
+        ))
+    }
+
+    /// A Python worker: one end of a socket pair as its fd 3.
+    fn spawn_python(config: &PoolConfig) -> Result<Spawned> {
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(Error::io("making a socket pair"))?;
+        let fd = theirs.as_raw_fd();
+        let mut cmd = Self::command(config);
+        cmd.arg("-u")
+            .arg(config.env_dir.join(WORKER_FILE))
+            .arg("3")
+            .arg(&config.bundle_dir)
+            .arg(&config.entry_file)
+            .arg(&config.class)
+            .env("PYTHONNOUSERSITE", "1");
+        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if fd == 3 {
+                    let flags = libc::fcntl(3, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| Self::started(config, e))?;
+        drop(theirs);
+        ours.set_nonblocking(true)
+            .map_err(Error::io("setting up the socket"))?;
+        let stream =
+            tokio::net::UnixStream::from_std(ours).map_err(Error::io("setting up the socket"))?;
+        let (read, write) = stream.into_split();
+        Ok((child, Box::new(read), Box::new(write)))
+    }
+
+    /// An R worker (`Rscript`): requests on a pipe at its fd 3, answers on one at its fd 4.
+    fn spawn_r(config: &PoolConfig) -> Result<Spawned> {
+        let (req_r, req_w) = pipe()?;
+        let (ans_r, ans_w) = pipe()?;
+        let (a, b) = (req_r.as_raw_fd(), ans_w.as_raw_fd());
+        let mut cmd = Self::command(config);
+        cmd.arg("--vanilla")
+            .arg(config.env_dir.join(crate::r::WORKER_R_FILE))
+            .arg("3")
+            .arg("4")
+            .arg(&config.bundle_dir)
+            .arg(&config.entry_file);
+        // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Out of the way of 3 and 4 first, then into place (dup2 clears close-on-exec).
+                let a2 = libc::fcntl(a, libc::F_DUPFD_CLOEXEC, 10);
+                let b2 = libc::fcntl(b, libc::F_DUPFD_CLOEXEC, 10);
+                if a2 < 0 || b2 < 0 || libc::dup2(a2, 3) < 0 || libc::dup2(b2, 4) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| Self::started(config, e))?;
+        drop((req_r, ans_w));
+        let write = tokio::net::unix::pipe::Sender::from_owned_fd(req_w)
+            .map_err(Error::io("setting up the worker's pipe"))?;
+        let read = tokio::net::unix::pipe::Receiver::from_owned_fd(ans_r)
+            .map_err(Error::io("setting up the worker's pipe"))?;
+        Ok((child, Box::new(read), Box::new(write)))
     }
 
     /// Reads one frame: its kind byte and the rest.
@@ -440,6 +516,30 @@ impl Worker {
         }
         let _ = self.child.kill().await;
     }
+}
+
+/// A started worker process and the pool's ends of its channel.
+type Spawned = (
+    tokio::process::Child,
+    Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+);
+
+/// A pipe, both ends close-on-exec: (read, write).
+fn pipe() -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(Error::io("making a pipe")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: both were just made and are owned by nothing else.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
 }
 
 /// A Python exception's type and message from an `E`/`F` frame.

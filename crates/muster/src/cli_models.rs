@@ -636,16 +636,20 @@ fn prepare(a: StepArgs) -> Result<()> {
         a.envs.unwrap_or_else(|| models.join("envs")),
         a.wheels.unwrap_or_else(|| models.join("wheels")),
     );
-    let python = Interpreter::probe(std::path::Path::new("python3")).map_err(anyhow::Error::msg)?;
-    println!(
-        "python: {} {}",
-        python.executable.display(),
-        python.version_text()
-    );
     let mut out = std::io::stdout();
-    let env = envs
-        .ensure_bundle(&bundle, &python, &mut out)
-        .map_err(anyhow::Error::msg)?;
+    let env = if bundle.runtime == muster_models::Runtime::R {
+        muster_models::r::ensure(&envs.root, &bundle, &mut out).map_err(anyhow::Error::msg)?
+    } else {
+        let python =
+            Interpreter::probe(std::path::Path::new("python3")).map_err(anyhow::Error::msg)?;
+        println!(
+            "python: {} {}",
+            python.executable.display(),
+            python.version_text()
+        );
+        envs.ensure_bundle(&bundle, &python, &mut out)
+            .map_err(anyhow::Error::msg)?
+    };
     let placement = json!({
         "node": std::env::var("MUSTER_NODE_NAME").unwrap_or_default(),
         "bundle_dir": root, "env_dir": env.dir, "env_key": env.key, "env_reused": env.reused,

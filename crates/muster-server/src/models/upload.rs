@@ -110,9 +110,9 @@ pub fn accept(
             bundle.name
         )));
     }
-    if bundle.runtime != Runtime::Python {
+    if bundle.runtime == Runtime::Onnx {
         return Err(ModelError::Invalid(format!(
-            "the {} runtime is not served yet; use the python runtime",
+            "the {} runtime is not served yet; use the python or r runtime",
             bundle.runtime.as_str()
         )));
     }

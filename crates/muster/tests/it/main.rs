@@ -26,5 +26,6 @@ mod models;
 mod nodes;
 mod predictor;
 mod procs;
+mod rmodels;
 mod secrets;
 mod services;
