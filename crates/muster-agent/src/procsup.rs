@@ -28,6 +28,8 @@ use muster_wire::perms;
 use muster_wire::protocol::ProcessAssignment;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -164,10 +166,46 @@ impl Drop for Running {
 
 /// A health check under way.
 enum Probe {
-    /// tcp/http in a thread of its own; its answer comes on the channel.
-    Thread(mpsc::Receiver<Result<(), String>>, Instant),
-    /// An exec check: its pid, and when it times out.
-    Exec(i32, Instant),
+    /// tcp/http in a thread of its own; its answer comes on the channel, and a byte on the
+    /// socket wakes the supervisor's poll (no polling on a timer while a check runs).
+    Thread(mpsc::Receiver<Result<(), String>>, UnixStream, Instant),
+    /// An exec check: its pid, a pidfd that the poll watches for its end, and when it times
+    /// out.
+    Exec(i32, Option<OwnedFd>, Instant),
+}
+
+impl Probe {
+    /// The descriptor that becomes readable when the check has an answer.
+    fn fd(&self) -> i32 {
+        match self {
+            Probe::Thread(_, s, _) => s.as_raw_fd(),
+            Probe::Exec(_, fd, _) => fd.as_ref().map_or(-1, |f| f.as_raw_fd()),
+        }
+    }
+
+    /// When the check is given up on.
+    fn deadline(&self) -> Instant {
+        match self {
+            Probe::Thread(_, _, d) => *d + Duration::from_millis(100),
+            Probe::Exec(_, _, d) => *d,
+        }
+    }
+}
+
+/// Runs a check in a thread of its own; its answer comes on the channel and a byte on the
+/// socket pair.
+fn probe_thread(
+    deadline: Instant,
+    check: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> Option<Probe> {
+    let (tx, rx) = mpsc::channel();
+    // No socket pair (out of descriptors): no check now; the next comes an interval later.
+    let (wake, mut poke) = UnixStream::pair().ok()?;
+    std::thread::spawn(move || {
+        let _ = tx.send(check());
+        let _ = poke.write_all(&[1]);
+    });
+    Some(Probe::Thread(rx, wake, deadline))
 }
 
 struct Sup<'a> {
@@ -306,8 +344,8 @@ impl Sup<'_> {
         // SAFETY: pidfd_open on our own child's pid (not reaped yet).
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
         for fd in [
-            std::os::fd::AsRawFd::as_raw_fd(&out),
-            std::os::fd::AsRawFd::as_raw_fd(&err),
+            out.as_raw_fd(),
+            err.as_raw_fd(),
         ] {
             // SAFETY: fcntl on descriptors we own.
             unsafe {
@@ -339,20 +377,12 @@ impl Sup<'_> {
         match &h.check {
             Check::Tcp { port } => {
                 let port = port_of(port);
-                let (tx, rx) = mpsc::channel();
-                std::thread::spawn(move || {
-                    let _ = tx.send(tcp_check(port, timeout).map(drop));
-                });
-                Some(Probe::Thread(rx, deadline))
+                probe_thread(deadline, move || tcp_check(port, timeout).map(drop))
             }
             Check::Http { path, port } => {
                 let port = port_of(port);
                 let path = path.clone();
-                let (tx, rx) = mpsc::channel();
-                std::thread::spawn(move || {
-                    let _ = tx.send(http_check(port, &path, timeout));
-                });
-                Some(Probe::Thread(rx, deadline))
+                probe_thread(deadline, move || http_check(port, &path, timeout))
             }
             Check::Exec { argv } => {
                 let mut cmd = std::process::Command::new(expand(&argv[0], &self.env));
@@ -367,7 +397,12 @@ impl Sup<'_> {
                     Ok(c) => {
                         let pid = c.id() as i32;
                         drop(c);
-                        Some(Probe::Exec(pid, deadline))
+                        // SAFETY: pidfd_open on our own child's pid (not reaped yet: only this
+                        // thread reaps). Without one the poll falls back to a short timer.
+                        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+                        // SAFETY: a descriptor just opened for us, owned from here on.
+                        let fd = (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) });
+                        Some(Probe::Exec(pid, fd, deadline))
                     }
                     Err(e) => {
                         let why = format!("cannot run the check: {e}");
@@ -512,7 +547,7 @@ impl Sup<'_> {
                         continue;
                     }
                 }
-                if let Some(Probe::Exec(p, _)) = &probe {
+                if let Some(Probe::Exec(p, _, _)) = &probe {
                     if *p == pid {
                         probe = None;
                         let r = if st.success() {
@@ -559,7 +594,7 @@ impl Sup<'_> {
             // Health.
             let alive = self.run.as_ref().is_some_and(|r| r.status.is_none());
             match &probe {
-                Some(Probe::Thread(rx, deadline)) => match rx.try_recv() {
+                Some(Probe::Thread(rx, _, deadline)) => match rx.try_recv() {
                     Ok(r) => {
                         probe = None;
                         if alive {
@@ -577,7 +612,7 @@ impl Sup<'_> {
                     Err(mpsc::TryRecvError::Empty) => {}
                     Err(mpsc::TryRecvError::Disconnected) => probe = None,
                 },
-                Some(Probe::Exec(pid, deadline)) if Instant::now() > *deadline => {
+                Some(Probe::Exec(pid, _, deadline)) if Instant::now() > *deadline => {
                     // SAFETY: SIGKILL to the check's own process group.
                     unsafe { libc::kill(-*pid, libc::SIGKILL) };
                     probe = None;
@@ -634,9 +669,22 @@ impl Sup<'_> {
             }
             // Wait for output, the main process's end, or the next timer. Requests come with a
             // signal, which ends the wait at once; the second is only a safety net.
+            // A check's end and a drained pipe wake the poll themselves; timers only bound them.
             let mut timeout = Duration::from_millis(1000);
-            if self.ending.is_some() || probe.is_some() || exited_at.is_some() {
+            if self.ending.is_some() {
                 timeout = Duration::from_millis(10);
+            }
+            if let Some(p) = &probe {
+                let left = p.deadline().saturating_duration_since(Instant::now());
+                timeout = timeout.min(if p.fd() < 0 {
+                    Duration::from_millis(10)
+                } else {
+                    left + Duration::from_millis(1)
+                });
+            }
+            if let Some(t) = exited_at {
+                let late = (t + Duration::from_millis(200)).saturating_duration_since(Instant::now());
+                timeout = timeout.min(late + Duration::from_millis(1));
             }
             if let Some(t) = restart_at {
                 timeout = timeout.min(Duration::from_millis((t - ms()).max(0) as u64));
@@ -646,7 +694,6 @@ impl Sup<'_> {
             }
             let (out_fd, err_fd, pidfd) = match &self.run {
                 Some(r) => {
-                    use std::os::fd::AsRawFd;
                     (
                         if r.out_lines.open {
                             r.out.as_raw_fd()
@@ -663,13 +710,14 @@ impl Sup<'_> {
                 }
                 None => (-1, -1, -1),
             };
-            let mut fds = [out_fd, err_fd, pidfd].map(|fd| libc::pollfd {
+            let probe_fd = probe.as_ref().map_or(-1, Probe::fd);
+            let mut fds = [out_fd, err_fd, pidfd, probe_fd].map(|fd| libc::pollfd {
                 fd,
                 events: libc::POLLIN,
                 revents: 0,
             });
             // SAFETY: polling descriptors we own (or -1, which poll ignores).
-            unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout.as_millis() as i32) };
+            unsafe { libc::poll(fds.as_mut_ptr(), 4, timeout.as_millis() as i32) };
         }
     }
 
