@@ -343,10 +343,7 @@ impl Sup<'_> {
         drop(child);
         // SAFETY: pidfd_open on our own child's pid (not reaped yet).
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-        for fd in [
-            out.as_raw_fd(),
-            err.as_raw_fd(),
-        ] {
+        for fd in [out.as_raw_fd(), err.as_raw_fd()] {
             // SAFETY: fcntl on descriptors we own.
             unsafe {
                 let fl = libc::fcntl(fd, libc::F_GETFL);
@@ -683,7 +680,8 @@ impl Sup<'_> {
                 });
             }
             if let Some(t) = exited_at {
-                let late = (t + Duration::from_millis(200)).saturating_duration_since(Instant::now());
+                let late =
+                    (t + Duration::from_millis(200)).saturating_duration_since(Instant::now());
                 timeout = timeout.min(late + Duration::from_millis(1));
             }
             if let Some(t) = restart_at {
@@ -693,21 +691,19 @@ impl Sup<'_> {
                 timeout = timeout.min(t.saturating_duration_since(Instant::now()));
             }
             let (out_fd, err_fd, pidfd) = match &self.run {
-                Some(r) => {
-                    (
-                        if r.out_lines.open {
-                            r.out.as_raw_fd()
-                        } else {
-                            -1
-                        },
-                        if r.err_lines.open {
-                            r.err.as_raw_fd()
-                        } else {
-                            -1
-                        },
-                        if r.status.is_none() { r.pidfd } else { -1 },
-                    )
-                }
+                Some(r) => (
+                    if r.out_lines.open {
+                        r.out.as_raw_fd()
+                    } else {
+                        -1
+                    },
+                    if r.err_lines.open {
+                        r.err.as_raw_fd()
+                    } else {
+                        -1
+                    },
+                    if r.status.is_none() { r.pidfd } else { -1 },
+                ),
                 None => (-1, -1, -1),
             };
             let probe_fd = probe.as_ref().map_or(-1, Probe::fd);
