@@ -200,6 +200,7 @@ impl App {
         hq.add_watcher(Box::new(hq::sync::SyncWatcher::default()));
         hq.add_watcher(Box::new(hq::orders::OrdersWatcher::default()));
         hq.add_watcher(Box::new(models::uploads::UploadsWatcher));
+        hq.add_watcher(Box::new(services::monitor::MonitorWatcher));
         hq.reaper().register(Arc::new(hq::reaper::ExpiredJobs));
         hq.reaper()
             .register(Arc::new(models::lifecycle::DeletedModels));

@@ -16,6 +16,7 @@
 //! Invariant: an apply runs exactly the stored plan; a plan whose HQ commit or steps no longer
 //! hold is refused (409), never re-planned behind the caller's back.
 
+pub mod monitor;
 pub mod process;
 pub mod reset;
 pub mod step;
@@ -71,6 +72,17 @@ pub struct ServiceRecord {
     /// Its `[process]`, run by the process layer.
     #[serde(default)]
     pub process: Option<Uuid>,
+    /// Its actions (verbs), as last installed.
+    #[serde(default)]
+    pub actions: Vec<String>,
+    #[serde(default)]
+    pub monitor_every: Option<String>,
+    /// When its monitor last started (or its status was last taken from its process).
+    #[serde(default)]
+    pub monitored_at: Option<Ts>,
+    /// The tree of its last monitor.
+    #[serde(default)]
+    pub monitor_tree: Option<Uuid>,
     #[serde(default)]
     pub last_action: Option<String>,
     #[serde(default)]
@@ -251,6 +263,22 @@ impl Services {
                 labels: n.labels,
             })
             .collect())
+    }
+
+    /// The first cluster admin (by creation): whom HQ's orders and the monitors act as.
+    pub fn first_admin(&self, app: &App) -> std::result::Result<String, String> {
+        let mut admins: Vec<_> = app
+            .store
+            .users()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|u| u.admin)
+            .collect();
+        admins.sort_by(|a, b| (a.created_at, &a.name).cmp(&(b.created_at, &b.name)));
+        admins
+            .first()
+            .map(|u| u.name.clone())
+            .ok_or_else(|| "no cluster admin to act as".to_string())
     }
 
     /// Every record, by path.
@@ -678,6 +706,13 @@ impl Services {
                         archive: s.archive.clone(),
                         params: r.as_ref().map(|r| r.params.clone()).unwrap_or(old.params),
                         process: old.process,
+                        actions: r
+                            .as_ref()
+                            .map(|r| r.actions.iter().cloned().collect())
+                            .unwrap_or(old.actions),
+                        monitor_every: r.as_ref().and_then(|r| r.monitor_every.clone()),
+                        monitored_at: old.monitored_at,
+                        monitor_tree: old.monitor_tree,
                         last_action: Some(s.step.action.as_str().into()),
                         last_job: Some(job.id),
                         last_plan: Some(plan.id.clone()),

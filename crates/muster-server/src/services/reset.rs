@@ -208,18 +208,7 @@ impl Verb for ApplyVerb {
             .get()
             .and_then(|w| w.upgrade())
             .ok_or("the server is stopping")?;
-        let mut admins: Vec<_> = app
-            .store
-            .users()
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .filter(|u| u.admin)
-            .collect();
-        admins.sort_by(|a, b| (a.created_at, &a.name).cmp(&(b.created_at, &b.name)));
-        let by = admins
-            .first()
-            .map(|u| u.name.clone())
-            .ok_or("no cluster admin to apply as")?;
+        let by = app.services.first_admin(app)?;
         let text = |e: ServiceError| match e {
             ServiceError::Invalid(p) => p
                 .iter()

@@ -86,7 +86,7 @@ fn a_first_start_makes_hq_and_the_pulse_reports_every_watcher() {
         wait_until(WAIT, || {
             h = hq(&s);
             h["pulses"].as_u64().unwrap_or(0) >= 2
-                && h["watchers"].as_array().is_some_and(|w| w.len() == 3)
+                && h["watchers"].as_array().is_some_and(|w| w.len() == 4)
         }),
         "{h:#}"
     );
@@ -103,14 +103,14 @@ fn a_first_start_makes_hq_and_the_pulse_reports_every_watcher() {
     assert!(std::fs::read_to_string(dir.join("README.md"))
         .unwrap()
         .contains("deployer/orders"));
-    // The fixed order: sync, orders, then the models' uploads; all fine.
+    // The fixed order: sync, orders, then the models' uploads and the services' monitors.
     let names: Vec<&str> = h["watchers"]
         .as_array()
         .unwrap()
         .iter()
         .map(|w| w["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["sync", "orders", "uploads"]);
+    assert_eq!(names, ["sync", "orders", "uploads", "services"]);
     assert_eq!(
         watcher(&h, "uploads")["message"],
         "nothing to take",

@@ -459,7 +459,7 @@ fn orders_apply_actions_and_reset_with_refcounts() {
     let log = s.dir.0.join("actions.log");
     let action = format!(
         "#!/bin/bash\ncat > /dev/null\necho \"$MUSTER_ACTION $MUSTER_SERVICE\" >> '{}'\n\
-         if [ \"$MUSTER_ACTION\" = monitor ]; then echo '{{\"status\": \"maintenance\", \"message\": \"checking\"}}'; fi\n",
+         if [ \"$MUSTER_ACTION\" = check ]; then echo '{{\"status\": \"maintenance\", \"message\": \"checking\"}}'; fi\n",
         log.display()
     );
     write(
@@ -477,7 +477,7 @@ fn orders_apply_actions_and_reset_with_refcounts() {
             &format!("domain = \"{d}\"\nname = \"{n}\"\ninstance = \"{i}\"\n{body}"),
             false,
         );
-        for verb in ["install", "reset", "monitor"] {
+        for verb in ["install", "reset", "check"] {
             write(
                 &hq,
                 &format!("services/{dir}/actions/{verb}"),
@@ -525,15 +525,20 @@ fn orders_apply_actions_and_reset_with_refcounts() {
     // One action by hand: its result is the service's status.
     let (st, a) = s.call(
         "POST",
-        "/api/v1/services/x__app__a/actions/monitor",
+        "/api/v1/services/x__app__a/actions/check",
         Some(json!({})),
     );
     assert_eq!(st, 202, "{a}");
     wait_done(&s, &a);
-    assert!(wait_until(WAIT, || {
-        let (_, r) = s.call("GET", "/api/v1/services/x__app__a", None);
-        r["status"] == "maintenance" && r["message"] == "checking"
-    }));
+    let mut last = Value::Null;
+    assert!(
+        wait_until(WAIT, || {
+            last = s.call("GET", "/api/v1/services/x__app__a", None).1;
+            last["status"] == "maintenance" && last["message"] == "checking"
+        }),
+        "{last:#}\n{}",
+        lines(&log).join("\n")
+    );
 
     // Refused while consumers depend on it, naming them.
     let (st, e) = reset(&s, "x__db__main", json!({}));
@@ -585,7 +590,7 @@ fn orders_apply_actions_and_reset_with_refcounts() {
     assert!(wait_until(WAIT, || recorded(&s) == ["x__lone__one"]));
     let (st, _) = reset(&s, "x__nope__no", json!({}));
     assert_eq!(st, 404);
-    // Every action ran once per request: 4 + 1 installs, 1 monitor, resets a, b, db, b, a, db,
+    // Every action ran once per request: 4 + 1 installs, 1 check, resets a, b, db, b, a, db,
     // and 3 installs again.
     let l = lines(&log);
     assert_eq!(
@@ -594,7 +599,7 @@ fn orders_apply_actions_and_reset_with_refcounts() {
         "{l:#?}"
     );
     assert_eq!(
-        l.iter().filter(|x| x.starts_with("monitor")).count(),
+        l.iter().filter(|x| x.starts_with("check")).count(),
         1,
         "{l:#?}"
     );
@@ -642,6 +647,11 @@ fn a_process_service_runs_through_the_process_layer() {
     let (st, proc_) = s.call("GET", &format!("/api/v1/processes/{id}"), None);
     assert_eq!(st, 200, "{proc_}");
     assert_eq!(proc_["state"], "healthy", "{proc_:#}");
+    // Its status on the pulse: its process's health.
+    assert!(wait_until(WAIT, || {
+        let (_, r) = s.call("GET", "/api/v1/services/web__static__one", None);
+        r["status"] == "active"
+    }));
     let port = proc_["ports"]["http"].as_u64().unwrap();
     let resp = crate::harness::http()
         .get(format!("http://127.0.0.1:{port}/"))
@@ -682,4 +692,64 @@ fn a_process_service_runs_through_the_process_layer() {
         "the process still runs after the reset"
     );
     assert!(wait_until(WAIT, || recorded(&s).is_empty()));
+}
+
+#[test]
+fn monitors_run_on_the_pulse() {
+    let s = Server::start_with(|c| {
+        c.store.url = format!("sqlite://{}", c.data_dir.join("muster.db").display());
+        crate::hq::fast_pulse(c);
+    });
+    let hq = s.dir.0.join("hq");
+    assert!(wait_until(WAIT, || hq.join(".git").is_dir()));
+    let log = s.dir.0.join("monitor.log");
+    let monitor = format!(
+        "#!/bin/bash\ncat > /dev/null\necho \"$MUSTER_SERVICE\" >> '{}'\n\
+         n=$(grep -c \"^$MUSTER_SERVICE\\$\" '{}')\n\
+         echo '{{\"status\": \"active\", \"message\": \"check '$n'\"}}'\n",
+        log.display(),
+        log.display()
+    );
+    for (dir, extra) in [
+        ("m__every__pulse", ""),
+        ("m__every__hour", "monitor_every = \"1h\"\n"),
+    ] {
+        let (d, rest) = dir.split_once("__").unwrap();
+        let (n, i) = rest.split_once("__").unwrap();
+        write(
+            &hq,
+            &format!("services/{dir}/service.toml"),
+            &format!("domain = \"{d}\"\nname = \"{n}\"\ninstance = \"{i}\"\n{extra}"),
+            false,
+        );
+        write(
+            &hq,
+            &format!("services/{dir}/actions/monitor"),
+            &monitor,
+            true,
+        );
+    }
+    commit(&hq, "two monitored services");
+    let p = plan(&s);
+    apply(&s, &p);
+    // Every pulse: its message counts up; every hour: once.
+    let count = |who: &str| lines(&log).iter().filter(|l| *l == who).count();
+    assert!(
+        wait_until(WAIT, || count("m__every__pulse") >= 3),
+        "{:?}",
+        lines(&log)
+    );
+    assert!(wait_until(WAIT, || {
+        let (_, r) = s.call("GET", "/api/v1/services/m__every__pulse", None);
+        r["status"] == "active"
+            && r["message"]
+                .as_str()
+                .and_then(|m| m.strip_prefix("check "))
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| n >= 2)
+            && r["last_action"] == "monitor"
+    }));
+    assert_eq!(count("m__every__hour"), 1, "{:?}", lines(&log));
+    // A monitor never changes what is installed: nothing to plan.
+    assert!(steps(&plan(&s)).is_empty());
 }
