@@ -494,7 +494,7 @@ fn ws_small(ws: WebSocketUpgrade) -> WebSocketUpgrade {
 }
 
 /// Carries the leader's log websocket to a client of this follower.
-async fn relay_ws(mut socket: WebSocket, url: String, headers: Vec<(String, String)>) {
+pub(super) async fn relay_ws(mut socket: WebSocket, url: String, headers: Vec<(String, String)>) {
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message as TMessage;

@@ -261,11 +261,24 @@ async fn log_ws(
 ) -> ApiResult<Response> {
     check_origin(&headers)?;
     if !app.cluster.is_leader() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_leader",
-            "follow a process's log on the leading server",
-        ));
+        // A follower relays the leader's log websocket (the agent is connected there).
+        load(&app, &caller, &id).await?;
+        let Some(leader) = app.cluster.leader_url() else {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_leader",
+                "no server leads the cluster right now; try again",
+            ));
+        };
+        let url = format!(
+            "{}/api/v1/processes/{id}/log/ws",
+            leader.trim_end_matches('/').replacen("http", "ws", 1)
+        );
+        let auth: Vec<(String, String)> = ["authorization", "cookie"]
+            .iter()
+            .filter_map(|h| Some((h.to_string(), headers.get(*h)?.to_str().ok()?.to_string())))
+            .collect();
+        return Ok(ws.on_upgrade(move |socket| super::jobs::relay_ws(socket, url, auth)));
     }
     let mut rx = open_log(&app, &caller, &id, true).await?;
     Ok(ws

@@ -202,6 +202,53 @@ fn two_servers_one_cluster_survive_the_leader_s_death() {
             }
         }
     }
+    // A process made through B: its log followed over the websocket through B (relayed
+    // from the leader, where its agent is connected).
+    let (st, p) = b.call(
+        "POST",
+        "/api/v1/processes",
+        Some(json!({"name": "talker", "shell": "echo proc-line; exec sleep 30"})),
+    );
+    assert_eq!(st, 201, "{p}");
+    let pid = p["id"].as_str().unwrap().to_string();
+    {
+        use tungstenite::client::IntoClientRequest;
+        let mut req = format!(
+            "{}/api/v1/processes/{pid}/log/ws",
+            b.url.replace("http://", "ws://")
+        )
+        .into_client_request()
+        .unwrap();
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", b.token).parse().unwrap(),
+        );
+        // The process may not be placed yet (409 not_placed): ask again until it is.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let mut ws = loop {
+            match tungstenite::connect(req.clone()) {
+                Ok((ws, _)) => break ws,
+                Err(e) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "the process log websocket through B: {e}"
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut text = String::new();
+        while !text.contains("proc-line") {
+            match ws.read().unwrap() {
+                tungstenite::Message::Text(t) => text.push_str(&t),
+                tungstenite::Message::Close(_) => panic!("closed early: {text}"),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(
+        b.call("DELETE", &format!("/api/v1/processes/{pid}"), None)
+            .0,
+        202
+    );
     let mut saw_running = false;
     while !saw_running {
         if let tungstenite::Message::Text(t) = events.read().unwrap() {
