@@ -1601,6 +1601,7 @@ fn the_readme_tour_works_as_written() {
         "aborting tree",
         "node n1 is ready",
         "out Linux",
+        "python3 -m http.server",
     ] {
         assert!(
             stdout.contains(want),
