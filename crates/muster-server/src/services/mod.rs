@@ -772,12 +772,24 @@ impl crate::jobs::hooks::JobHook for StepHook {
         let Some(plan_id) = tree.tags.labels.get("plan").cloned() else {
             return;
         };
-        let Some(app) = self.0.app.get().cloned() else {
-            return;
-        };
-        let job = job.clone();
-        // The hook runs on the manager's thread: the store writes go elsewhere.
+        let (cell, job) = (self.0.app.clone(), job.clone());
+        // The hook runs on the manager's thread: the store writes go elsewhere. An outcome
+        // recovered at start may come before the app is made: it waits for it a while.
         std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            let app = loop {
+                if let Some(a) = cell.get() {
+                    break a.clone();
+                }
+                if std::time::Instant::now() > deadline {
+                    tracing::error!(
+                        "services: no app to record step {} of plan {plan_id}",
+                        job.key
+                    );
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
             let Some(app) = app.upgrade() else {
                 return;
             };

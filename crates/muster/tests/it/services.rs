@@ -753,3 +753,90 @@ fn monitors_run_on_the_pulse() {
     // A monitor never changes what is installed: nothing to plan.
     assert!(steps(&plan(&s)).is_empty());
 }
+
+#[test]
+fn kill_9_of_the_server_mid_apply_finishes_the_tree_with_every_action_once() {
+    use crate::crash::{call, setup, Up};
+    let dir = crate::harness::TempDir::new("svc-crash");
+    let out = crate::harness::TempDir::new("svc-crash-out");
+    let (marks, gate) = (out.0.join("marks"), out.0.join("gate"));
+    let mut up = Up::start(&dir.0);
+    let token = setup(&up, &dir.0);
+    let hq = dir.0.join("hq");
+    assert!(wait_until(WAIT, || hq.join(".git").is_dir()));
+    // A chain by nesting: a, then a/b (which waits for the gate), then a/b/c.
+    let action = format!(
+        "#!/bin/bash\ncat > /dev/null\necho \"install $MUSTER_SERVICE\" >> '{m}'\n\
+         if [ \"$MUSTER_SERVICE\" = x__a__a/x__b__b ]; then\n\
+           for i in $(seq 600); do [ -e '{g}' ] && break; sleep 0.1; done\nfi\n\
+         echo \"done $MUSTER_SERVICE\" >> '{m}'\n",
+        m = marks.display(),
+        g = gate.display()
+    );
+    let mut at = String::from("services");
+    for n in ["a", "b", "c"] {
+        at = format!("{at}/x__{n}__{n}");
+        write(
+            &hq,
+            &format!("{at}/service.toml"),
+            &format!("domain = \"x\"\nname = \"{n}\"\ninstance = \"{n}\"\n"),
+            false,
+        );
+        write(&hq, &format!("{at}/actions/install"), &action, true);
+    }
+    commit(&hq, "a chain");
+    let (st, p) = call(
+        &up.url,
+        Some(&token),
+        "POST",
+        "/api/v1/services/plan",
+        Some(json!({})),
+    );
+    assert_eq!(st, 201, "{p}");
+    let (st, a) = call(
+        &up.url,
+        Some(&token),
+        "POST",
+        "/api/v1/services/apply",
+        Some(json!({"plan": p["id"]})),
+    );
+    assert_eq!(st, 202, "{a}");
+    let tree = a["tree"].as_str().unwrap().to_string();
+    assert!(wait_until(WAIT, || lines(&marks)
+        .contains(&"install x__a__a/x__b__b".to_string())));
+    up.kill9();
+    // The middle action finishes while the server is down.
+    std::fs::write(&gate, b"").unwrap();
+    let up = Up::start(&dir.0);
+    let t = crate::crash::wait_tree(&up.url, &token, &tree, WAIT);
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    let paths = ["x__a__a", "x__a__a/x__b__b", "x__a__a/x__b__b/x__c__c"];
+    let mut want = Vec::new();
+    for p in paths {
+        want.push(format!("install {p}"));
+        want.push(format!("done {p}"));
+    }
+    assert_eq!(lines(&marks), want, "every action ran once, in order");
+    // Every step is recorded, the one that ended while the server was down too.
+    let id = p["id"].as_str().unwrap().to_string();
+    assert!(
+        wait_until(WAIT, || {
+            let (_, l) = call(&up.url, Some(&token), "GET", "/api/v1/services", None);
+            let items = l["items"].as_array().cloned().unwrap_or_default();
+            paths.iter().all(|p| {
+                items.iter().any(|i| {
+                    i["path"] == *p && i["last_plan"] == id.as_str() && i["installed"] == true
+                })
+            })
+        }),
+        "not every step was recorded"
+    );
+    let (_, again) = call(
+        &up.url,
+        Some(&token),
+        "POST",
+        "/api/v1/services/plan",
+        Some(json!({})),
+    );
+    assert_eq!(again["steps"], json!([]), "{again:#}");
+}
