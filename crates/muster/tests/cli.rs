@@ -1838,3 +1838,105 @@ fn models_deploy_ls_show_predict_revert_logs_rm() {
     s.muster(&["models", "deploy", "/nonexistent/bundle"], None)
         .fails_with("cannot be read");
 }
+
+#[test]
+fn services_plan_apply_ls_show_action_reset() {
+    let s = Server::start("cli-services");
+    s.setup_and_login();
+    let hq = s.data.join("hq");
+    assert!(wait_until(Duration::from_secs(20), || hq
+        .join(".git")
+        .is_dir()));
+    let marks = s.dir.0.join("marks");
+    let action = format!(
+        "#!/bin/sh\ncat > /dev/null\necho \"$MUSTER_ACTION $MUSTER_SERVICE\" >> '{}'\n\
+         [ \"$MUSTER_ACTION\" = check ] && echo '{{\"status\": \"maintenance\", \"message\": \"looked\"}}'\nexit 0\n",
+        marks.display()
+    );
+    for (dir, toml) in [
+        (
+            "demo__db__main",
+            "[provides.db]\ninterface = \"db\"\ndata = { port = 1 }\n",
+        ),
+        ("demo__app__web", "[consumes.db]\ninterface = \"db\"\n"),
+    ] {
+        let d = hq.join("services").join(dir);
+        std::fs::create_dir_all(d.join("actions")).unwrap();
+        let parts: Vec<&str> = dir.split("__").collect();
+        std::fs::write(
+            d.join("service.toml"),
+            format!(
+                "domain = \"{}\"\nname = \"{}\"\ninstance = \"{}\"\n{toml}",
+                parts[0], parts[1], parts[2]
+            ),
+        )
+        .unwrap();
+        for verb in ["install", "reset", "check"] {
+            use std::os::unix::fs::PermissionsExt;
+            let f = d.join("actions").join(verb);
+            std::fs::write(&f, &action).unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+    std::fs::create_dir_all(hq.join("interfaces")).unwrap();
+    std::fs::write(
+        hq.join("interfaces/db.toml"),
+        "[keys]\nport = \"integer\"\n",
+    )
+    .unwrap();
+    support::git(&hq, &["add", "-A", "services", "interfaces"]);
+    support::git(&hq, &["commit", "-q", "-m", "two services"]);
+
+    let out = s.muster(&["services", "plan"], None).ok();
+    assert!(out.contains("2 step(s)"), "{out}");
+    assert!(
+        out.contains("install") && out.contains("demo__db__main") && out.contains("new in HQ"),
+        "{out}"
+    );
+    let id = s.muster(&["services", "plan", "--json"], None).ok();
+    let id = serde_json::from_str::<Value>(&id).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = s.muster(&["services", "apply", &id], None).ok();
+    assert!(out.contains("install demo__app__web"), "{out}");
+    let ls = s.muster(&["services", "ls"], None).ok();
+    assert!(
+        ls.contains("demo__app__web") && ls.contains("demo__db__main") && ls.contains("active"),
+        "{ls}"
+    );
+    let show = s.muster(&["services", "show", "demo__db__main"], None).ok();
+    let show: Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(show["installed"], true);
+    assert!(s
+        .muster(&["services", "apply"], None)
+        .ok()
+        .contains("nothing to do"));
+    s.muster(&["services", "action", "demo__app__web", "check"], None)
+        .ok();
+    assert!(wait_until(Duration::from_secs(20), || {
+        s.muster(&["services", "status"], None)
+            .ok()
+            .contains("looked")
+    }));
+    // Refused while the app depends on it; with --cascade the app goes first.
+    s.muster(&["services", "reset", "demo__db__main"], None)
+        .fails_with("demo__app__web");
+    s.muster(&["services", "reset", "demo__db__main", "--cascade"], None)
+        .ok();
+    assert!(wait_until(Duration::from_secs(20), || {
+        items(&s.muster(&["services", "ls", "--json"], None).ok()).is_empty()
+    }));
+    let m = std::fs::read_to_string(&marks).unwrap();
+    let l: Vec<&str> = m.lines().collect();
+    assert_eq!(
+        l,
+        [
+            "install demo__db__main",
+            "install demo__app__web",
+            "check demo__app__web",
+            "reset demo__app__web",
+            "reset demo__db__main"
+        ]
+    );
+}
