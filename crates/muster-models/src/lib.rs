@@ -17,6 +17,7 @@
 pub mod archive;
 pub mod bundle;
 pub mod env;
+pub mod onnx;
 pub mod pool;
 pub mod r;
 pub mod yhat;

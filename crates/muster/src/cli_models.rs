@@ -639,6 +639,8 @@ fn prepare(a: StepArgs) -> Result<()> {
     let mut out = std::io::stdout();
     let env = if bundle.runtime == muster_models::Runtime::R {
         muster_models::r::ensure(&envs.root, &bundle, &mut out).map_err(anyhow::Error::msg)?
+    } else if bundle.runtime == muster_models::Runtime::Onnx {
+        onnx_env(&envs, &mut out)?
     } else {
         let python =
             Interpreter::probe(std::path::Path::new("python3")).map_err(anyhow::Error::msg)?;
@@ -656,6 +658,41 @@ fn prepare(a: StepArgs) -> Result<()> {
     });
     println!("{}", serde_json::to_string(&placement)?);
     Ok(())
+}
+
+/// The onnx runtime's environment: the library `ORT_DYLIB_PATH` names (checked now), else the
+/// `onnxruntime` wheel installed `--no-deps` once per node into a cached environment.
+fn onnx_env(envs: &Envs, out: &mut dyn Write) -> Result<muster_models::PythonEnv> {
+    if let Some(lib) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        let lib = PathBuf::from(lib);
+        muster_models::onnx::init(&lib).map_err(anyhow::Error::msg)?;
+        let dir = envs.root.join("onnx-system");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("library"), lib.to_string_lossy().as_bytes())?;
+        writeln!(out, "ONNX Runtime: {} (ORT_DYLIB_PATH)", lib.display())?;
+        return Ok(muster_models::PythonEnv {
+            key: "onnx-system".into(),
+            dir,
+            reused: true,
+        });
+    }
+    let python = Interpreter::probe(std::path::Path::new("python3")).map_err(anyhow::Error::msg)?;
+    let spec = muster_models::EnvSpec {
+        requirements: vec![],
+        no_deps: vec![muster_models::onnx::RUNTIME_REQUIREMENT.into()],
+    };
+    let env = envs
+        .ensure(&spec, &python, out)
+        .map_err(anyhow::Error::msg)?;
+    let lib = muster_models::onnx::find_library(&env.dir).with_context(|| {
+        format!(
+            "the onnxruntime wheel in {} has no libonnxruntime.so",
+            env.dir.display()
+        )
+    })?;
+    muster_models::onnx::init(&lib).map_err(anyhow::Error::msg)?;
+    writeln!(out, "ONNX Runtime: {}", lib.display())?;
+    Ok(env)
 }
 
 /// `gc` (the reaper's clean-up job): removes each `--remove` directory that lies under this

@@ -51,9 +51,53 @@ pub struct PredictorArgs {
     body_max: usize,
 }
 
+/// What answers the calls: a worker pool (python, r) or ONNX Runtime in this process (onnx).
+#[derive(Clone)]
+enum Backend {
+    Pool(Pool),
+    Onnx(Arc<muster_models::onnx::OnnxModel>),
+}
+
+impl Backend {
+    async fn call(&self, data: &str) -> Result<String, Error> {
+        match self {
+            Backend::Pool(p) => p.call(data).await,
+            Backend::Onnx(m) => {
+                let (m, data) = (m.clone(), data.to_string());
+                tokio::task::spawn_blocking(move || m.call(&data))
+                    .await
+                    .unwrap_or(Err(Error::Closed))
+            }
+        }
+    }
+
+    async fn stop(&self) {
+        if let Backend::Pool(p) = self {
+            p.stop().await;
+        }
+    }
+}
+
+/// The ONNX Runtime library: `ORT_DYLIB_PATH`, else the one the environment step noted
+/// (`library` in the environment) or installed (the onnxruntime wheel).
+fn onnx_library(env_dir: &std::path::Path) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    if let Ok(p) = std::fs::read_to_string(env_dir.join("library")) {
+        return Ok(PathBuf::from(p.trim()));
+    }
+    muster_models::onnx::find_library(env_dir).with_context(|| {
+        format!(
+            "no libonnxruntime.so in {} (set ORT_DYLIB_PATH, or deploy again to install it)",
+            env_dir.display()
+        )
+    })
+}
+
 #[derive(Clone)]
 struct App {
-    pool: Pool,
+    pool: Backend,
     timeout: Duration,
     /// The bundle's `example` data, as JSON text: the health check's call.
     example: Option<Arc<str>>,
@@ -74,22 +118,49 @@ pub fn main(a: PredictorArgs) -> Result<()> {
         dir: env_dir,
         reused: true,
     };
-    let mut config = PoolConfig::new(&bundle, &env).map_err(anyhow::Error::msg)?;
-    if let Some(w) = a.workers {
-        config.workers = w;
-    }
-    config.queue = a.queue.unwrap_or(64 * config.workers);
+    // A backtrace per error slows ONNX Runtime's error path (and says nothing to a client).
+    // SAFETY: still one thread (the runtime is made below).
+    unsafe { std::env::remove_var("RUST_BACKTRACE") };
+    let onnx = if bundle.runtime == muster_models::Runtime::Onnx {
+        let lib = onnx_library(&env.dir)?;
+        muster_models::onnx::init(&lib).map_err(anyhow::Error::msg)?;
+        let file = bundle
+            .dir
+            .join(bundle.model.as_deref().unwrap_or("model.onnx"));
+        let sessions = a.workers.unwrap_or(bundle.workers as usize);
+        let m =
+            muster_models::onnx::OnnxModel::load(&file, sessions).map_err(anyhow::Error::msg)?;
+        Some(Arc::new(m))
+    } else {
+        None
+    };
     let timeout = Duration::from_secs_f64(a.timeout.max(0.001));
-    config.timeout = timeout;
-    // Worker output and tracebacks go to stderr, the predictor's log.
-    config.log = Arc::new(Mutex::new(std::io::stderr())) as Log;
+    let mut config = match &onnx {
+        Some(_) => None,
+        None => Some(PoolConfig::new(&bundle, &env).map_err(anyhow::Error::msg)?),
+    };
+    if let Some(config) = config.as_mut() {
+        if let Some(w) = a.workers {
+            config.workers = w;
+        }
+        config.queue = a.queue.unwrap_or(64 * config.workers);
+        config.timeout = timeout;
+        // Worker output and tracebacks go to stderr, the predictor's log.
+        config.log = Arc::new(Mutex::new(std::io::stderr())) as Log;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         // The model loads first: the port is open only once it can answer (a tcp health
         // check then means "loaded").
-        let pool = Pool::start(config).await.map_err(anyhow::Error::msg)?;
+        let pool = match (config, onnx) {
+            (Some(config), _) => {
+                Backend::Pool(Pool::start(config).await.map_err(anyhow::Error::msg)?)
+            }
+            (None, Some(m)) => Backend::Onnx(m),
+            (None, None) => unreachable!("one of the two is made above"),
+        };
         let listener = tokio::net::TcpListener::bind(&a.listen)
             .await
             .with_context(|| format!("cannot listen on {}", a.listen))?;

@@ -512,6 +512,30 @@ async fn call(app: &Arc<App>, b: &Batch, data: Value, rows: usize) -> Result<Cal
                     .map_err(|_| format!("v{version} answered something not JSON"))?;
                 match v["result"].take() {
                     Value::Array(a) if a.len() == rows => Ok(Call::Ok(a)),
+                    // Several outputs (ONNX: a label and probabilities), each one per row:
+                    // one object per row.
+                    Value::Object(m)
+                        if !m.is_empty()
+                            && m.values().all(|x| x.as_array().is_some_and(|a| a.len() == rows)) =>
+                    {
+                        let mut cols: Vec<(String, std::vec::IntoIter<Value>)> = m
+                            .into_iter()
+                            .map(|(k, x)| match x {
+                                Value::Array(a) => (k, a.into_iter()),
+                                _ => (k, Vec::new().into_iter()),
+                            })
+                            .collect();
+                        let per_row = (0..rows)
+                            .map(|_| {
+                                let o: Map<String, Value> = cols
+                                    .iter_mut()
+                                    .map(|(k, it)| (k.clone(), it.next().unwrap_or(Value::Null)))
+                                    .collect();
+                                Value::Object(o)
+                            })
+                            .collect();
+                        Ok(Call::Ok(per_row))
+                    }
                     Value::Array(a) => Err(format!(
                         "v{version} answered {} predictions for {rows} rows",
                         a.len()

@@ -11,7 +11,7 @@ use crate::hq::Author;
 use crate::App;
 use muster_core::names::check_name;
 use muster_core::{TreeState, Uuid};
-use muster_models::{archive, Bundle, Runtime};
+use muster_models::{archive, Bundle};
 use muster_wire::util::now;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -108,12 +108,6 @@ pub fn accept(
         return Err(ModelError::Invalid(format!(
             "bundle.json names the model {:?}, but it is uploaded as {name:?}",
             bundle.name
-        )));
-    }
-    if bundle.runtime == Runtime::Onnx {
-        return Err(ModelError::Invalid(format!(
-            "the {} runtime is not served yet; use the python or r runtime",
-            bundle.runtime.as_str()
         )));
     }
     // The archive, as uploaded, in the blob store: what the node's prepare step fetches.

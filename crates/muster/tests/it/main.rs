@@ -24,6 +24,7 @@ mod jobs;
 mod logs;
 mod models;
 mod nodes;
+mod onnxmodels;
 mod predictor;
 mod procs;
 mod rmodels;
