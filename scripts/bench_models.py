@@ -143,7 +143,7 @@ def wait_http(port, path="/", timeout=60, method="GET", body=None):
     raise RuntimeError(f"nothing answered on port {port}")
 
 
-def deploy(m, bundle, timeout=900):
+def deploy(m, bundle, timeout=900, name="Iris"):
     """Uploads `bundle` (a directory) and waits for it to be live: (version, seconds)."""
     archive = bundle.rstrip("/") + ".tar.gz"
     subprocess.run(["tar", "czf", archive, "-C", bundle, "."], check=True)
@@ -152,7 +152,7 @@ def deploy(m, bundle, timeout=900):
     import http.client
     t0 = time.perf_counter()
     c = http.client.HTTPConnection("127.0.0.1", m.port, timeout=120)
-    c.request("POST", "/api/v1/models/admin/Iris", body=data,
+    c.request("POST", f"/api/v1/models/admin/{name}", body=data,
               headers={"content-type": "application/gzip", "authorization": "Bearer " + m.api.token})
     r = c.getresponse()
     body = json.loads(r.read())
@@ -161,7 +161,7 @@ def deploy(m, bundle, timeout=900):
     v = body["version"]
     deadline = time.time() + timeout
     while time.time() < deadline:
-        mm = m.api.call("GET", "/api/v1/models/admin/Iris")
+        mm = m.api.call("GET", f"/api/v1/models/admin/{name}")
         st = next(x for x in mm["versions"] if x["version"] == v)
         if st["state"] == "live" and all(x["state"] != "draining" for x in mm["versions"]):
             t = m.api.call("GET", f"/api/v1/jobs/{body['tree']}/tree")
@@ -280,6 +280,155 @@ def part_mlserver(tmp, R, q, py):
         p.kill()
 
 
+ONNX_MAKE = """
+import sys, numpy as np
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+from skl2onnx import to_onnx
+X, y = load_iris(return_X_y=True)
+lr = LogisticRegression(max_iter=1000).fit(X.astype(np.float32), y)
+m = to_onnx(lr, X[:1].astype(np.float32), options={id(lr): {"zipmap": False}}, target_opset=15)
+open(sys.argv[1], "wb").write(m.SerializeToString())
+"""
+
+PANDAS_SCORE = """
+import pickle, sys, time
+import pandas as pd
+model = pickle.load(open(sys.argv[1], "rb"))
+t0 = time.perf_counter()
+df = pd.read_csv(sys.argv[2])
+df["prediction"] = model.predict(df.values)
+df.to_csv(sys.argv[3], index=False)
+full = time.perf_counter() - t0
+t0 = time.perf_counter()
+first = True
+with open(sys.argv[3], "w") as out:
+    for chunk in pd.read_csv(sys.argv[2], chunksize=10000):
+        chunk["prediction"] = model.predict(chunk.values)
+        chunk.to_csv(out, index=False, header=first)
+        first = False
+print(full, time.perf_counter() - t0)
+"""
+
+
+def batch_run(m, name, csv_path, tmp):
+    """A CSV through muster's batch route, end to end (upload -> result downloaded), with the
+    server's RSS (with its embedded agent) sampled every 100 ms: (seconds, rows, max RSS MB)."""
+    import http.client
+    peak = {"kb": 0}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            # `muster up`: the server and its embedded agent are this one process.
+            peak["kb"] = max(peak["kb"], rss_kb(m.pid) or 0)
+            time.sleep(0.1)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    t0 = time.perf_counter()
+    size = os.path.getsize(csv_path)
+    c = http.client.HTTPConnection("127.0.0.1", m.port, timeout=600)
+    with open(csv_path, "rb") as f:
+        c.request("POST", f"/api/v1/models/admin/{name}/batch", body=f,
+                  headers={"content-type": "text/csv", "content-length": str(size),
+                           "authorization": "Bearer " + m.api.token})
+        r = c.getresponse()
+        body = json.loads(r.read())
+    if r.status != 202:
+        raise RuntimeError(f"batch -> {r.status} {body}")
+    tree = body["tree"]
+    while True:
+        tr = m.api.call("GET", f"/api/v1/jobs/{tree}/tree")
+        if tr["tree_state"] != "running":
+            break
+        time.sleep(0.05)
+    if tr["tree_state"] != "succeeded":
+        raise RuntimeError(f"batch tree {tree} {tr['tree_state']}")
+    c = http.client.HTTPConnection("127.0.0.1", m.port, timeout=600)
+    c.request("GET", f"/api/v1/jobs/{tree}/result", headers={"authorization": "Bearer " + m.api.token})
+    r = c.getresponse()
+    rows = -1
+    out = os.path.join(tmp, f"{name}-result.csv")
+    with open(out, "wb") as f:
+        while True:
+            b = r.read(1 << 20)
+            if not b:
+                break
+            rows += b.count(b"\n")
+            f.write(b)
+    took = time.perf_counter() - t0
+    stop.set()
+    t.join()
+    return took, rows, round(peak["kb"] / 1024, 1)
+
+
+def part_onnx(tmp, R, q, py):
+    """B6 onnx and B7 batch: the iris LogisticRegression as ONNX (skl2onnx, ZipMap off) served
+    natively, 1 row per request; then a 1M-row CSV through the ONNX and the Python model, and
+    pandas on the same file."""
+    bundle = os.path.join(tmp, "irisonnx")
+    os.makedirs(bundle)
+    subprocess.run([py, "-c", ONNX_MAKE, os.path.join(bundle, "model.onnx")], check=True)
+    with open(os.path.join(bundle, "bundle.json"), "w") as f:
+        json.dump({"name": "IrisOnnx", "runtime": "onnx", "model": "model.onnx", "workers": 2,
+                   "example": {"data": [ROW]}}, f)
+    pybundle = os.path.join(tmp, "irispy")
+    os.makedirs(pybundle)
+    for f in ("bundle.json", "model.py"):
+        shutil.copy(os.path.join(IRIS, f), pybundle)
+    subprocess.run([py, os.path.join(IRIS, "train.py"), os.path.join(pybundle, "model.pkl")], check=True)
+    envs = os.path.join(BENCH, "models-envs-onnx")
+    wheels = os.path.join(BENCH, "models-wheels")
+    m = bf.Server(tmp, "muster-onnx", {
+        "MUSTER_MODELS__ENVS_DIR": envs, "MUSTER_MODELS__WHEELS_DIR": wheels,
+        "MUSTER_MODELS__PREDICTOR_HOST": "127.0.0.1"}, mode="up")
+    m.start()
+    m.setup()
+    v, took = deploy(m, bundle, name="IrisOnnx")
+    log(f"  deploy IrisOnnx v{v}: {took:.1f} s")
+    script = post_lua(os.path.join(tmp, "onnx.lua"), json.dumps({"data": [ROW]}), m.api.token)
+    url = f"http://127.0.0.1:{m.port}/api/v1/models/admin/IrisOnnx/predict"
+    mm = m.api.call("GET", "/api/v1/models/admin/IrisOnnx")
+    live = next(x for x in mm["versions"] if x["state"] == "live")
+    proc = m.api.call("GET", f"/api/v1/processes/{live['processes'][0]}")
+    R["b6"]["onnx"] = measure("muster onnx", url, script, q, rss_of={
+        "server": lambda: rss_kb(m.pid) or 0, "replica": lambda: tree_rss_kb(proc["pid"])})
+    # The predictor by itself (no server hop): its own per-call time.
+    port = proc["ports"]["http"]
+    direct = post_lua(os.path.join(tmp, "direct.lua"), json.dumps({"data": [ROW]}))
+    R["b6"]["onnx_predictor_direct"] = measure("onnx predictor direct",
+                                               f"http://127.0.0.1:{port}/predict", direct, q)
+    # B7: 1M rows, 4 columns.
+    v, took = deploy(m, pybundle, name="Iris")
+    log(f"  deploy Iris (python) v{v}: {took:.1f} s")
+    csv_path = os.path.join(tmp, "b7.csv")
+    n = q["b7_rows"]
+    import random
+    rnd = random.Random(7)
+    with open(csv_path, "w") as f:
+        f.write("sepal_length,sepal_width,petal_length,petal_width\n")
+        for _ in range(n):
+            f.write(f"{rnd.uniform(4.3, 7.9):.1f},{rnd.uniform(2, 4.4):.1f},"
+                    f"{rnd.uniform(1, 6.9):.1f},{rnd.uniform(0.1, 2.5):.1f}\n")
+    mb = os.path.getsize(csv_path) / 1e6
+    b7 = {"rows": n, "csv_mb": round(mb, 1)}
+    for name in ("IrisOnnx", "Iris"):
+        took, rows, rss = batch_run(m, name, csv_path, tmp)
+        b7[name] = {"s": round(took, 2), "rows_per_s": round(n / took), "server_agent_rss_mb": rss,
+                    "rows_back": rows}
+        log(f"  B7 {name}: {n:,} rows ({mb:.0f} MB) end to end in {took:.1f} s = {n / took:,.0f} rows/s; "
+            f"server+agent RSS max {rss} MB; {rows:,} rows back")
+    out = subprocess.run([py, "-c", PANDAS_SCORE, os.path.join(pybundle, "model.pkl"), csv_path,
+                          os.path.join(tmp, "pandas.csv")], check=True, capture_output=True, text=True)
+    full, chunked = (float(x) for x in out.stdout.split())
+    b7["pandas_full_s"], b7["pandas_10k_chunks_s"] = round(full, 2), round(chunked, 2)
+    log(f"  B7 pandas: full frame {full:.1f} s ({n / full:,.0f} rows/s), 10k chunks {chunked:.1f} s "
+        f"({n / chunked:,.0f} rows/s)")
+    R["b7"] = b7
+    m.stop()
+
+
 def ratio(a, b):
     return round(a / b, 2) if a and b else None
 
@@ -306,28 +455,39 @@ def report(R):
             a, b = b6[k]["c1"], b6[k]["c32"]
             log(f"{name:30} {a['rps']:>10,.0f} {a['p50_ms']:6.2f} {a['p99_ms']:6.2f} | "
                 f"{b['rps']:>10,.0f} {b['p50_ms']:6.2f} {b['p99_ms']:6.2f}")
+    if "onnx" in b6:
+        on = b6["onnx"]
+        R["ratios"]["onnx_c32_rps_vs_flask"] = ratio(on["c32"]["rps"], fl["c32"]["rps"])
+        for k, name in (("onnx", "muster predict (onnx)"), ("onnx_predictor_direct", "onnx predictor alone")):
+            if k in b6:
+                a, b = b6[k]["c1"], b6[k]["c32"]
+                log(f"{name:30} {a['rps']:>10,.0f} {a['p50_ms']:6.2f} {a['p99_ms']:6.2f} | "
+                    f"{b['rps']:>10,.0f} {b['p50_ms']:6.2f} {b['p99_ms']:6.2f}")
     log(f"ratios: {R['ratios']}")
 
 
 def main():
     ap = argparse.ArgumentParser(prog="scripts/bench models")
     ap.add_argument("--quick", action="store_true", help="shorter wrk runs")
-    ap.add_argument("--only", default="", help="comma list of muster,flask,mlserver")
+    ap.add_argument("--only", default="", help="comma list of muster,flask,mlserver,onnx")
     ap.add_argument("--json", default=os.path.join(BENCH, "models-results.json"))
     a = ap.parse_args()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, bj._on_signal)
     bj.become_subreaper()
-    q = dict(warm_s=2, wrk_s=5, redeploy_s=20) if a.quick else dict(warm_s=3, wrk_s=15, redeploy_s=30)
+    q = dict(warm_s=2, wrk_s=5, redeploy_s=20, b7_rows=200_000) if a.quick else \
+        dict(warm_s=3, wrk_s=15, redeploy_s=30, b7_rows=1_000_000)
     only = set(filter(None, a.only.split(",")))
     os.makedirs(BENCH, exist_ok=True)
     py = venv(os.path.join(BENCH, "models-venv"), [SKLEARN, "flask", "gunicorn"])
+    opy = venv(os.path.join(BENCH, "onnx-venv"), [SKLEARN, "skl2onnx==1.20.0", "pandas"])
     tmp = tempfile.mkdtemp(prefix="muster-bench-models-")
     R = {"quick": a.quick, "sizes": q, "muster": bj.MUSTER, "cores": os.cpu_count(),
          "loadavg_before": bj.loadavg(), "b6": {}}
     t_all = time.perf_counter()
     try:
-        for name, fn in (("muster", part_muster), ("flask", part_flask), ("mlserver", part_mlserver)):
+        for name, fn in (("muster", part_muster), ("onnx", part_onnx), ("flask", part_flask),
+                         ("mlserver", part_mlserver)):
             if only and name not in only:
                 continue
             log(name)
@@ -336,6 +496,8 @@ def main():
                     mpy = venv(os.path.join(BENCH, "mlserver-venv"),
                                ["mlserver==1.7.1", "mlserver-sklearn==1.7.1", "uvloop==0.21.0"])
                     fn(tmp, R, q, mpy)
+                elif name == "onnx":
+                    fn(tmp, R, q, opy)
                 else:
                     fn(tmp, R, q, py)
             except bj.Stop:
