@@ -305,3 +305,54 @@ fn a_csv_is_scored_in_chunks_across_replicas_in_input_order() {
     let (st, out) = result_csv(&s, &tree);
     assert_eq!(st, 409, "{out}");
 }
+
+#[test]
+fn a_replica_killed_during_a_batch_loses_and_repeats_no_row() {
+    let env = models::sklearn_env();
+    let s = server();
+    let dir = models::Scratch::new("batch-kill");
+    models::iris_bundle(dir.path(), &env);
+    let bundle_json = dir.path().join("bundle.json");
+    let mut b: Value = serde_json::from_slice(&std::fs::read(&bundle_json).unwrap()).unwrap();
+    b["replicas"] = json!(2);
+    std::fs::write(&bundle_json, b.to_string()).unwrap();
+    deploy(&s, dir.path());
+    let rows = 40_000;
+    let csv = iris_csv(rows);
+    let input = dir.path().join("input.csv");
+    std::fs::write(&input, &csv).unwrap();
+    let expected = own_predictions(&env, dir.path(), &input);
+    let (_, m) = s.call("GET", "/api/v1/models/admin/Iris", None);
+    let victim = m["versions"][0]["processes"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, p) = s.call("GET", &format!("/api/v1/processes/{victim}"), None);
+    let pid = p["pid"].as_i64().unwrap() as i32;
+
+    let (st, made) = post_batch(&s, "?chunk_rows=1000&output=id", &csv);
+    assert_eq!(st, 202, "{made}");
+    let tree = made["tree"].as_str().unwrap().to_string();
+    // Once some chunks are scored, one replica is killed -9 (its predictor and so its workers).
+    assert!(crate::support::wait_until(Duration::from_secs(120), || {
+        let (_, b) = s.call(
+            "GET",
+            &format!("/api/v1/models/admin/Iris/batches/{tree}"),
+            None,
+        );
+        b["chunks_done"].as_u64().unwrap_or(0) >= 3
+    }));
+    // SAFETY: a signal to a predictor this test's server started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let t = s.wait_tree(&tree, Duration::from_secs(600));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    let (st, text) = result_csv(&s, &tree);
+    assert_eq!(st, 200);
+    let mut lines = text.lines();
+    assert_eq!(lines.next().unwrap(), "row,prediction");
+    let got: Vec<&str> = lines.collect();
+    assert_eq!(got.len(), rows, "no row lost or repeated");
+    for (i, l) in got.iter().enumerate() {
+        assert_eq!(*l, format!("{},{}", i + 1, expected[i]));
+    }
+}
