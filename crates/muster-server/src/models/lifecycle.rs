@@ -313,6 +313,126 @@ impl Verb for ModelVerb {
     }
 }
 
+/// `batch PATH [chunk_rows=N] [on_error=fail|mark] [shape=rows|records|columns]
+/// [output=input|id]`: the CSV at PATH in HQ (under the model's workspace; a blob pointer
+/// resolved) scored as a batch of the model's live version; the order's job names the batch's
+/// tree (its result CSV: `GET /api/v1/jobs/{tree}/result`).
+struct BatchVerb;
+
+impl Verb for BatchVerb {
+    fn plan(&self, app: &App, at: &OrderAt<'_>, line: &OrderLine) -> Result<JobSpec, String> {
+        use super::batch::{self, OnError, Output, Shape};
+        let (ws, name) = model_of(at)?;
+        let [path] = line.words.as_slice() else {
+            return Err("usage: batch PATH-IN-HQ [chunk_rows=N] [on_error=fail|mark] [shape=rows|records|columns] [output=input|id]".into());
+        };
+        if !line.args.is_empty() {
+            return Err("batch takes no -- ARGS".into());
+        }
+        let rel = Path::new(path);
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            || !rel.starts_with(&ws)
+        {
+            return Err(format!(
+                "the CSV must be a path in HQ under the workspace's directory {ws}/"
+            ));
+        }
+        let mut chunk_rows = app.config.models.batch_chunk_rows;
+        let (mut on_error, mut shape, mut output) = (OnError::Fail, Shape::Rows, Output::Input);
+        for (k, v) in &line.params {
+            match (k.as_str(), v.as_str()) {
+                ("chunk_rows", n) => {
+                    chunk_rows = n
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=1_000_000).contains(n))
+                        .ok_or("chunk_rows must be between 1 and 1000000")?
+                }
+                ("on_error", "fail") => on_error = OnError::Fail,
+                ("on_error", "mark") => on_error = OnError::Mark,
+                ("shape", "rows") => shape = Shape::Rows,
+                ("shape", "records") => shape = Shape::Records,
+                ("shape", "columns") => shape = Shape::Columns,
+                ("output", "input") => output = Output::Input,
+                ("output", "id") => output = Output::Id,
+                _ => {
+                    return Err(format!(
+                        "batch does not take {k}={}",
+                        v.chars().take(20).collect::<String>()
+                    ))
+                }
+            }
+        }
+        let app = app_arc(app)?;
+        let (by, admin) = deployer(&app, &ws)?;
+        let m = app
+            .models
+            .get(&ws, &name)
+            .map_err(|e| e.to_string())?
+            .filter(|m| !m.deleted && m.live.is_some())
+            .ok_or_else(|| format!("model {ws}/{name} has no live version"))?;
+        let repo = app.hq.repo().ok_or("HQ is not open")?;
+        let file = repo.dir().join(rel);
+        let mut f = std::fs::File::open(&file).map_err(|_| format!("{path} is not in HQ"))?;
+        // A large file is committed as a pointer to the blob store.
+        let mut head = [0u8; 15];
+        let n = std::io::Read::read(&mut f, &mut head).unwrap_or(0);
+        let input: Box<dyn std::io::Read> = if head[..n].starts_with(POINTER_MAGIC.as_bytes()) {
+            let text = std::fs::read_to_string(&file).map_err(|e| e.to_string())?;
+            let hash = text
+                .lines()
+                .find_map(|l| l.strip_prefix("sha256 "))
+                .ok_or_else(|| format!("{path} is a bad blob pointer"))?;
+            Box::new(
+                app.blobs
+                    .open(hash.trim())
+                    .map_err(|_| format!("the blob of {path} is missing"))?,
+            )
+        } else {
+            Box::new(std::io::Read::chain(&head[..n], f))
+        };
+        let id = Uuid::now_v7();
+        let split = batch::split(&app, id, input, chunk_rows).map_err(|e| match e {
+            batch::SplitError::Bad(m) | batch::SplitError::Io(m) => format!("{path}: {m}"),
+        })?;
+        if split.rows == 0 {
+            return Err(format!("{path} has a header but no rows"));
+        }
+        let b = batch::Batch {
+            id,
+            workspace: ws.clone(),
+            model: name.clone(),
+            version: None,
+            columns: split.columns,
+            chunk_rows,
+            on_error,
+            shape,
+            output,
+            rows_total: split.rows,
+            rows_done: 0,
+            chunks: split.chunks,
+            result: None,
+            result_size: 0,
+            created_at: now(),
+            created_by: by,
+        };
+        let rows = b.rows_total;
+        let _ = m;
+        let tree = tokio::runtime::Handle::current().block_on(batch::start(&app, b, admin))?;
+        Ok(JobSpec {
+            name: format!(
+                "order {}:{} batch of {path} ({rows} rows) through {ws}/{name} (tree {tree})",
+                at.file, at.line
+            ),
+            noop: true,
+            ..Default::default()
+        })
+    }
+}
+
 /// The server's own `Arc<App>` (the verbs get `&App`).
 fn app_arc(app: &App) -> Result<Arc<App>, String> {
     app.models
@@ -325,6 +445,7 @@ pub fn register_verbs(verbs: &Verbs) {
     for v in ["deploy", "revert", "delete"] {
         verbs.register(Scope::Model, v, Arc::new(ModelVerb(v)));
     }
+    verbs.register(Scope::Model, "batch", Arc::new(BatchVerb));
 }
 
 /// The reaper's task: the predictors, node files, HQ files and blobs of deleted models and of

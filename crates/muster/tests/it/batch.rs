@@ -18,6 +18,7 @@ fn server() -> Server {
         c.models.wheels_dir = cache.join("wheels").to_string_lossy().into_owned();
         c.models.predictor_host = "127.0.0.1".into();
         c.hq.max_file_size = 256;
+        c.pulse.interval = Duration::from_millis(200);
     })
 }
 
@@ -304,6 +305,54 @@ fn a_csv_is_scored_in_chunks_across_replicas_in_input_order() {
     );
     let (st, out) = result_csv(&s, &tree);
     assert_eq!(st, 409, "{out}");
+
+    // An HQ order: `batch PATH` scores a CSV committed in HQ; a path outside the workspace is
+    // rejected.
+    let hq = s.dir.0.join("hq");
+    let data = hq.join("admin/data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("small.csv"), iris_csv(50)).unwrap();
+    crate::support::git(&hq, &["add", "admin/data/small.csv"]);
+    crate::support::git(&hq, &["commit", "-q", "-m", "data"]);
+    crate::hq::append_commit(
+        &hq,
+        "admin/models/Iris/orders",
+        "batch admin/data/small.csv chunk_rows=7 output=id\nbatch ../etc/passwd\n",
+    );
+    let mut order = Value::Null;
+    let mut rejected = Value::Null;
+    assert!(
+        crate::support::wait_until(Duration::from_secs(60), || {
+            let o = crate::hq::orders(&s);
+            let find = |line: u64| {
+                o["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|i| i["file"] == "admin/models/Iris/orders" && i["line"] == line)
+                    .cloned()
+                    .unwrap_or(Value::Null)
+            };
+            order = find(1);
+            rejected = find(2);
+            order["state"] == "succeeded" && rejected["state"] == "rejected"
+        }),
+        "{order:#} {rejected:#}"
+    );
+    let t = s.tree(order["tree"].as_str().unwrap());
+    let name = t["name"].as_str().unwrap_or_default().to_string();
+    let batch_tree = name
+        .split("(tree ")
+        .nth(1)
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{t:#}"))
+        .to_string();
+    let t = s.wait_tree(&batch_tree, Duration::from_secs(300));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    let (st, text) = result_csv(&s, &batch_tree);
+    assert_eq!(st, 200);
+    assert_eq!(text.lines().count(), 51, "{text}");
+    assert!(text.starts_with("row,prediction\n1,"), "{text}");
 }
 
 #[test]
