@@ -21,6 +21,10 @@ pub enum ServicesCmd {
     Reset(SvcResetArgs),
     /// Run one action of a service on its node (e.g. `monitor`, `export`), and follow it.
     Action(SvcActionArgs),
+    /// Run a service's export action and download the archive it made (-o FILE).
+    Export(SvcExportArgs),
+    /// Give a .tar.gz to a service's import action (unpacked in MUSTER_IMPORT_DIR on its node).
+    Import(SvcImportArgs),
     /// One step of an apply tree (run by the tree's jobs, not by hand).
     #[command(hide = true)]
     Step(SvcStepArgs),
@@ -88,6 +92,25 @@ pub struct SvcActionArgs {
 }
 
 #[derive(Args)]
+pub struct SvcExportArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    path: String,
+    /// Where to write the archive.
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+#[derive(Args)]
+pub struct SvcImportArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    path: String,
+    /// A .tar.gz.
+    archive: PathBuf,
+}
+
+#[derive(Args)]
 pub struct SvcStepArgs {
     #[command(flatten)]
     server: ServerOpt,
@@ -119,8 +142,68 @@ pub fn run(cmd: ServicesCmd) -> Result<()> {
             )?;
             run_tree(&client, &p, a.no_wait)
         }
+        ServicesCmd::Export(a) => export(a),
+        ServicesCmd::Import(a) => {
+            let client = authed_client(&a.server)?;
+            let data = std::fs::read(&a.archive)
+                .with_context(|| format!("cannot read {}", a.archive.display()))?;
+            let req = ureq::http::Request::builder()
+                .method("POST")
+                .uri(client.url(&format!("/api/v1/services/{}/import", seg(&a.path))))
+                .header("Content-Type", "application/gzip")
+                .header(
+                    "Authorization",
+                    format!("Bearer {}", client.token.clone().unwrap_or_default()),
+                )
+                .body(data)?;
+            let resp = client
+                .agent
+                .run(req)
+                .map_err(|e| client.transport_error(e))?;
+            let p = json_body(resp)?;
+            run_tree(&client, &p, false)
+        }
         ServicesCmd::Step(a) => step(a),
     }
+}
+
+fn export(a: SvcExportArgs) -> Result<()> {
+    let client = authed_client(&a.server)?;
+    let (_, p) = client.post_json(
+        &format!("/api/v1/services/{}/actions/export", seg(&a.path)),
+        &json!({}),
+        &[],
+    )?;
+    run_tree(&client, &p, false)?;
+    // The export this tree's job made.
+    let rec = client.get_json(&format!("/api/v1/services/{}", seg(&a.path)), &[])?;
+    let tree = text(&p["tree"]);
+    let jobs = client.get_json(&format!("/api/v1/jobs/{}/tree", seg(&tree)), &[])?;
+    let mine: Vec<String> = all_jobs(&jobs).iter().map(|j| text(&j["id"])).collect();
+    let e = rec["exports"]
+        .as_array()
+        .and_then(|x| x.iter().rev().find(|e| mine.contains(&text(&e["job"]))))
+        .ok_or_else(|| anyhow!("the export's archive was not recorded"))?;
+    let mut resp = client.get(
+        &format!(
+            "/api/v1/services/{}/exports/{}",
+            seg(&a.path),
+            seg(&text(&e["id"]))
+        ),
+        &[],
+    )?;
+    if !resp.status().is_success() {
+        return Err(http_error(resp));
+    }
+    let mut f = std::fs::File::create(&a.output)
+        .with_context(|| format!("cannot write {}", a.output.display()))?;
+    std::io::copy(&mut resp.body_mut().as_reader(), &mut f)?;
+    println!(
+        "export {} written to {}",
+        text(&e["id"]),
+        a.output.display()
+    );
+    Ok(())
 }
 
 /// Prints a reset's or an action's steps and follows its tree.
@@ -443,7 +526,77 @@ fn step(a: SvcStepArgs) -> Result<()> {
             continue;
         };
         ctx["action"] = json!(verb);
+        // export and import: a directory of their own, packed after or unpacked before.
+        let mut env = env.clone();
+        let scratch = root
+            .join(format!("{verb}s"))
+            .join(format!("{}.{}", a.plan, a.key));
+        if verb == "export" || verb == "import" {
+            let _ = std::fs::remove_dir_all(&scratch);
+            std::fs::create_dir_all(scratch.parent().unwrap_or(&root))?;
+        }
+        if verb == "export" {
+            std::fs::create_dir_all(&scratch)?;
+            env.push((
+                "MUSTER_EXPORT_DIR".into(),
+                scratch.to_string_lossy().into_owned(),
+            ));
+        }
+        if verb == "import" {
+            let mut resp = client.get(&format!("{base}/import"), &[])?;
+            if !resp.status().is_success() {
+                return Err(http_error(resp));
+            }
+            // No path out of the directory, no links out of it, bounded sizes.
+            let u = archive::unpack(
+                resp.body_mut().with_config().limit(u64::MAX).reader(),
+                &scratch,
+                &archive::Limits::default(),
+            )
+            .map_err(|e| anyhow!("the import archive is refused: {e}"))?;
+            println!("import: {} entries, {} bytes unpacked", u.entries, u.bytes);
+            env.push((
+                "MUSTER_IMPORT_DIR".into(),
+                scratch.to_string_lossy().into_owned(),
+            ));
+        }
         let mut ran = run_action(d, &verb, &ctx, &env)?;
+        if (verb == "export" || verb == "import") && matches!(ran, Ran::Missing) {
+            let _ = std::fs::remove_dir_all(&scratch);
+            bail!("service {path} has no {verb} action");
+        }
+        if verb == "export" {
+            let mut packed = Vec::new();
+            archive::pack(&scratch, &mut packed).map_err(anyhow::Error::msg)?;
+            let req = ureq::http::Request::builder()
+                .method("POST")
+                .uri(client.url(&format!("{base}/export")))
+                .header("Content-Type", "application/gzip")
+                .header(
+                    "Authorization",
+                    format!("Bearer {}", client.token.clone().unwrap_or_default()),
+                )
+                .body(packed)?;
+            let resp = client
+                .agent
+                .run(req)
+                .map_err(|e| client.transport_error(e))?;
+            let v = json_body(resp)?;
+            println!(
+                "export kept as {} ({} bytes)",
+                text(&v["export"]),
+                text(&v["size"])
+            );
+            let _ = std::fs::remove_dir_all(&scratch);
+            if let Ran::Done(r) = &mut ran {
+                let mut o = r.clone().unwrap_or_else(|| json!({}));
+                o["export"] = v["export"].clone();
+                *r = Some(o);
+            }
+        }
+        if verb == "import" {
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
         let has_process = info["process"].as_bool().unwrap_or(false);
         if matches!(ran, Ran::Missing)
             && has_process

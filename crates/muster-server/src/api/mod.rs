@@ -696,6 +696,7 @@ mod tests {
                 "/api/v1/services/plans/{id}/steps/{key}/process/{verb}",
             ),
             ("POST", "/api/v1/services/{path}/actions/{verb}"),
+            ("POST", "/api/v1/services/{path}/import"),
             ("POST", "/api/v1/services/{path}/reset"),
             ("POST", "/deployer/model/large"),
             ("PUT", "/api/v1/scripts/{name}"),

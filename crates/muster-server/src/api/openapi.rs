@@ -1135,6 +1135,7 @@ pub fn document() -> Value {
             "deps": {"type": "array", "items": {"type": "string"}}, "state": any.clone(), "published": any.clone(),
             "last_action": nullable("string"), "last_job": {"type": "string", "format": "uuid", "nullable": true},
             "last_plan": nullable("string"), "process": {"type": "string", "format": "uuid", "nullable": true},
+            "exports": {"type": "array", "items": obj(json!({"id": {"type": "string"}, "size": {"type": "integer"}, "at": ts.clone(), "job": {"type": "string", "format": "uuid", "nullable": true}}), &["id", "size"])},
             "updated_at": ts.clone()
         }),
         &["path", "status", "installed"],
@@ -1231,7 +1232,7 @@ pub fn document() -> Value {
     add(
         "/api/v1/services/plans/{id}",
         "get",
-        op("A stored plan", None, "200", Some(plan), false),
+        op("A stored plan", None, "200", Some(plan.clone()), false),
         vec![path_param("id")],
     );
     add(
@@ -1263,6 +1264,62 @@ pub fn document() -> Value {
             false,
         ),
         vec![path_param("id"), path_param("key"), path_param("verb")],
+    );
+    add(
+        "/api/v1/services/plans/{id}/steps/{key}/export",
+        "post",
+        {
+            let mut o = op(
+                "The archive an export step's action left (for the apply tree's jobs), kept in the blob store",
+                None,
+                "201",
+                Some(obj(json!({"export": {"type": "string"}, "size": {"type": "integer"}}), &["export", "size"])),
+                false,
+            );
+            o["requestBody"] = json!({"required": true, "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}});
+            o
+        },
+        vec![path_param("id"), path_param("key")],
+    );
+    add(
+        "/api/v1/services/plans/{id}/steps/{key}/import",
+        "get",
+        op(
+            "The archive an import step unpacks (for the apply tree's jobs)",
+            None,
+            "200",
+            text("application/gzip"),
+            false,
+        ),
+        vec![path_param("id"), path_param("key")],
+    );
+    add(
+        "/api/v1/services/{path}/exports/{id}",
+        "get",
+        op(
+            "One export of a service, as a .tar.gz",
+            None,
+            "200",
+            text("application/gzip"),
+            false,
+        ),
+        vec![path_param("path"), path_param("id")],
+    );
+    add(
+        "/api/v1/services/{path}/import",
+        "post",
+        {
+            let mut o = op(
+                "Import a .tar.gz into a service: its import action runs on its node with the archive unpacked in MUSTER_IMPORT_DIR (202 with the tree)",
+                None,
+                "202",
+                Some(plan.clone()),
+                false,
+            );
+            o["requestBody"] = json!({"required": true, "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}});
+            o
+        },
+        vec![path_param("path")],
     );
     add(
         "/api/v1/services/plans/{id}/steps/{key}/archive",

@@ -34,7 +34,24 @@ pub(super) fn routes(r: Routes) -> Routes {
             post(process),
         )
         .leader(&["POST"])
+        .add(
+            "/api/v1/services/plans/{id}/steps/{key}/export",
+            &["POST"],
+            post(export_upload),
+        )
+        .add(
+            "/api/v1/services/plans/{id}/steps/{key}/import",
+            &["GET"],
+            get(import_archive),
+        )
         .add("/api/v1/services/{path}", &["GET"], get(show))
+        .add(
+            "/api/v1/services/{path}/exports/{id}",
+            &["GET"],
+            get(export_download),
+        )
+        .add("/api/v1/services/{path}/import", &["POST"], post(import))
+        .leader(&["POST"])
         .add("/api/v1/services/{path}/reset", &["POST"], post(reset))
         .leader(&["POST"])
         .add(
@@ -136,6 +153,7 @@ fn record_json(r: &ServiceRecord) -> Value {
         "installed": r.recorded.installed, "hash": r.recorded.hash, "deps": r.recorded.deps,
         "state": r.state, "published": r.published, "last_action": r.last_action,
         "last_job": r.last_job, "last_plan": r.last_plan, "process": r.process,
+        "exports": r.exports.iter().map(|e| json!({"id": e.id, "size": e.size, "at": e.at, "job": e.job})).collect::<Vec<_>>(),
         "updated_at": r.updated_at,
     })
 }
@@ -289,4 +307,134 @@ async fn process(
     }
     let v = crate::services::process::run(&app, &plan, &key, &verb).await?;
     Ok(axum::Json(v).into_response())
+}
+
+/// The archive a step's `export` action left (`.tar.gz`), kept in the blob store.
+async fn export_upload(
+    State(app): AppState,
+    caller: Caller,
+    Path((id, key)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let plan = step_of(&app, &caller, &id, &key).await?;
+    let s = plan
+        .steps
+        .iter()
+        .find(|s| s.key == key)
+        .ok_or_else(|| ApiError::not_found("step"))?
+        .clone();
+    if !s
+        .verbs
+        .as_ref()
+        .is_some_and(|v| v.iter().any(|v| v == "export"))
+    {
+        return Err(ApiError::bad("this step is no export"));
+    }
+    if body.len() < 2 || body[..2] != [0x1f, 0x8b] {
+        return Err(ApiError::bad("send the export as a .tar.gz"));
+    }
+    let a = app.clone();
+    let size = body.len() as u64;
+    let blob = blocking(move || {
+        let blob = a.blobs.put(&body)?;
+        let job = a
+            .store
+            .tree_jobs(plan.tree.unwrap_or_default())
+            .ok()
+            .and_then(|j| j.into_iter().find(|j| j.key == key).map(|j| j.id));
+        crate::services::SERVICES.update(&*a.store, &s.step.path, |r| {
+            let mut r = r?;
+            r.exports.push(crate::services::Export {
+                id: blob.clone(),
+                size,
+                at: muster_wire::util::now(),
+                job,
+            });
+            let n = r.exports.len();
+            if n > crate::services::KEEP_EXPORTS {
+                r.exports.drain(..n - crate::services::KEEP_EXPORTS);
+            }
+            Some(r)
+        })?;
+        Ok(blob)
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"export": blob, "size": size})),
+    )
+        .into_response())
+}
+
+/// The archive an `import` step unpacks.
+async fn import_archive(
+    State(app): AppState,
+    caller: Caller,
+    Path((id, key)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let plan = step_of(&app, &caller, &id, &key).await?;
+    let blob = plan
+        .steps
+        .iter()
+        .find(|s| s.key == key)
+        .and_then(|s| s.import.clone())
+        .ok_or_else(|| ApiError::not_found("import"))?;
+    let data = app.blobs.get(&blob).map_err(ApiError::internal)?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/gzip")],
+        Body::from(data),
+    )
+        .into_response())
+}
+
+/// One export of a service, as a `.tar.gz`.
+async fn export_download(
+    State(app): AppState,
+    caller: Caller,
+    Path((path, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    caller.need_scope("read")?;
+    muster_core::service::check_path(&path).map_err(ApiError::bad)?;
+    let a = app.clone();
+    let rec = blocking(move || {
+        Ok(crate::services::SERVICES
+            .get(&*a.store, &path)?
+            .map(|(r, _)| r))
+    })
+    .await?
+    .ok_or_else(|| ApiError::not_found("service"))?;
+    let e = rec
+        .exports
+        .iter()
+        .find(|e| e.id == id)
+        .ok_or_else(|| ApiError::not_found("export"))?;
+    let data = app.blobs.get(&e.id).map_err(ApiError::internal)?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/gzip")],
+        Body::from(data),
+    )
+        .into_response())
+}
+
+/// Imports a `.tar.gz` (the body) into a service: its `import` action gets it unpacked in
+/// `MUSTER_IMPORT_DIR` (the node checks paths, links and sizes).
+async fn import(
+    State(app): AppState,
+    caller: Caller,
+    Path(path): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    caller.need_cluster_admin("import into services")?;
+    muster_core::service::check_path(&path).map_err(ApiError::bad)?;
+    if body.len() < 2 || body[..2] != [0x1f, 0x8b] {
+        return Err(ApiError::bad("send the archive as a .tar.gz"));
+    }
+    let (a, by) = (app.clone(), caller.user.name.clone());
+    let plan = blocking(move || {
+        let blob = a.blobs.put(&body)?;
+        Ok(a.services
+            .action_plan_with(&a, &path, "import", Some(blob), &by)?)
+    })
+    .await?;
+    run_now(&app, &caller, plan).await
 }

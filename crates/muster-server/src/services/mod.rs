@@ -83,6 +83,9 @@ pub struct ServiceRecord {
     /// The tree of its last monitor.
     #[serde(default)]
     pub monitor_tree: Option<Uuid>,
+    /// Its exports (newest last, at most [`KEEP_EXPORTS`]): archives in the blob store.
+    #[serde(default)]
+    pub exports: Vec<Export>,
     #[serde(default)]
     pub last_action: Option<String>,
     #[serde(default)]
@@ -90,6 +93,18 @@ pub struct ServiceRecord {
     #[serde(default)]
     pub last_plan: Option<String>,
     pub updated_at: Ts,
+}
+
+/// How many exports of a service are kept.
+pub const KEEP_EXPORTS: usize = 10;
+
+/// One export of a service: its `.tar.gz` in the blob store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Export {
+    pub id: String,
+    pub size: u64,
+    pub at: Ts,
+    pub job: Option<Uuid>,
 }
 
 /// One step of a stored plan.
@@ -113,6 +128,9 @@ pub struct PlanStep {
     /// The verbs to run instead of the action's own (`muster services action PATH VERB`).
     #[serde(default)]
     pub verbs: Option<Vec<String>>,
+    /// The archive an `import` unpacks for the action.
+    #[serde(default)]
+    pub import: Option<String>,
 }
 
 /// A plan as stored: what an apply runs.
@@ -358,6 +376,7 @@ impl Services {
                     node_data,
                     archive,
                     verbs: None,
+                    import: None,
                 }
             })
             .collect();
@@ -713,6 +732,7 @@ impl Services {
                         monitor_every: r.as_ref().and_then(|r| r.monitor_every.clone()),
                         monitored_at: old.monitored_at,
                         monitor_tree: old.monitor_tree,
+                        exports: old.exports,
                         last_action: Some(s.step.action.as_str().into()),
                         last_job: Some(job.id),
                         last_plan: Some(plan.id.clone()),

@@ -112,6 +112,7 @@ impl Services {
                     node_data: Value::Null,
                     archive: rec.archive.clone(),
                     verbs: None,
+                    import: None,
                 }
             })
             .collect();
@@ -120,6 +121,18 @@ impl Services {
 
     /// The stored plan that runs `verb` of the recorded service `path` once.
     pub fn action_plan(&self, app: &App, path: &str, verb: &str, by: &str) -> Result<StoredPlan> {
+        self.action_plan_with(app, path, verb, None, by)
+    }
+
+    /// [`Services::action_plan`], with the archive an `import` unpacks.
+    pub fn action_plan_with(
+        &self,
+        app: &App,
+        path: &str,
+        verb: &str,
+        import: Option<String>,
+        by: &str,
+    ) -> Result<StoredPlan> {
         muster_core::names::check_name("action", verb)
             .map_err(|e| ServiceError::Invalid(vec![problem(e)]))?;
         let rec = SERVICES
@@ -140,6 +153,7 @@ impl Services {
             node_data: Value::Null,
             archive: rec.archive.clone(),
             verbs: Some(vec![verb.to_string()]),
+            import,
         };
         self.store_plan(app, "action", vec![step], by)
     }

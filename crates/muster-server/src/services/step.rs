@@ -123,6 +123,7 @@ pub fn info(app: &App, plan: &StoredPlan, key: &str) -> Result<Value, ServiceErr
         "verbs": s.verbs.clone().unwrap_or_else(|| verbs(s.step.action).iter().map(|v| v.to_string()).collect()),
         "node": s.node,
         "archive": s.archive,
+        "import": s.import.is_some(),
         "actions": actions,
         "process": has_process || record.as_ref().is_some_and(|r| r.process.is_some()),
         "context": context,

@@ -840,3 +840,125 @@ fn kill_9_of_the_server_mid_apply_finishes_the_tree_with_every_action_once() {
     );
     assert_eq!(again["steps"], json!([]), "{again:#}");
 }
+
+#[test]
+fn export_and_import_move_a_services_data_as_archives() {
+    let s = Server::start_with(|c| {
+        c.store.url = format!("sqlite://{}", c.data_dir.join("muster.db").display());
+    });
+    let hq = s.dir.0.join("hq");
+    assert!(wait_until(WAIT, || hq.join(".git").is_dir()));
+    let d = "services/data__kv__main";
+    write(
+        &hq,
+        &format!("{d}/service.toml"),
+        "domain = \"data\"\nname = \"kv\"\ninstance = \"main\"\n",
+        false,
+    );
+    write(
+        &hq,
+        &format!("{d}/actions/install"),
+        "#!/bin/bash\ncat > /dev/null\necho one > \"$MUSTER_STATE_DIR/data.txt\"\n",
+        true,
+    );
+    write(
+        &hq,
+        &format!("{d}/actions/export"),
+        "#!/bin/bash\ncat > /dev/null\ncp \"$MUSTER_STATE_DIR/data.txt\" \"$MUSTER_EXPORT_DIR/\"\necho '{\"message\": \"exported\"}'\n",
+        true,
+    );
+    write(
+        &hq,
+        &format!("{d}/actions/import"),
+        "#!/bin/bash\ncat > /dev/null\ncp \"$MUSTER_IMPORT_DIR/data.txt\" \"$MUSTER_STATE_DIR/data.txt\"\necho '{\"message\": \"imported\"}'\n",
+        true,
+    );
+    commit(&hq, "a kv with its data");
+    apply(&s, &plan(&s));
+    let state = s.dir.0.join("agent/services/state/data__kv__main/data.txt");
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "one\n");
+    // Export: the directory the action filled, kept as an archive.
+    let (st, a) = s.call(
+        "POST",
+        "/api/v1/services/data__kv__main/actions/export",
+        Some(json!({})),
+    );
+    assert_eq!(st, 202, "{a}");
+    wait_done(&s, &a);
+    let mut rec = Value::Null;
+    assert!(
+        wait_until(WAIT, || {
+            rec = s.call("GET", "/api/v1/services/data__kv__main", None).1;
+            rec["exports"].as_array().is_some_and(|e| e.len() == 1) && rec["message"] == "exported"
+        }),
+        "{rec:#}"
+    );
+    let id = rec["exports"][0]["id"].as_str().unwrap().to_string();
+    let resp = crate::harness::http()
+        .get(format!(
+            "{}/api/v1/services/data__kv__main/exports/{id}",
+            s.url
+        ))
+        .header("authorization", &format!("Bearer {}", s.token))
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let tgz = s.dir.0.join("export.tgz");
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut resp.into_body().into_reader(), &mut body).unwrap();
+    std::fs::write(&tgz, &body).unwrap();
+    let listed = std::process::Command::new("python3")
+        .args(["-c", "import sys,tarfile\nt=tarfile.open(sys.argv[1])\nf=[m for m in t.getmembers() if m.name.endswith('data.txt')][0]\nprint(t.extractfile(f).read().decode(), end='')"])
+        .arg(&tgz)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout),
+        "one\n",
+        "{listed:?}"
+    );
+    let (st, _) = s.call("GET", "/api/v1/services/data__kv__main/exports/nope", None);
+    assert_eq!(st, 404);
+    // Import: an archive (made by python's tarfile) unpacked for the action.
+    let make = |name: &str, member: &str, text: &str| {
+        let p = s.dir.0.join(name);
+        let ok = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import io,sys,tarfile\nt=tarfile.open(sys.argv[1],'w:gz')\nb=sys.argv[3].encode()\ni=tarfile.TarInfo(sys.argv[2]); i.size=len(b)\nt.addfile(i,io.BytesIO(b)); t.close()",
+            ])
+            .arg(&p)
+            .args([member, text])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        std::fs::read(p).unwrap()
+    };
+    let import = |data: Vec<u8>| {
+        let resp = crate::harness::http()
+            .post(format!("{}/api/v1/services/data__kv__main/import", s.url))
+            .header("authorization", &format!("Bearer {}", s.token))
+            .header("content-type", "application/gzip")
+            .send(&data[..])
+            .unwrap();
+        let st = resp.status().as_u16();
+        let v: Value = serde_json::from_str(&resp.into_body().read_to_string().unwrap()).unwrap();
+        (st, v)
+    };
+    let (st, a) = import(make("good.tgz", "data.txt", "two\n"));
+    assert_eq!(st, 202, "{a}");
+    wait_done(&s, &a);
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "two\n");
+    // A path out of the directory: refused on the node, nothing imported.
+    let (st, a) = import(make("evil.tgz", "../../evil.txt", "evil\n"));
+    assert_eq!(st, 202, "{a}");
+    let t = s.wait_tree(a["tree"].as_str().unwrap(), WAIT);
+    assert_eq!(t["tree_state"], "failed", "{t:#}");
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "two\n");
+    assert!(!s.dir.0.join("agent/services/evil.txt").exists());
+    assert!(!s.dir.0.join("agent/evil.txt").exists());
+    // Not an archive at all: 400.
+    let (st, _) = import(b"hello".to_vec());
+    assert_eq!(st, 400);
+}
