@@ -269,10 +269,29 @@ pub async fn run(
     };
     agent.adopt().await?;
     agent.adopt_processes();
+    // Process states come from an inotify watch as they change; the scan behind it is a
+    // safety net every 2 s (each 100 ms where inotify cannot be had).
+    let (watch_dir, watch_tx) = (agent.opts.dir.clone(), agent.internal_tx.clone());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("proc-states".into())
+        .spawn(move || {
+            if let Err(e) = procs::watch_states(&watch_dir, &watch_tx, &ready_tx) {
+                tracing::warn!(
+                    "no inotify watch on process states ({e}): they are scanned every 100 ms"
+                );
+                let _ = ready_tx.send(false);
+            }
+        })?;
+    // The watch is set up in a moment (a watch per process directory); without it, the scan.
+    let every = match ready_rx.recv_timeout(Duration::from_secs(5)) {
+        Ok(true) => Duration::from_secs(2),
+        _ => Duration::from_millis(100),
+    };
     let poller = tokio::spawn(procs::poll_states(
         agent.opts.dir.clone(),
         agent.internal_tx.clone(),
-        Duration::from_millis(100),
+        every,
     ));
     let _poller = AbortOnDrop(poller);
     let sweep_dir = agent.opts.dir.clone();

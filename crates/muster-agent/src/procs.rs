@@ -455,6 +455,107 @@ fn write_spec(dir: &Path, p: &ProcessAssignment) -> std::io::Result<()> {
     std::fs::rename(&tmp, dir.join(procsup::SPEC))
 }
 
+/// Hands the agent every process's status as it changes: an inotify watch on each process
+/// directory sees `state.json` / `exit.json` renamed in (no timer, no `stat`s while nothing
+/// changes), on a thread of its own. It returns when the agent is gone; an error (no inotify)
+/// leaves [`poll_states`] alone at its quick pace.
+pub(crate) fn watch_states(
+    dir: &Path,
+    tx: &UnboundedSender<Internal>,
+    ready: &std::sync::mpsc::Sender<bool>,
+) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let procs = procs_dir(dir);
+    perms::create_dir_all(&procs)?;
+    // SAFETY: a new inotify descriptor, owned from here on.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: just opened, owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let add = |p: &Path, mask: u32| -> std::io::Result<i32> {
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::other("a path with a NUL"))?;
+        // SAFETY: a watch on our own descriptor, for a NUL-terminated path.
+        let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), mask) };
+        if wd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(wd)
+    };
+    let one = libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE | libc::IN_ONLYDIR;
+    let top = add(
+        &procs,
+        libc::IN_CREATE | libc::IN_MOVED_TO | libc::IN_ONLYDIR,
+    )?;
+    let mut dirs: HashMap<i32, PathBuf> = HashMap::new();
+    let mut first = Vec::new();
+    for p in proc_dirs(dir) {
+        if let Ok(wd) = add(&p, one) {
+            dirs.insert(wd, p.clone());
+        }
+        first.extend(scan_one(&p));
+    }
+    let _ = ready.send(true);
+    if !first.is_empty() && tx.send(Internal::ProcStates(first)).is_err() {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    let head = std::mem::size_of::<libc::inotify_event>();
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polling our own descriptor; the second's timeout only looks for the end.
+        unsafe { libc::poll(&mut pfd, 1, 1000) };
+        if tx.is_closed() {
+            return Ok(());
+        }
+        // SAFETY: reading into a buffer we own, at most its length.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            continue;
+        }
+        let mut seen: HashSet<PathBuf> = HashSet::new();
+        let mut at = 0usize;
+        while at + head <= n as usize {
+            // SAFETY: the kernel wrote whole events; read_unaligned copes with the offset.
+            let ev: libc::inotify_event =
+                unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
+            let name_bytes = &buf[at + head..(at + head + ev.len as usize).min(n as usize)];
+            let name = name_bytes.split(|&b| b == 0).next().unwrap_or_default();
+            at += head + ev.len as usize;
+            let name = std::ffi::OsStr::from_bytes(name);
+            if ev.wd == top {
+                if ev.mask & libc::IN_ISDIR != 0 {
+                    let p = procs.join(name);
+                    if let Ok(wd) = add(&p, one) {
+                        dirs.insert(wd, p.clone());
+                    }
+                    seen.insert(p);
+                }
+            } else if ev.mask & libc::IN_IGNORED != 0 {
+                dirs.remove(&ev.wd);
+            } else if let Some(p) = dirs.get(&ev.wd) {
+                if name == "state.json" || name == "exit.json" || name == procsup::SPEC {
+                    seen.insert(p.clone());
+                }
+            }
+            if ev.mask & libc::IN_Q_OVERFLOW != 0 {
+                seen.extend(dirs.values().cloned());
+            }
+        }
+        let changed: Vec<_> = seen.iter().filter_map(|p| scan_one(p)).collect();
+        if !changed.is_empty() && tx.send(Internal::ProcStates(changed)).is_err() {
+            return Ok(());
+        }
+    }
+}
+
 /// Reads every process's status every `every` and hands the changes to the agent. Only the
 /// directories whose `state.json` or `exit.json` changed (by size and time) are read: with
 /// hundreds of idle processes a pass is a few `stat`s each.
