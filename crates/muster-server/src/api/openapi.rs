@@ -58,6 +58,11 @@ fn text(ct: &str) -> Option<Value> {
     Some(json!({"text": ct}))
 }
 
+/// A service's path in `services/` (each `/` as `%2F`): `domain__name__instance` segments.
+fn service_path_param() -> Value {
+    json!({"name": "path", "in": "path", "required": true, "schema": {"type": "string", "minLength": 1, "maxLength": 512, "pattern": "^[A-Za-z0-9_.%-]+$"}})
+}
+
 fn path_param(name: &str) -> Value {
     json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}})
 }
@@ -1179,7 +1184,7 @@ pub fn document() -> Value {
             Some(service),
             false,
         ),
-        vec![path_param("path")],
+        vec![service_path_param()],
     );
     add(
         "/api/v1/services/plan",
@@ -1215,7 +1220,7 @@ pub fn document() -> Value {
             Some(plan.clone()),
             false,
         ),
-        vec![path_param("path")],
+        vec![service_path_param()],
     );
     add(
         "/api/v1/services/{path}/actions/{verb}",
@@ -1227,7 +1232,7 @@ pub fn document() -> Value {
             Some(plan.clone()),
             false,
         ),
-        vec![path_param("path"), path_param("verb")],
+        vec![service_path_param(), path_param("verb")],
     );
     add(
         "/api/v1/services/plans/{id}",
@@ -1276,7 +1281,7 @@ pub fn document() -> Value {
                 Some(obj(json!({"export": {"type": "string"}, "size": {"type": "integer"}}), &["export", "size"])),
                 false,
             );
-            o["requestBody"] = json!({"required": true, "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}});
+            o["requestBody"] = json!({"required": true, "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}, "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}});
             o
         },
         vec![path_param("id"), path_param("key")],
@@ -1303,7 +1308,7 @@ pub fn document() -> Value {
             text("application/gzip"),
             false,
         ),
-        vec![path_param("path"), path_param("id")],
+        vec![service_path_param(), path_param("id")],
     );
     add(
         "/api/v1/services/{path}/import",
@@ -1316,10 +1321,10 @@ pub fn document() -> Value {
                 Some(plan.clone()),
                 false,
             );
-            o["requestBody"] = json!({"required": true, "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}});
+            o["requestBody"] = json!({"required": true, "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}, "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}});
             o
         },
-        vec![path_param("path")],
+        vec![service_path_param()],
     );
     add(
         "/api/v1/services/plans/{id}/steps/{key}/archive",
