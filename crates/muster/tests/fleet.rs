@@ -1262,17 +1262,15 @@ fn a_fleet_of_three_agents_across_hosts() {
     let old_pid = p["pid"].as_i64().unwrap();
     let i = AGENTS.iter().position(|n| *n == first).unwrap();
     agents[i].take().unwrap().kill9();
-    let mut seen_lost = false;
+    // Its `lost` mark lasts only until the same call places it on another node (a poll here
+    // may miss it on a busy machine); a pinned process that stays `lost` is in it::nodes.
     assert!(
         wait_until(Duration::from_secs(40), || {
             p = s.call("GET", &pid_path, None).1;
-            seen_lost |=
-                p["state"] == "lost" || p["reason"].as_str().unwrap_or("").contains("lost");
             p["state"] == "healthy" && p["node"] != first.as_str()
         }),
         "the process was not moved off {first}: {p:#}"
     );
-    assert!(seen_lost, "never shown lost: {p:#}");
     assert_eq!(p["gen"], 2, "{p:#}");
     let (addr, port) = (
         p["address"].as_str().unwrap().to_string(),

@@ -331,9 +331,34 @@ fn a_killed_agent_goes_down_then_lost_and_its_tree_aborts() {
         {"name": "local", "node": "node-1", "shell": "sleep 30"}
     ]}));
     assert!(wait_until(Duration::from_secs(10), || started.exists()));
+    // A long-running process pinned to the node: it cannot move, so it stays `lost`.
+    let (st, p) = s.call(
+        "POST",
+        "/api/v1/processes",
+        Some(json!({"name": "pinned", "node": "fragile", "exec": ["sleep", "300"]})),
+    );
+    assert_eq!(st, 201, "{p}");
+    let proc_path = format!("/api/v1/processes/{}", p["id"].as_str().unwrap());
+    let mut p = json!(null);
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            p = s.call("GET", &proc_path, None).1;
+            p["pid"].is_i64()
+        }),
+        "the pinned process never ran: {p:#}"
+    );
     a.kill9();
     wait_node(&s, "fragile", "down", Duration::from_secs(5));
     wait_node(&s, "fragile", "lost", Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            p = s.call("GET", &proc_path, None).1;
+            p["state"] == "lost"
+        }),
+        "the pinned process was not marked lost: {p:#}"
+    );
+    assert_eq!(p["reason"], "node lost", "{p:#}");
+    assert_eq!(p["node"], "fragile", "{p:#}");
     let t = s.wait_tree(&id, Duration::from_secs(15));
     assert_eq!(t["tree_state"], "failed");
     assert_eq!(child(&t, "remote")["error"], "node lost");
@@ -341,6 +366,7 @@ fn a_killed_agent_goes_down_then_lost_and_its_tree_aborts() {
     // The agent comes back: the job the server ended is not resurrected; its process is killed.
     a.start(None, &["workspaces=admin"]);
     wait_node(&s, "fragile", "ready", Duration::from_secs(10));
+    assert_eq!(s.call("DELETE", &proc_path, None).0, 202);
     let remote = child(&t, "remote")["id"].as_str().unwrap().to_string();
     let sup_dir = muster_agent::attempt_dirs(&a.dir.0.join("agent"))
         .into_iter()
