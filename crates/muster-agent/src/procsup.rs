@@ -645,11 +645,13 @@ impl Sup<'_> {
                 match self.start() {
                     Some(Next::RestartAt(t)) => restart_at = Some(t),
                     Some(Next::Done) => done = true,
-                    None => {
+                    None if self.spec.def.health.is_some() => {
                         next_probe = Some(Instant::now());
                         // The first failure that counts comes an interval after the start.
                         last_counted = Some(Instant::now());
                     }
+                    // No check: nothing to time.
+                    None => {}
                 }
             }
             self.publish();
@@ -687,7 +689,13 @@ impl Sup<'_> {
             if let Some(t) = restart_at {
                 timeout = timeout.min(Duration::from_millis((t - ms()).max(0) as u64));
             }
-            if let Some(t) = next_probe {
+            // The next check is a timer only when one can start: a live run, no check running,
+            // no ending (a past time otherwise turns this wait into a hot loop).
+            let can_probe = self.run.as_ref().is_some_and(|r| r.status.is_none())
+                && probe.is_none()
+                && self.ending.is_none()
+                && self.spec.def.health.is_some();
+            if let (Some(t), true) = (next_probe, can_probe) {
                 timeout = timeout.min(t.saturating_duration_since(Instant::now()));
             }
             let (out_fd, err_fd, pidfd) = match &self.run {

@@ -555,3 +555,59 @@ fn stop_processes_stops_them_with_the_agent() {
     .unwrap();
     assert_eq!(ended["status"]["state"], "stopped", "{ended:#}");
 }
+
+/// The CPU time (utime + stime, in clock ticks) `pid` has used.
+fn cpu_ticks(pid: i64) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap()
+}
+
+/// The supervisor of process `id` on the server's embedded agent.
+fn supervisor_of(s: &Server, id: &str) -> i64 {
+    let path = s.dir.0.join("agent/procs").join(id).join("started.json");
+    assert!(wait_until(Duration::from_secs(20), || path.exists()));
+    let started: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    started["sid"].as_i64().unwrap()
+}
+
+#[test]
+fn an_idle_supervisor_sleeps_with_no_check_and_while_it_waits_to_restart() {
+    let s = Server::start();
+    // No health check at all, and a check whose process waits out a long backoff: neither has
+    // a timer due, so their supervisors must sleep in their poll, not spin on a past deadline.
+    let quiet = create(&s, json!({"name": "quiet", "exec": ["sleep", "infinity"]}));
+    let waiting = create(
+        &s,
+        json!({"name": "waiting", "shell": "exit 1", "restart": "always",
+            "backoff_base": "1m", "backoff_max": "1m",
+            "health": {"exec": ["true"], "interval": "50ms", "timeout": "1s"}}),
+    );
+    wait_for(&s, &quiet, Duration::from_secs(20), |p| {
+        p["state"] == "healthy"
+    });
+    wait_for(&s, &waiting, Duration::from_secs(20), |p| {
+        p["state"] == "restarting"
+    });
+    let sups = [supervisor_of(&s, &quiet), supervisor_of(&s, &waiting)];
+    let before = sups.map(cpu_ticks);
+    let t0 = Instant::now();
+    // A spinning supervisor uses a whole core, even a loaded machine gives it far more than the
+    // bound below; a sleeping one wakes about once a second.
+    std::thread::sleep(Duration::from_secs(2));
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    for (i, sup) in sups.iter().enumerate() {
+        let used = (cpu_ticks(*sup) - before[i]) as f64 / hz;
+        let share = used / t0.elapsed().as_secs_f64();
+        assert!(
+            share < 0.1,
+            "supervisor {sup} used {:.0} % of a core while idle",
+            share * 100.0
+        );
+    }
+}
