@@ -1,7 +1,8 @@
 //! The `onnx` runtime: a model served natively through ONNX Runtime, loaded at run time
 //! (the `ort` crate's `load-dynamic`) from `libonnxruntime.so` — the one of the `onnxruntime`
 //! wheel on PyPI (installed `--no-deps` into a cached environment by the deploy's environment
-//! step, see [`RUNTIME_REQUIREMENT`]) unless `ORT_DYLIB_PATH` names one. The library is
+//! step, see [`RUNTIME_REQUIREMENT`]) unless the server's `[models] onnxruntime_lib` or the
+//! node's `ORT_DYLIB_PATH` names one. The library is
 //! checked with `dlopen` before `ort` sees it, so a missing or wrong one is a clear error, never
 //! a panic.
 //!
@@ -21,6 +22,15 @@ use std::sync::Mutex;
 
 /// What the environment step installs (`pip install --no-deps`) to get `libonnxruntime.so`.
 pub const RUNTIME_REQUIREMENT: &str = "onnxruntime==1.32.0";
+
+/// The key of the environment that notes a library named by path (`onnx-lib-<hash>`): one per
+/// path, so versions deployed under different settings each keep theirs.
+pub fn library_env_key(lib: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(lib.as_os_str().as_encoded_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("onnx-lib-{hex}")
+}
 
 /// `libonnxruntime.so*` under an environment made of [`RUNTIME_REQUIREMENT`].
 pub fn find_library(env_dir: &Path) -> Option<PathBuf> {
@@ -52,7 +62,7 @@ fn check_library(lib: &Path) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let bad = |why: String| {
         Error::Start(format!(
-            "the ONNX Runtime library {} cannot be used: {why} (set ORT_DYLIB_PATH to a libonnxruntime.so, or let the deploy install the onnxruntime wheel)",
+            "the ONNX Runtime library {} cannot be used: {why} (set [models] onnxruntime_lib or ORT_DYLIB_PATH to a libonnxruntime.so, or leave both unset for the onnxruntime wheel)",
             lib.display()
         ))
     };

@@ -316,6 +316,11 @@ pub struct ModelsConfig {
     pub envs_dir: String,
     /// The pip wheel cache of the nodes; empty: `<node data dir>/models/wheels`.
     pub wheels_dir: String,
+    /// The ONNX Runtime shared library (`libonnxruntime.so`) that onnx deploys load on every
+    /// node, checked by the deploy's environment step (a missing or wrong one fails the deploy
+    /// with the reason). Empty: the node's `ORT_DYLIB_PATH` if set, else the `onnxruntime` wheel
+    /// installed once per node into the environments' cache.
+    pub onnxruntime_lib: String,
     /// The address predictors listen on, on their node (the server reaches them at the node's
     /// address): `0.0.0.0`, or `127.0.0.1` when every node is this server's own machine.
     pub predictor_host: String,
@@ -337,6 +342,7 @@ impl Default for ModelsConfig {
             drain_timeout: Duration::from_secs(30),
             envs_dir: String::new(),
             wheels_dir: String::new(),
+            onnxruntime_lib: String::new(),
             predictor_host: "0.0.0.0".into(),
             batch_chunk_rows: 10_000,
             batch_timeout: Duration::from_secs(600),

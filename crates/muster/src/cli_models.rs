@@ -169,6 +169,10 @@ pub struct StepArgs {
     /// prepare: the wheel cache (default: $MUSTER_NODE_DIR/models/wheels).
     #[arg(long)]
     wheels: Option<PathBuf>,
+    /// prepare: the ONNX Runtime library an onnx bundle loads (the server's
+    /// `[models] onnxruntime_lib`); default: `ORT_DYLIB_PATH`, else the onnxruntime wheel.
+    #[arg(long)]
+    onnxruntime_lib: Option<PathBuf>,
     /// gc: a bundle or environment directory to remove (only under the node's model dirs).
     #[arg(long)]
     remove: Vec<PathBuf>,
@@ -640,7 +644,7 @@ fn prepare(a: StepArgs) -> Result<()> {
     let env = if bundle.runtime == muster_models::Runtime::R {
         muster_models::r::ensure(&envs.root, &bundle, &mut out).map_err(anyhow::Error::msg)?
     } else if bundle.runtime == muster_models::Runtime::Onnx {
-        onnx_env(&envs, &mut out)?
+        onnx_env(&envs, a.onnxruntime_lib.clone(), &mut out)?
     } else {
         let python =
             Interpreter::probe(std::path::Path::new("python3")).map_err(anyhow::Error::msg)?;
@@ -660,18 +664,33 @@ fn prepare(a: StepArgs) -> Result<()> {
     Ok(())
 }
 
-/// The onnx runtime's environment: the library `ORT_DYLIB_PATH` names (checked now), else the
-/// `onnxruntime` wheel installed `--no-deps` once per node into a cached environment.
-fn onnx_env(envs: &Envs, out: &mut dyn Write) -> Result<muster_models::PythonEnv> {
-    if let Some(lib) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        let lib = PathBuf::from(lib);
-        muster_models::onnx::init(&lib).map_err(anyhow::Error::msg)?;
-        let dir = envs.root.join("onnx-system");
+/// The onnx runtime's environment: the library `[models] onnxruntime_lib` (`--onnxruntime-lib`)
+/// or else `ORT_DYLIB_PATH` names (checked now, and noted as `library` in an environment of its
+/// own that the predictor reads), else the `onnxruntime` wheel installed `--no-deps` once per
+/// node into a cached environment.
+fn onnx_env(
+    envs: &Envs,
+    configured: Option<PathBuf>,
+    out: &mut dyn Write,
+) -> Result<muster_models::PythonEnv> {
+    let named = configured
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(|p| (p, "[models] onnxruntime_lib"))
+        .or_else(|| {
+            std::env::var_os("ORT_DYLIB_PATH")
+                .filter(|p| !p.is_empty())
+                .map(|p| (PathBuf::from(p), "ORT_DYLIB_PATH"))
+        });
+    if let Some((lib, from)) = named {
+        muster_models::onnx::init(&lib)
+            .map_err(|e| anyhow::anyhow!("{from} = {}: {e}", lib.display()))?;
+        let key = muster_models::onnx::library_env_key(&lib);
+        let dir = envs.root.join(&key);
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("library"), lib.to_string_lossy().as_bytes())?;
-        writeln!(out, "ONNX Runtime: {} (ORT_DYLIB_PATH)", lib.display())?;
+        writeln!(out, "ONNX Runtime: {} ({from})", lib.display())?;
         return Ok(muster_models::PythonEnv {
-            key: "onnx-system".into(),
+            key,
             dir,
             reused: true,
         });

@@ -78,14 +78,15 @@ impl Backend {
     }
 }
 
-/// The ONNX Runtime library: `ORT_DYLIB_PATH`, else the one the environment step noted
-/// (`library` in the environment) or installed (the onnxruntime wheel).
+/// The ONNX Runtime library: the one the environment step checked and noted (`library` in the
+/// environment: `[models] onnxruntime_lib` or the node's `ORT_DYLIB_PATH`), else
+/// `ORT_DYLIB_PATH`, else the one it installed (the onnxruntime wheel).
 fn onnx_library(env_dir: &std::path::Path) -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(p));
-    }
     if let Ok(p) = std::fs::read_to_string(env_dir.join("library")) {
         return Ok(PathBuf::from(p.trim()));
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
     }
     muster_models::onnx::find_library(env_dir).with_context(|| {
         format!(

@@ -89,6 +89,12 @@ pub fn tree_spec(
             if !cfg.wheels_dir.is_empty() {
                 shell.push_str(&format!(" --wheels {}", sh_quote(&cfg.wheels_dir)));
             }
+            if !cfg.onnxruntime_lib.is_empty() {
+                shell.push_str(&format!(
+                    " --onnxruntime-lib {}",
+                    sh_quote(&cfg.onnxruntime_lib)
+                ));
+            }
         }
         let timeout = match *step {
             "prepare" => 3600,

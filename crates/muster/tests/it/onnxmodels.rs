@@ -259,3 +259,41 @@ fn a_missing_onnx_runtime_library_is_a_clear_error() {
     let e = muster_models::onnx::init(&fake).unwrap_err().to_string();
     assert!(e.contains("cannot be used"), "{e}");
 }
+
+#[test]
+fn a_wrong_configured_onnx_runtime_library_fails_the_deploy_clearly() {
+    // `[models] onnxruntime_lib` names the library every onnx deploy loads: a path that is
+    // not one fails the environment step with the setting and the reason, before any
+    // predictor starts (the model file is never looked at, so any bytes do).
+    let not_ort = models::Scratch::new("not-ort-cfg");
+    let fake = not_ort.path().join("libonnxruntime.so");
+    std::fs::write(&fake, b"\x7fELF garbage").unwrap();
+    let lib = fake.to_string_lossy().into_owned();
+    let cache = models::cache();
+    let s = Server::start_with(move |c| {
+        c.models.envs_dir = cache.join("envs").to_string_lossy().into_owned();
+        c.models.wheels_dir = cache.join("wheels").to_string_lossy().into_owned();
+        c.models.predictor_host = "127.0.0.1".into();
+        c.models.onnxruntime_lib = lib;
+    });
+    let model = not_ort.path().join("model.onnx");
+    std::fs::write(&model, b"never read").unwrap();
+    let t = deploy(&s, "WrongLib", &model);
+    assert_eq!(t["tree_state"], "failed", "{t:#}");
+    let prepare = crate::harness::child(&t, "prepare admin/WrongLib v1");
+    assert_eq!(prepare["state"], "failed", "{t:#}");
+    let log = s.log(prepare["id"].as_str().unwrap());
+    assert!(
+        log.contains("[models] onnxruntime_lib")
+            && log.contains(&*fake.to_string_lossy())
+            && log.contains("cannot be used"),
+        "{log}"
+    );
+    let (_, m) = s.call("GET", "/api/v1/models/admin/WrongLib", None);
+    assert_eq!(m["versions"][0]["state"], "failed", "{m:#}");
+    let err = m["versions"][0]["error"].as_str().unwrap_or_default();
+    assert!(err.starts_with("prepare: "), "{m:#}");
+    assert!(m["versions"][0]["processes"]
+        .as_array()
+        .is_none_or(|p| p.is_empty()));
+}
