@@ -487,6 +487,43 @@ pub fn text_stream(rx: tokio::sync::mpsc::Receiver<String>) -> Response {
         .into_response()
 }
 
+/// A blob of the blob store as the response body, streamed in 64 KiB pieces (never read whole
+/// into memory): bundles, archives, exports, batch results. A blob that is gone is a 404.
+pub fn blob_response(app: &App, blob: &str, content_type: &'static str) -> ApiResult<Response> {
+    let f = match app.blobs.open(blob) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::not_found("blob"))
+        }
+        Err(e) => return Err(ApiError::internal(e)),
+    };
+    let mut f = tokio::fs::File::from_std(f);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match f.read(&mut buf).await {
+                Ok(0) => return,
+                Ok(n) => {
+                    if tx.send(Ok(buf[..n].to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err::<Vec<u8>, _>(e)).await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, content_type)],
+        axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+        .into_response())
+}
+
 /// Refuses a websocket upgrade from a page of another origin (SPEC §13): a browser always sends
 /// `Origin`; it must name the host the request was sent to.
 pub fn check_origin(headers: &axum::http::HeaderMap) -> ApiResult<()> {

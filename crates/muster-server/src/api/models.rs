@@ -435,39 +435,7 @@ async fn bundle(
         Ok(v.blob.clone())
     })
     .await?;
-    let f = app.blobs.open(&blob).map_err(ApiError::internal)?;
-    let stream = tokio_util_stream(tokio::fs::File::from_std(f));
-    Ok((
-        [(header::CONTENT_TYPE, "application/gzip")],
-        Body::from_stream(stream),
-    )
-        .into_response())
-}
-
-/// A file read as a stream of chunks.
-fn tokio_util_stream(
-    mut f: tokio::fs::File,
-) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(async move {
-        use tokio::io::AsyncReadExt;
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            match f.read(&mut buf).await {
-                Ok(0) => return,
-                Ok(n) => {
-                    if tx.send(Ok(buf[..n].to_vec())).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            }
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    super::blob_response(&app, &blob, "application/gzip")
 }
 
 /// A deploy step (`muster models step STEP`, run by its job): progress lines streamed, then
@@ -663,11 +631,5 @@ async fn batch_merge(
 
 /// The result CSV of batch tree `id`, streamed (`GET /api/v1/jobs/{id}/result`).
 pub(super) fn batch_result(app: &App, blob: &str) -> ApiResult<Response> {
-    let f = app.blobs.open(blob).map_err(ApiError::internal)?;
-    let stream = tokio_util_stream(tokio::fs::File::from_std(f));
-    Ok((
-        [(header::CONTENT_TYPE, "text/csv")],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    super::blob_response(app, blob, "text/csv")
 }

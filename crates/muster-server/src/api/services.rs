@@ -5,7 +5,6 @@
 use super::*;
 use crate::accounts::Role;
 use crate::services::{ServiceError, ServiceRecord, StoredPlan};
-use axum::body::Body;
 use axum::extract::Path;
 use axum::routing::post;
 use serde::Deserialize;
@@ -285,12 +284,7 @@ async fn archive(
         .archive
         .clone()
         .ok_or_else(|| ApiError::not_found("archive"))?;
-    let data = app.blobs.get(&blob).map_err(ApiError::internal)?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/gzip")],
-        Body::from(data),
-    )
-        .into_response())
+    super::blob_response(&app, &blob, "application/gzip")
 }
 
 /// The built-in process verbs of a step (`start`, `stop`, `restart`, `remove`).
@@ -379,12 +373,7 @@ async fn import_archive(
         .find(|s| s.key == key)
         .and_then(|s| s.import.clone())
         .ok_or_else(|| ApiError::not_found("import"))?;
-    let data = app.blobs.get(&blob).map_err(ApiError::internal)?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/gzip")],
-        Body::from(data),
-    )
-        .into_response())
+    super::blob_response(&app, &blob, "application/gzip")
 }
 
 /// One export of a service, as a `.tar.gz`.
@@ -408,12 +397,7 @@ async fn export_download(
         .iter()
         .find(|e| e.id == id)
         .ok_or_else(|| ApiError::not_found("export"))?;
-    let data = app.blobs.get(&e.id).map_err(ApiError::internal)?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/gzip")],
-        Body::from(data),
-    )
-        .into_response())
+    super::blob_response(&app, &e.id, "application/gzip")
 }
 
 /// Imports a `.tar.gz` (the body) into a service: its `import` action gets it unpacked in
