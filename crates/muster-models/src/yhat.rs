@@ -27,6 +27,9 @@ use std::path::{Component, Path};
 /// The largest inflated bundle accepted by default.
 pub const MAX_BUNDLE: u64 = 512 << 20;
 
+/// The script of a batch job's bundle that runs it ([`YhatBundle::write_batch`]).
+pub const BATCH_RUNNER: &str = "run.py";
+
 /// Packages of the client itself, left out of the requirements (muster installs its own set).
 const CLIENT_PACKAGES: &[&str] = &[
     "yhat",
@@ -46,6 +49,12 @@ fn bad(m: impl std::fmt::Display) -> Error {
 
 /// The raw bytes of the `model_name` part of a `multipart/form-data` body.
 pub fn model_part<'a>(content_type: &str, body: &'a [u8]) -> Result<&'a [u8]> {
+    part(content_type, body, "model_name")
+}
+
+/// The raw bytes of the part named `name` (a plain name: letters, digits, `_`) of a
+/// `multipart/form-data` body.
+pub fn part<'a>(content_type: &str, body: &'a [u8], name: &str) -> Result<&'a [u8]> {
     let (mime, params) = content_type.split_once(';').unwrap_or((content_type, ""));
     if !mime.trim().eq_ignore_ascii_case("multipart/form-data") {
         return Err(bad("the body must be multipart/form-data"));
@@ -62,7 +71,7 @@ pub fn model_part<'a>(content_type: &str, body: &'a [u8]) -> Result<&'a [u8]> {
     loop {
         let after = at + delim.len();
         if body[after..].starts_with(b"--") {
-            return Err(bad("the body has no part named model_name"));
+            return Err(bad(format!("the body has no part named {name}")));
         }
         let headers_start = after
             + if body[after..].starts_with(b"\r\n") {
@@ -78,10 +87,14 @@ pub fn model_part<'a>(content_type: &str, body: &'a [u8]) -> Result<&'a [u8]> {
         close.splice(0..0, *b"\r\n");
         let content_end = find(body, &close, content_start)
             .ok_or_else(|| bad("a multipart part is not closed by its boundary"))?;
+        let (quoted, plain) = (format!("name=\"{name}\""), format!("name={name}"));
         let is_model = headers.lines().any(|h| {
             let h = h.to_ascii_lowercase();
             h.starts_with("content-disposition:")
-                && (h.contains("name=\"model_name\"") || h.contains("name=model_name"))
+                && h.split(';').any(|p| {
+                    let p = p.trim();
+                    p == quoted || p == plain
+                })
         });
         if is_model {
             return Ok(&body[content_start..content_end]);
@@ -246,6 +259,60 @@ impl YhatBundle {
         })
     }
 
+    /// A batch job of `yhat.batch.BatchJob` (`POST /batch/deploy`, PROTOCOL.md §5): the
+    /// `bundle.json` of its archive (`class_name`, no modelname or reqs) and its
+    /// `requirements.txt`, named `job_name`; checked like a deploy's bundle.
+    pub fn from_batch(
+        job_name: &str,
+        bundle_json: &[u8],
+        requirements: &str,
+    ) -> Result<YhatBundle> {
+        let v: Value = serde_json::from_slice(bundle_json)
+            .map_err(|e| bad(format!("bundle.json is not JSON ({e})")))?;
+        let Value::Object(mut o) = v else {
+            return Err(bad("bundle.json is not a JSON object"));
+        };
+        if !o.contains_key("className") {
+            if let Some(c) = o.remove("class_name") {
+                o.insert("className".into(), c);
+            }
+        }
+        o.insert("modelname".into(), Value::String(job_name.to_string()));
+        let reqs: Vec<&str> = requirements
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        o.insert("reqs".into(), Value::String(reqs.join("\n")));
+        let json = serde_json::to_vec(&Value::Object(o)).map_err(|e| bad(e.to_string()))?;
+        YhatBundle::parse(&json).map_err(|e| match e {
+            Error::Yhat(m) => Error::Yhat(m.replace("modelname", "job_name")),
+            e => e,
+        })
+    }
+
+    /// Lays out a batch job's bundle ([`YhatBundle::write`]) plus `run.py`, which imports
+    /// `model.py` and runs `execute()` once on the class made without `__init__` (which wants
+    /// the client's credentials), as the original server did.
+    pub fn write_batch(&self, dir: &Path) -> Result<Bundle> {
+        let b = self.write(dir)?;
+        let run = format!(
+            "# Made by muster: runs the yhat batch job {name} once.\n\
+             import os, sys\n\
+             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))\n\
+             import model\n\
+             cls = getattr(model, {class:?})\n\
+             cls.__new__(cls).execute()\n",
+            name = self.modelname,
+            class = self.class_name,
+        );
+        std::fs::write(dir.join(BATCH_RUNNER), run).map_err(Error::io(format!(
+            "writing {}",
+            dir.join(BATCH_RUNNER).display()
+        )))?;
+        Ok(b)
+    }
+
     /// The requirements of the bundle made from it (see the module's header).
     pub fn requirements(&self) -> Vec<String> {
         let mut out: Vec<String> = self
@@ -371,7 +438,8 @@ fn package_name(req: &str) -> String {
 }
 
 /// Standard base64 (padding optional); None if it is not.
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
+/// Standard base64 (padding optional; no whitespace).
+pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(text.len() * 3 / 4);
     let mut acc = 0u32;
     let mut bits = 0;

@@ -30,6 +30,20 @@ pub enum ModelsCmd {
     /// One job of a batch tree: `chunk I` or `merge` (run by the tree's jobs, not by hand).
     #[command(hide = true)]
     BatchStep(BatchStepArgs),
+    /// A yhat batch job (`POST /batch/deploy`): its packed bundle, in base64, on standard input
+    /// (run by the job, not by hand).
+    #[command(hide = true)]
+    YhatBatchRun(YhatBatchArgs),
+}
+
+#[derive(Args)]
+pub struct YhatBatchArgs {
+    /// Where environments are kept (default: $MUSTER_NODE_DIR/models/envs).
+    #[arg(long)]
+    envs: Option<PathBuf>,
+    /// The wheel cache (default: $MUSTER_NODE_DIR/models/wheels).
+    #[arg(long)]
+    wheels: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -190,6 +204,7 @@ pub fn run(cmd: ModelsCmd) -> Result<()> {
         ModelsCmd::Step(a) => step(a),
         ModelsCmd::Batch(a) => batch(a),
         ModelsCmd::BatchStep(a) => batch_step(a),
+        ModelsCmd::YhatBatchRun(a) => yhat_batch_run(a),
     }
 }
 
@@ -712,6 +727,55 @@ fn onnx_env(
     muster_models::onnx::init(&lib).map_err(anyhow::Error::msg)?;
     writeln!(out, "ONNX Runtime: {}", lib.display())?;
     Ok(env)
+}
+
+/// `yhat-batch-run`: unpacks the bundle (base64 of a `.tar.gz` on stdin) into a scratch
+/// directory of the node, builds its environment as `prepare` does (cached by hash), and runs its
+/// `run.py` once with that Python: its output is the job's log, its exit the job's.
+fn yhat_batch_run(a: YhatBatchArgs) -> Result<()> {
+    let node_dir = std::env::var_os("MUSTER_NODE_DIR")
+        .map(PathBuf::from)
+        .context("MUSTER_NODE_DIR is not set: this step runs as a job")?;
+    let models = node_dir.join("models");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+    let text: String = text.split_whitespace().collect();
+    let packed = muster_models::yhat::base64_decode(&text)
+        .context("the batch job's bundle on standard input is not base64")?;
+    let scratch = models.join("tmp");
+    std::fs::create_dir_all(&scratch)?;
+    let dest = scratch.join(format!("yhat-batch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dest);
+    struct Gone(PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _gone = Gone(dest.clone());
+    let u = archive::unpack(&packed[..], &dest, &archive::Limits::default())
+        .map_err(anyhow::Error::msg)?;
+    let bundle = Bundle::load(&u.root).map_err(anyhow::Error::msg)?;
+    let envs = Envs::new(
+        a.envs.unwrap_or_else(|| models.join("envs")),
+        a.wheels.unwrap_or_else(|| models.join("wheels")),
+    );
+    let python = Interpreter::probe(std::path::Path::new("python3")).map_err(anyhow::Error::msg)?;
+    let env = envs
+        .ensure_bundle(&bundle, &python, &mut std::io::stderr())
+        .map_err(anyhow::Error::msg)?;
+    println!("yhat batch job {}: running execute()", bundle.name);
+    std::io::stdout().flush()?;
+    let st = std::process::Command::new(env.python())
+        .arg(u.root.join(muster_models::yhat::BATCH_RUNNER))
+        .current_dir(&u.root)
+        .env("PYTHONUNBUFFERED", "1")
+        .status()
+        .context("running the batch job's Python")?;
+    if !st.success() {
+        bail!("the batch job's execute() failed ({st})");
+    }
+    Ok(())
 }
 
 /// `gc` (the reaper's clean-up job): removes each `--remove` directory that lies under this

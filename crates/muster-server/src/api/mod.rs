@@ -735,6 +735,7 @@ mod tests {
             ("POST", "/api/v1/services/{path}/actions/{verb}"),
             ("POST", "/api/v1/services/{path}/import"),
             ("POST", "/api/v1/services/{path}/reset"),
+            ("POST", "/batch/deploy"),
             ("POST", "/deployer/model/large"),
             ("PUT", "/api/v1/scripts/{name}"),
         ];

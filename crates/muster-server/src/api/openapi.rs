@@ -1364,6 +1364,18 @@ pub fn document() -> Value {
     );
     yhat_deploy["requestBody"] = json!({"required": true, "content": {"multipart/form-data": {"schema": {"type": "object", "properties": {"model_name": {"type": "string", "format": "binary"}}}}}});
     add("/deployer/model/large", "post", yhat_deploy, yhat_query());
+    let mut yhat_batch = op(
+        "yhat client: run a batch job (multipart parts job_name and job: a .tar.gz holding bundle.json) as a muster job; answers at once",
+        None,
+        "200",
+        Some(obj(
+            json!({"status": {"type": "string"}, "job_name": {"type": "string"}, "job": {"type": "string"}}),
+            &["status", "job_name", "job"],
+        )),
+        true,
+    );
+    yhat_batch["requestBody"] = json!({"required": true, "content": {"multipart/form-data": {"schema": {"type": "object", "properties": {"job_name": {"type": "string"}, "job": {"type": "string", "format": "binary"}}}}}});
+    add("/batch/deploy", "post", yhat_batch, yhat_query());
     let mut yhat_predict_params = vec![path_param("user"), path_param("model")];
     yhat_predict_params.extend(yhat_query());
     yhat_predict_params.push(query("raw_input", "string"));

@@ -17,6 +17,8 @@ pub(super) fn routes(r: Routes) -> Routes {
     r.add("/verify", &["POST"], post(verify))
         .add("/deployer/model/large", &["POST"], post(deploy))
         .leader(&["POST"])
+        .add("/batch/deploy", &["POST"], post(batch_deploy))
+        .leader(&["POST"])
         .add("/{user}/models/{model}/", &["POST"], post(predict))
 }
 
@@ -186,6 +188,50 @@ async fn deploy(
         )
             .into_response())
     }
+}
+
+/// `POST /batch/deploy` (`yhat.batch.BatchJob.deploy`): the multipart parts `job_name` and
+/// `job` (a `.tar.gz` of the job's `bundle.json`) become a muster job in the user's workspace
+/// that runs `execute()` once; answers at once with the job (the client ignores the answer).
+async fn batch_deploy(
+    State(app): AppState,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let caller = yhat_caller(&app, &headers, &raw_query(&uri)).await?;
+    let ws = caller.user.name.clone();
+    caller.need_role(&ws, Role::Operator)?;
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let max = app.config.models.upload_max as usize;
+    let bytes = axum::body::to_bytes(body, max).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the upload is larger than [models] upload_max ({max} bytes)"),
+        )
+    })?;
+    let invalid = |e: muster_models::Error| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_bundle",
+            e.to_string(),
+        )
+    };
+    let name = muster_models::yhat::part(&ct, &bytes, "job_name").map_err(invalid)?;
+    let name = std::str::from_utf8(name)
+        .map_err(|_| ApiError::bad("job_name is not UTF-8"))?
+        .trim()
+        .to_string();
+    let job = muster_models::yhat::part(&ct, &bytes, "job")
+        .map_err(invalid)?
+        .to_vec();
+    let tree = crate::models::upload::yhat_batch(&app, &ws, &name, job, &caller.user.name).await?;
+    Ok(axum::Json(json!({"status": "success", "job_name": name, "job": tree})).into_response())
 }
 
 /// `POST /{user}/models/{model}/`: the body as JSON, else as a form (the client form-encodes a

@@ -424,6 +424,124 @@ pub async fn deploy_yhat(
     start_tree(app, ws, &name, version, by, admin).await
 }
 
+/// The job name of a yhat batch job (`POST /batch/deploy`) named `job_name`.
+pub fn yhat_batch_job_name(job_name: &str) -> String {
+    format!("yhat batch {job_name}")
+}
+
+/// A yhat batch job (`POST /batch/deploy`, PROTOCOL.md §5) made into a muster job of workspace
+/// `ws`: the client's archive (a `.tar.gz` of `bundle.json`, maybe `requirements.txt` and
+/// `yhat.yaml`) unpacked with the archive checks, its bundle checked and laid out
+/// ([`muster_models::yhat::YhatBundle::write_batch`]) and packed again into the job's command
+/// (`muster models yhat-batch-run`, which builds the bundle's environment on its node like a
+/// deploy's `prepare` and runs `execute()` once, its output in the job's log). Answers the job.
+pub async fn yhat_batch(
+    app: &Arc<App>,
+    ws: &str,
+    job_name: &str,
+    tar_gz: Vec<u8>,
+    by: &str,
+) -> Result<Uuid, ModelError> {
+    let (a, job_name2) = (app.clone(), job_name.to_string());
+    let packed = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ModelError> {
+        use muster_models::yhat;
+        let scratch =
+            Scratch::new(&a, "yhat-batch").map_err(|e| ModelError::Internal(e.to_string()))?;
+        muster_wire::perms::create_dir_all(&scratch.0)
+            .map_err(|e| ModelError::Internal(e.to_string()))?;
+        let limits = archive::Limits {
+            total_bytes: yhat::MAX_BUNDLE,
+            ..archive::Limits::default()
+        };
+        let got = archive::unpack(&tar_gz[..], &scratch.0.join("job"), &limits)
+            .map_err(|e| ModelError::Invalid(format!("the job archive: {e}")))?;
+        let bundle_json = std::fs::read(got.root.join("bundle.json"))
+            .map_err(|_| ModelError::Invalid("the job archive holds no bundle.json".into()))?;
+        let reqs = std::fs::read_to_string(got.root.join("requirements.txt")).unwrap_or_default();
+        let b = yhat::YhatBundle::from_batch(&job_name2, &bundle_json, &reqs)
+            .map_err(|e| ModelError::Invalid(e.to_string()))?;
+        let dir = scratch.0.join("bundle");
+        std::fs::create_dir_all(&dir).map_err(|e| ModelError::Internal(e.to_string()))?;
+        b.write_batch(&dir)
+            .map_err(|e| ModelError::Invalid(e.to_string()))?;
+        let mut packed = Vec::new();
+        archive::pack(&dir, &mut packed).map_err(|e| ModelError::Internal(e.to_string()))?;
+        Ok(packed)
+    })
+    .await
+    .map_err(|e| ModelError::Internal(e.to_string()))??;
+    let b64 = base64_encode(&packed);
+    let mut shell = String::from("exec \"$MUSTER_EXE\" models yhat-batch-run");
+    let cfg = &app.config.models;
+    if !cfg.envs_dir.is_empty() {
+        shell.push_str(&format!(" --envs {}", sh_quote(&cfg.envs_dir)));
+    }
+    if !cfg.wheels_dir.is_empty() {
+        shell.push_str(&format!(" --wheels {}", sh_quote(&cfg.wheels_dir)));
+    }
+    // The packed bundle reaches the step on its standard input (an argument is capped at
+    // 128 KiB by Linux).
+    shell.push_str(" <<'MUSTER_BUNDLE_END'\n");
+    for line in b64.as_bytes().chunks(76) {
+        shell.push_str(std::str::from_utf8(line).unwrap_or_default());
+        shell.push('\n');
+    }
+    shell.push_str("MUSTER_BUNDLE_END\n");
+    if shell.len() > app.config.jobs.command_max {
+        return Err(ModelError::TooLarge(format!(
+            "the batch job's bundle is {} bytes packed; a job's command may hold at most {} ([jobs] command_max)",
+            packed.len(),
+            app.config.jobs.command_max
+        )));
+    }
+    let spec = muster_core::spec::JobSpec {
+        name: yhat_batch_job_name(job_name),
+        shell: Some(shell),
+        timeout_s: Some(24 * 3600),
+        tags: Some(muster_core::Tags {
+            workspace: ws.to_string(),
+            application: Some(job_name.to_string()),
+            labels: [("kind".to_string(), "yhat-batch".to_string())].into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let limits = muster_core::spec::Limits {
+        command_bytes: app.config.jobs.command_max,
+    };
+    let new =
+        muster_core::spec::build_tree_with(&spec, &limits, ws, Some(by), now(), &mut Uuid::now_v7)
+            .map_err(ModelError::Invalid)?;
+    let id = new.tree.id;
+    app.manager
+        .create(new, None)
+        .await
+        .map_err(ModelError::Store)?;
+    Ok(id)
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// Waits until version `n` of `ws/name` is no longer deploying (at most `within`); its state.
 pub async fn wait_deployed(
     app: &Arc<App>,

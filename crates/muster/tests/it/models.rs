@@ -980,3 +980,108 @@ fn in_cluster_mode_every_server_serves_predict_and_switches_with_a_deploy() {
         }
     }
 }
+
+const YHAT_BATCH: &str = r#"
+import sys
+from yhat.batch import BatchJob
+
+GREETINGS = {"en": "Hello", "de": "Hallo"}
+WEIGHTS = [1.5, 2.5, 3.0]
+
+
+class HelloJob(BatchJob):
+    def execute(self):
+        print("batch job says: %s, total %s" % (GREETINGS["de"], sum(WEIGHTS)))
+
+
+HelloJob("hello_job", username=sys.argv[1], apikey=sys.argv[2], url=sys.argv[3]).deploy(globals(), sure=True)
+print("SENT")
+"#;
+
+#[test]
+fn the_real_yhat_client_runs_a_batch_job_as_a_muster_job() {
+    let client = yhat_client_env();
+    let s = server(None);
+    let (st, t) = s.call(
+        "POST",
+        "/api/v1/tokens",
+        Some(json!({"name": "yhat", "scopes": ["read", "operate", "predict"]})),
+    );
+    assert_eq!(st, 201, "{t}");
+    let key = t["token"].as_str().unwrap().to_string();
+    let dir = models::Scratch::new("yhat-batch");
+    let script = dir.path().join("job.py");
+    std::fs::write(&script, YHAT_BATCH).unwrap();
+    // The client adds these from its working directory; `six` is one of its own packages.
+    std::fs::write(dir.path().join("requirements.txt"), "six\n").unwrap();
+    std::fs::write(dir.path().join("yhat.yaml"), "echo 'nothing'\n").unwrap();
+    let out = std::process::Command::new(client.python())
+        .arg(&script)
+        .args(["admin", &key, &format!("{}/", s.url)])
+        .current_dir(dir.path())
+        .env("NO_PROXY", "127.0.0.1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success() && stdout.contains("SENT") && !stderr.contains("Server error"),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    // The job is a muster job of the user's workspace, named after job_name.
+    let (st, list) = s.call(
+        "GET",
+        "/api/v1/jobs?workspace=admin&application=hello_job",
+        None,
+    );
+    assert_eq!(st, 200, "{list}");
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{list:#}");
+    let id = items[0]["id"].as_str().unwrap().to_string();
+    let t = s.wait_tree(&id, Duration::from_secs(900));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    assert_eq!(t["name"], "yhat batch hello_job", "{t:#}");
+    let log = s.log(&id);
+    assert!(log.contains("batch job says: Hallo, total 7.0"), "{log}");
+
+    // Bad requests: clear 4xx, nothing made.
+    let post = |ct: &str, body: &[u8]| {
+        let req = ureq::http::Request::builder()
+            .method("POST")
+            .uri(format!(
+                "{}/batch/deploy?username=admin&apikey={key}",
+                s.url
+            ))
+            .header("content-type", ct)
+            .body(body.to_vec())
+            .unwrap();
+        let mut resp = http().run(req).unwrap();
+        let st = resp.status().as_u16();
+        (st, resp.body_mut().read_to_string().unwrap_or_default())
+    };
+    let (st, body) = post("application/json", b"{}");
+    assert!((400..500).contains(&st), "{st} {body}");
+    let mp = |parts: &[(&str, &[u8])]| {
+        let mut b = Vec::new();
+        for (name, content) in parts {
+            b.extend_from_slice(
+                format!("--XyZ\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n")
+                    .as_bytes(),
+            );
+            b.extend_from_slice(content);
+            b.extend_from_slice(b"\r\n");
+        }
+        b.extend_from_slice(b"--XyZ--\r\n");
+        b
+    };
+    let ct = "multipart/form-data; boundary=XyZ";
+    let (st, body) = post(ct, &mp(&[("job_name", b"j2")]));
+    assert_eq!(st, 422, "{body}");
+    assert!(body.contains("no part named job"), "{body}");
+    let (st, body) = post(ct, &mp(&[("job_name", b"j2"), ("job", b"not a tar.gz")]));
+    assert_eq!(st, 422, "{body}");
+    assert!(body.contains("job archive"), "{body}");
+    assert!(!body.contains("not a tar.gz"), "{body}");
+    let (_, list) = s.call("GET", "/api/v1/jobs?workspace=admin&application=j2", None);
+    assert_eq!(list["items"], json!([]), "{list:#}");
+}
