@@ -392,8 +392,19 @@ fn redact(url: &str) -> String {
 }
 
 /// Removes finished trees older than `jobs.retention`, their records and the log blobs no
-/// remaining job refers to (the reaper's `expired_jobs` task); returns how many trees it removed.
+/// remaining job refers to (the reaper's `expired_jobs` task), then the batches of the removed
+/// trees with their chunk and result blobs ([`models::batch::reap`]); returns how many trees
+/// it removed.
 pub fn reap_once(app: &App) -> usize {
+    let mut purged = Vec::new();
+    let removed = reap_trees(app, &mut purged);
+    if let Err(e) = models::batch::reap(app, &purged) {
+        tracing::error!("reaper: batches: {e}");
+    }
+    removed
+}
+
+fn reap_trees(app: &App, purged: &mut Vec<muster_core::Uuid>) -> usize {
     let before = muster_wire::util::now().plus_ms(-(app.config.jobs.retention.as_millis() as i64));
     let mut removed = 0;
     loop {
@@ -405,7 +416,9 @@ pub fn reap_once(app: &App) -> usize {
                     }
                 }
                 removed += trees.len();
-                if trees.len() < 1000 {
+                let more = trees.len() >= 1000;
+                purged.extend(trees);
+                if !more {
                     return removed;
                 }
             }

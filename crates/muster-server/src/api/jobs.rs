@@ -28,7 +28,10 @@ pub(super) fn routes(r: Routes) -> Routes {
     .add("/api/v1/jobs/{id}/log", &["GET"], get(job_log))
     .leader(&["GET"])
     .add("/api/v1/jobs/{id}/log/ws", &["GET"], get(job_log_ws))
+    // A batch's result CSV is a blob of the leader (it split, scored and merged the batch):
+    // a follower forwards the call, streamed, so it reads the same from any server.
     .add("/api/v1/jobs/{id}/result", &["GET"], get(job_result))
+    .leader(&["GET"])
     .add("/api/v1/events/ws", &["GET"], get(events_ws))
 }
 

@@ -703,6 +703,7 @@ mod tests {
             ("DELETE", "/api/v1/processes/{id}"),
             ("DELETE", "/api/v1/scripts/{name}"),
             ("GET", "/api/v1/jobs/{id}/log"),
+            ("GET", "/api/v1/jobs/{id}/result"),
             ("GET", "/api/v1/processes/{id}/log"),
             ("PATCH", "/api/v1/nodes/{id}"),
             ("POST", "/api/v1/hq/orders/resolve"),

@@ -17,6 +17,7 @@
 //! - [`merge`]: the result CSV written to one blob, chunk by chunk in input order, each input
 //!   row beside its predictions (or a `row` number with `output = "id"`); the chunk blobs are
 //!   removed. `GET /api/v1/jobs/{tree}/result` streams it.
+//! - [`reap`]: when the tree expires (`[jobs] retention`), the batch's blobs and document go.
 //!
 //! Progress (rows done / total) is on the document, in each chunk job's result and on the event
 //! feed (`batch` events).
@@ -378,6 +379,53 @@ pub fn get(app: &App, id: Uuid) -> Result<Option<Batch>, StoreError> {
     Ok(BATCHES
         .get(app.store.as_ref(), &id.to_string())?
         .map(|(b, _)| b))
+}
+
+/// How old a batch whose tree does not exist must be before the reaper removes it (its upload
+/// may still be being split: the tree is made after the document).
+const ORPHAN_AGE_MS: i64 = 3600 * 1000;
+
+/// The reaper's part (after expired trees are purged): every batch whose tree is gone — in
+/// `purged`, or not in the store (never made, or removed otherwise) and older than an hour —
+/// loses its chunk blobs, its result blob (unless another batch's result is the same blob:
+/// blobs are named by their content) and its document. Answers how many batches it removed.
+pub fn reap(app: &App, purged: &[Uuid]) -> Result<usize, StoreError> {
+    let all = BATCHES.list(app.store.as_ref(), "")?;
+    let purged: std::collections::HashSet<Uuid> = purged.iter().copied().collect();
+    let cutoff = now().plus_ms(-ORPHAN_AGE_MS);
+    let mut gone = Vec::new();
+    let mut kept = Vec::new();
+    for (key, b, version) in all {
+        let dead =
+            purged.contains(&b.id) || (b.created_at < cutoff && app.store.tree(b.id)?.is_none());
+        if dead {
+            gone.push((key, b, version));
+        } else {
+            kept.push(b);
+        }
+    }
+    let kept_results: std::collections::HashSet<&str> =
+        kept.iter().filter_map(|b| b.result.as_deref()).collect();
+    let mut removed = 0;
+    for (key, b, version) in &gone {
+        let mut blobs: Vec<&str> = Vec::new();
+        for c in &b.chunks {
+            blobs.push(&c.input);
+            blobs.extend(c.result.as_deref());
+        }
+        blobs.extend(b.result.as_deref().filter(|r| !kept_results.contains(r)));
+        for blob in blobs {
+            if let Err(e) = app.blobs.delete(blob) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("reaper: cannot delete blob {blob} of batch {key}: {e}");
+                }
+            }
+        }
+        if BATCHES.delete_if(app.store.as_ref(), key, *version)? {
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 fn publish(app: &App, b: &Batch) {

@@ -356,6 +356,77 @@ fn a_csv_is_scored_in_chunks_across_replicas_in_input_order() {
 }
 
 #[test]
+fn an_expired_batch_loses_its_blobs_and_document() {
+    let env = models::sklearn_env();
+    let cache = models::cache();
+    // Every finished tree is past retention at once; the reaper runs only when called here.
+    let s = Server::start_with(move |c| {
+        c.models.envs_dir = cache.join("envs").to_string_lossy().into_owned();
+        c.models.wheels_dir = cache.join("wheels").to_string_lossy().into_owned();
+        c.models.predictor_host = "127.0.0.1".into();
+        c.hq.max_file_size = 256;
+        c.jobs.retention = Duration::from_millis(1);
+        c.reaper.interval = Duration::from_secs(3600);
+    });
+    let dir = models::Scratch::new("batch-reap");
+    models::iris_bundle(dir.path(), &env);
+    deploy(&s, dir.path());
+    let csv = iris_csv(2_000);
+    let (st, made) = post_batch(&s, "?chunk_rows=500", &csv);
+    assert_eq!(st, 202, "{made}");
+    let tree = made["tree"].as_str().unwrap().to_string();
+    let id: muster_core::Uuid = tree.parse().unwrap();
+    let t = s.wait_tree(&tree, Duration::from_secs(300));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    let (st, text) = result_csv(&s, &tree);
+    assert_eq!((st, text.lines().count()), (200, 2_001));
+    let b = muster_server::models::batch::get(&s.app, id)
+        .unwrap()
+        .expect("the batch document");
+    let result = b.result.clone().expect("the result blob");
+    assert!(s.app.blobs.get(&result).is_ok(), "the result blob is there");
+    // A second batch of the same file: its result is the same blob (named by content), and
+    // stays while that batch does.
+    let (st, made2) = post_batch(&s, "?chunk_rows=500", &csv);
+    assert_eq!(st, 202, "{made2}");
+    let tree2 = made2["tree"].as_str().unwrap().to_string();
+    assert_eq!(
+        s.wait_tree(&tree2, Duration::from_secs(300))["tree_state"],
+        "succeeded"
+    );
+    let b2 = muster_server::models::batch::get(&s.app, tree2.parse().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(b2.result.as_deref(), Some(result.as_str()));
+    // Only the first tree is purged here (the store's purge is what expiry does).
+    let purged = vec![id];
+    assert_eq!(
+        muster_server::models::batch::reap(&s.app, &purged).unwrap(),
+        1
+    );
+    assert!(muster_server::models::batch::get(&s.app, id)
+        .unwrap()
+        .is_none());
+    assert!(s.app.blobs.get(&result).is_ok(), "still the second batch's");
+    for c in b.chunks.iter().chain(&b2.chunks) {
+        assert!(
+            s.app.blobs.get(&c.input).is_err(),
+            "chunk blobs go at merge"
+        );
+    }
+    // Expiry: the reaper purges both trees and removes what is left of the batches.
+    assert!(crate::support::wait_until(Duration::from_secs(30), || {
+        muster_server::reap_once(&s.app);
+        muster_server::models::batch::get(&s.app, tree2.parse().unwrap())
+            .unwrap()
+            .is_none()
+    }));
+    assert!(s.app.blobs.get(&result).is_err(), "the result blob is gone");
+    let (st, _) = result_csv(&s, &tree2);
+    assert_eq!(st, 404);
+}
+
+#[test]
 fn a_replica_killed_during_a_batch_loses_and_repeats_no_row() {
     let env = models::sklearn_env();
     let s = server();

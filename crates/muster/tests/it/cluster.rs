@@ -270,6 +270,9 @@ fn two_servers_one_cluster_survive_the_leader_s_death() {
         b.wait_tree(&other, Duration::from_secs(10))["tree_state"],
         "aborted"
     );
+    // A result read through B is the leader's answer (forwarded: a batch's CSV is there).
+    let (st, r) = b.call("GET", &format!("/api/v1/jobs/{other}/result"), None);
+    assert_eq!((st, r["state"].clone()), (200, json!("aborted")), "{r}");
     // The leader dies in the middle of the first tree: B takes over, the agent follows, and
     // the tree completes without running its job twice.
     drop(a);
