@@ -476,3 +476,40 @@ fn a_replica_killed_during_a_batch_loses_and_repeats_no_row() {
         assert_eq!(*l, format!("{},{}", i + 1, expected[i]));
     }
 }
+
+#[test]
+fn a_million_rows_through_the_python_runtime_keep_order_and_the_model_s_answers() {
+    let env = models::sklearn_env();
+    let s = server();
+    let dir = models::Scratch::new("batch-1m");
+    models::iris_bundle(dir.path(), &env);
+    let bundle_json = dir.path().join("bundle.json");
+    let mut b: Value = serde_json::from_slice(&std::fs::read(&bundle_json).unwrap()).unwrap();
+    b["replicas"] = json!(2);
+    std::fs::write(&bundle_json, b.to_string()).unwrap();
+    deploy(&s, dir.path());
+    let rows = 1_000_000;
+    let csv = iris_csv(rows);
+    let input = dir.path().join("input.csv");
+    std::fs::write(&input, &csv).unwrap();
+    let expected = own_predictions(&env, dir.path(), &input);
+    assert_eq!(expected.len(), rows);
+    let t0 = std::time::Instant::now();
+    let (st, made) = post_batch(&s, "?output=id", &csv);
+    assert_eq!(st, 202, "{made}");
+    assert_eq!(made["batch"]["chunks"], 100);
+    let tree = made["tree"].as_str().unwrap().to_string();
+    let t = s.wait_tree(&tree, Duration::from_secs(600));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    let (st, text) = result_csv(&s, &tree);
+    assert_eq!(st, 200);
+    eprintln!("1M rows through python: {:?}", t0.elapsed());
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("row,prediction"));
+    let mut n = 0;
+    for (i, line) in lines.enumerate() {
+        assert_eq!(line, format!("{},{}", i + 1, expected[i]), "row {}", i + 1);
+        n += 1;
+    }
+    assert_eq!(n, rows);
+}

@@ -297,3 +297,88 @@ fn a_wrong_configured_onnx_runtime_library_fails_the_deploy_clearly() {
         .as_array()
         .is_none_or(|p| p.is_empty()));
 }
+
+/// A LogisticRegression as ONNX (no ZipMap), a 1M-row CSV of iris-like rows and onnxruntime's
+/// own labels for it.
+const MAKE_1M: &str = r#"
+import sys
+import numpy as np
+import onnxruntime as rt
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+from skl2onnx import to_onnx
+
+out = sys.argv[1]
+X, y = load_iris(return_X_y=True)
+X = X.astype(np.float32)
+lr = LogisticRegression(max_iter=1000).fit(X, y)
+m = to_onnx(lr, X[:1], options={id(lr): {"zipmap": False}}, target_opset=15)
+open(f"{out}/lr.onnx", "wb").write(m.SerializeToString())
+rng = np.random.default_rng(7)
+lo, hi = X.min(axis=0), X.max(axis=0)
+rows = np.round(lo + rng.random((1_000_000, 4)) * (hi - lo), 1).astype(np.float32)
+with open(f"{out}/input.csv", "w") as f:
+    f.write("a,b,c,d\n")
+    np.savetxt(f, rows, fmt="%.1f", delimiter=",")
+# What muster sends is the CSV's text parsed again: score that, not the array in memory.
+back = np.loadtxt(f"{out}/input.csv", delimiter=",", skiprows=1, dtype=np.float32)
+labels = rt.InferenceSession(f"{out}/lr.onnx").run(["label"], {"X": back})[0]
+open(f"{out}/own.txt", "w").write("\n".join(str(int(v)) for v in labels))
+"#;
+
+#[test]
+fn a_million_rows_through_the_onnx_runtime_keep_order_and_onnxruntime_s_answers() {
+    let env = convert_env();
+    let work = models::Scratch::new("onnx-1m");
+    let st = std::process::Command::new(env.python())
+        .arg("-c")
+        .arg(MAKE_1M)
+        .arg(work.path())
+        .status()
+        .unwrap();
+    assert!(st.success(), "making the model and the CSV");
+    let own = std::fs::read_to_string(work.path().join("own.txt")).unwrap();
+    let own: Vec<&str> = own.lines().collect();
+    assert_eq!(own.len(), 1_000_000);
+    let cache = models::cache();
+    let s = Server::start_with(move |c| {
+        c.models.envs_dir = cache.join("envs").to_string_lossy().into_owned();
+        c.models.wheels_dir = cache.join("wheels").to_string_lossy().into_owned();
+        c.models.predictor_host = "127.0.0.1".into();
+    });
+    let t = deploy(&s, "Lr1m", &work.path().join("lr.onnx"));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    let csv = std::fs::read_to_string(work.path().join("input.csv")).unwrap();
+    let t0 = std::time::Instant::now();
+    let (st, text) = s.raw(
+        Some(&s.token),
+        "POST",
+        "/api/v1/models/admin/Lr1m/batch?output=id",
+        Some(csv),
+        &[("content-type", "text/csv")],
+    );
+    assert_eq!(st, 202, "{text}");
+    let made: Value = serde_json::from_str(&text).unwrap();
+    let tree = made["tree"].as_str().unwrap();
+    let t = s.wait_tree(tree, Duration::from_secs(600));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    let (st, text) = s.raw(
+        Some(&s.token),
+        "GET",
+        &format!("/api/v1/jobs/{tree}/result"),
+        None,
+        &[],
+    );
+    assert_eq!(st, 200);
+    eprintln!("1M rows through onnx: {:?}", t0.elapsed());
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("row,label,probabilities"));
+    let mut n = 0;
+    for (i, line) in lines.enumerate() {
+        let mut f = line.splitn(3, ',');
+        assert_eq!(f.next(), Some((i + 1).to_string().as_str()), "{line}");
+        assert_eq!(f.next(), Some(own[i]), "row {}: {line}", i + 1);
+        n += 1;
+    }
+    assert_eq!(n, own.len());
+}
