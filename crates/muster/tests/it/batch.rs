@@ -513,3 +513,151 @@ fn a_million_rows_through_the_python_runtime_keep_order_and_the_model_s_answers(
     }
     assert_eq!(n, rows);
 }
+
+/// The rows of a ~1 GB CSV, made as they are read (never whole in memory): `id,payload` with a
+/// 1,000-byte payload.
+struct WideRows {
+    next: usize,
+    rows: usize,
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl std::io::Read for WideRows {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == self.buf.len() {
+            self.buf.clear();
+            self.at = 0;
+            if self.next == 0 {
+                self.buf.extend_from_slice(b"id,payload\n");
+            }
+            while self.next < self.rows && self.buf.len() < 64 << 10 {
+                let c = b'a' + (self.next % 26) as u8;
+                self.buf
+                    .extend_from_slice(format!("{},", self.next).as_bytes());
+                self.buf.extend(std::iter::repeat_n(c, 1000));
+                self.buf.push(b'\n');
+                self.next += 1;
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// This process's resident set (the server and its embedded agent run in it), in bytes.
+fn rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+#[test]
+fn a_1gb_csv_is_scored_in_bounded_server_and_agent_memory() {
+    let s = server();
+    let dir = models::Scratch::new("batch-1gb");
+    // A trivial model (no requirements): each row's payload length.
+    std::fs::write(
+        dir.path().join("bundle.json"),
+        json!({"name": "Wide", "runtime": "python", "entrypoint": "model.py:Wide", "workers": 2,
+               "replicas": 2, "example": {"data": [[1, "xy"]]}})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("model.py"),
+        "class Wide:\n    def execute(self, data):\n        return [len(r[1]) for r in data]\n",
+    )
+    .unwrap();
+    let mut archive = Vec::new();
+    muster_models::archive::pack(dir.path(), &mut archive).unwrap();
+    let req = ureq::http::Request::builder()
+        .method("POST")
+        .uri(format!("{}/api/v1/models/admin/Wide", s.url))
+        .header("authorization", format!("Bearer {}", s.token))
+        .header("content-type", "application/gzip")
+        .body(archive)
+        .unwrap();
+    let mut resp = http().run(req).unwrap();
+    let body: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(resp.status().as_u16(), 202, "{body}");
+    let t = s.wait_tree(body["tree"].as_str().unwrap(), Duration::from_secs(600));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+
+    // RSS sampled every 100 ms from before the upload to after the result is read.
+    let base = rss();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0;
+        let mut samples = 0;
+        loop {
+            peak = peak.max(rss());
+            samples += 1;
+            match stopped.recv_timeout(Duration::from_millis(100)) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                _ => return (peak, samples),
+            }
+        }
+    });
+    let rows = 1_000_000;
+    let t0 = std::time::Instant::now();
+    let mut gen = WideRows {
+        next: 0,
+        rows,
+        buf: Vec::new(),
+        at: 0,
+    };
+    let mut resp = http()
+        .post(&format!(
+            "{}/api/v1/models/admin/Wide/batch?chunk_rows=2000&output=id",
+            s.url
+        ))
+        .header("authorization", &format!("Bearer {}", s.token))
+        .header("content-type", "text/csv")
+        .send(ureq::SendBody::from_reader(&mut gen))
+        .unwrap();
+    let made: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(resp.status().as_u16(), 202, "{made}");
+    assert_eq!(made["batch"]["rows_total"], rows);
+    let tree = made["tree"].as_str().unwrap().to_string();
+    let t = s.wait_tree(&tree, Duration::from_secs(600));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    // The result, read as a stream and checked line by line.
+    let resp = http()
+        .get(&format!("{}/api/v1/jobs/{tree}/result", s.url))
+        .header("authorization", &format!("Bearer {}", s.token))
+        .call()
+        .unwrap();
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(resp.into_body().into_reader()));
+    assert_eq!(lines.next().unwrap().unwrap(), "row,prediction");
+    let mut n = 0;
+    for (i, line) in lines.enumerate() {
+        assert_eq!(line.unwrap(), format!("{},1000", i + 1));
+        n += 1;
+    }
+    assert_eq!(n, rows);
+    let took = t0.elapsed();
+    stop.send(()).unwrap();
+    let (peak, samples) = sampler.join().unwrap();
+    eprintln!(
+        "1 GB ({} bytes) through a batch in {took:?}: RSS {} MB before, peak {} MB ({samples} samples)",
+        gen.next * 1000,
+        base >> 20,
+        peak >> 20
+    );
+    assert!(samples >= 10, "{samples}");
+    // The file is ~1 GB: the server and the agent hold a few chunks at a time, never the file.
+    assert!(
+        peak.saturating_sub(base) < 256 << 20,
+        "RSS grew from {} MB to {} MB",
+        base >> 20,
+        peak >> 20
+    );
+}
