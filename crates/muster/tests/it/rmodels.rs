@@ -210,3 +210,99 @@ fn an_r_linear_model_is_served_by_persistent_rscript_workers() {
         assert!((p - (b0 + b1 * sp)).abs() < 1e-6, "row {}: {l}", i + 1);
     }
 }
+
+#[test]
+fn a_million_rows_through_the_r_runtime_keep_order_and_r_s_own_predictions() {
+    let dir = Scratch::new("r-cars-1m");
+    cars_bundle(dir.path(), json!([]));
+    let rows = 1_000_000;
+    let mut csv = String::with_capacity(rows * 6 + 8);
+    csv.push_str("speed\n");
+    for i in 0..rows {
+        csv.push_str(&format!("{}.{}\n", 1 + i % 40, i % 10));
+    }
+    let input = dir.path().join("input.csv");
+    std::fs::write(&input, &csv).unwrap();
+    // R's own predict on the same file.
+    let own_r = dir.path().join("own.R");
+    std::fs::write(
+        &own_r,
+        "args <- commandArgs(trailingOnly = TRUE)\n\
+         fit <- readRDS(file.path(args[[1]], 'model.rds'))\n\
+         d <- read.csv(args[[2]])\n\
+         writeLines(sprintf('%.17g', predict(fit, newdata = d)), args[[3]])\n",
+    )
+    .unwrap();
+    let own_file = dir.path().join("own.txt");
+    let out = std::process::Command::new("Rscript")
+        .arg("--vanilla")
+        .arg(&own_r)
+        .arg(dir.path())
+        .arg(&input)
+        .arg(&own_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&own_r).unwrap();
+    let own: Vec<f64> = std::fs::read_to_string(&own_file)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    std::fs::remove_file(&own_file).unwrap();
+    std::fs::remove_file(&input).unwrap();
+    assert_eq!(own.len(), rows);
+    let envs = Scratch::new("r-envs-1m");
+    let envs_dir = envs.path().to_string_lossy().into_owned();
+    let s = Server::start_with(move |c| {
+        c.models.envs_dir = envs_dir;
+        c.models.predictor_host = "127.0.0.1".into();
+        c.hq.max_file_size = 256;
+    });
+    let (st, made) = upload(&s, dir.path());
+    assert_eq!(st, 202, "{made}");
+    let t = s.wait_tree(made["tree"].as_str().unwrap(), Duration::from_secs(300));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    let t0 = std::time::Instant::now();
+    let (st, text) = s.raw(
+        Some(&s.token),
+        "POST",
+        "/api/v1/models/admin/Cars/batch?shape=columns&output=id",
+        Some(csv),
+        &[("content-type", "text/csv")],
+    );
+    assert_eq!(st, 202, "{text}");
+    let made: Value = serde_json::from_str(&text).unwrap();
+    let tree = made["tree"].as_str().unwrap();
+    let t = s.wait_tree(tree, Duration::from_secs(600));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    let (st, text) = s.raw(
+        Some(&s.token),
+        "GET",
+        &format!("/api/v1/jobs/{tree}/result"),
+        None,
+        &[],
+    );
+    assert_eq!(st, 200);
+    eprintln!("1M rows through r: {:?}", t0.elapsed());
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("row,prediction"));
+    let mut n = 0;
+    for (i, line) in lines.enumerate() {
+        let (row, p) = line.split_once(',').unwrap();
+        assert_eq!(row, (i + 1).to_string(), "{line}");
+        let p: f64 = p.parse().unwrap();
+        assert!(
+            (p - own[i]).abs() <= 1e-9 * own[i].abs().max(1.0),
+            "row {}: {p} vs {}",
+            i + 1,
+            own[i]
+        );
+        n += 1;
+    }
+    assert_eq!(n, rows);
+}
