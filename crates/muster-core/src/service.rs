@@ -1116,6 +1116,24 @@ pub fn process_spec(path: &str, table: &Value) -> Result<crate::process::Process
             return Err("name and tags are given by muster".into());
         }
         m.insert("name".into(), Value::String(format!("service {path}")));
+        // A reference that is a whole argument keeps its type (`"${params.port}"` an
+        // integer); in an argv, an env or a health command, it is the text of it.
+        fn texts(v: &mut Value) {
+            match v {
+                Value::Number(_) | Value::Bool(_) => *v = Value::String(v.to_string()),
+                Value::Array(a) => a.iter_mut().for_each(texts),
+                Value::Object(o) => o.values_mut().for_each(texts),
+                _ => {}
+            }
+        }
+        for k in ["exec", "env"] {
+            if let Some(x) = m.get_mut(k) {
+                texts(x);
+            }
+        }
+        if let Some(x) = m.get_mut("health").and_then(|h| h.get_mut("exec")) {
+            texts(x);
+        }
     }
     let mut spec: crate::process::ProcessSpec = serde_json::from_value(v)
         .map_err(|e| e.to_string().chars().take(160).collect::<String>())?;

@@ -1527,6 +1527,12 @@ fn the_readme_tour_works_as_written() {
         std::fs::create_dir_all(d).unwrap();
     }
     std::os::unix::fs::symlink(BIN, bin.join("muster")).unwrap();
+    // A user whose git knows who they are (the tour commits to HQ).
+    std::fs::write(
+        home.join(".gitconfig"),
+        "[user]\n\tname = Tour\n\temail = tour@example.com\n",
+    )
+    .unwrap();
     // Its own port (muster's default, 7070, may be taken on a shared machine): the one thing
     // set apart from the README, through the environment.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -1552,6 +1558,11 @@ fn the_readme_tour_works_as_written() {
         .env("HOME", &home)
         .env("MUSTER_SERVER__LISTEN", format!("127.0.0.1:{port}"))
         .env("MUSTER_URL", format!("http://127.0.0.1:{port}"))
+        // What the build step of the README exports.
+        .env(
+            "MUSTER_EXAMPLES",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples"),
+        )
         // No beacons from the tour's agent (other tests listen for them).
         .env("MUSTER_DISCOVERY__ENABLED", "false")
         .stdin(Stdio::null())
@@ -1602,6 +1613,10 @@ fn the_readme_tour_works_as_written() {
         "node n1 is ready",
         "out Linux",
         "python3 -m http.server",
+        "written to backup.tgz",
+        "hello: visit 1, counted in the kv store at http://127.0.0.1:7379",
+        "0 step(s)",
+        "{\"visits\": \"1\"}",
     ] {
         assert!(
             stdout.contains(want),

@@ -368,3 +368,18 @@ fn a_process_is_checked_at_plan_time() {
     )]);
     assert!(e.contains(":4: [process]"), "{e}");
 }
+
+#[test]
+fn a_whole_reference_in_an_argv_env_or_health_command_is_text() {
+    let ok = graph(&[(
+        "services/a__b__c/service.toml",
+        "domain = \"a\"\nname = \"b\"\ninstance = \"c\"\n[params]\nport = 8\non = true\n[process]\nexec = [\"srv\", \"${params.port}\"]\nenv = { SRV_PORT = \"${params.port}\", ON = \"${params.on}\" }\n[process.health]\nexec = [\"check\", \"${params.port}\"]\n",
+    )])
+    .unwrap();
+    let p = ok.services["a__b__c"].process.as_ref().unwrap();
+    let spec = process_spec("a__b__c", p).unwrap();
+    assert_eq!(spec.exec.unwrap(), vec!["srv", "8"]);
+    assert_eq!(spec.env["SRV_PORT"], "8");
+    assert_eq!(spec.env["ON"], "true");
+    assert_eq!(spec.health.unwrap().exec.unwrap(), vec!["check", "8"]);
+}
