@@ -252,6 +252,10 @@ impl Service {
 pub struct Catalog {
     pub services: BTreeMap<String, Service>,
     pub interfaces: BTreeMap<String, Interface>,
+    /// The version of each stored secret (a hash of its ciphertext, never of its value), by
+    /// service path and key, set by the caller after [`load`]: a service's declared secrets'
+    /// versions are an input ([`Resolved::parts`] `secrets`), so changing one reconfigures it.
+    pub secret_versions: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// A node as a producer of `node`.
@@ -640,11 +644,14 @@ fn to_json(v: &toml::Value) -> Value {
 }
 
 /// What `${...}` may name while resolving one value.
+#[derive(Clone, Copy)]
 struct Scope<'a> {
     params: Option<&'a Value>,
     consumed: &'a Map<String, Value>,
     node: Option<&'a Value>,
     secrets: &'a BTreeMap<String, String>,
+    /// Where secrets may not go (`Some(why)`): published data, `[process]`, `[build]`.
+    no_secrets: Option<&'static str>,
 }
 
 impl Scope<'_> {
@@ -672,6 +679,10 @@ impl Scope<'_> {
                 .cloned()
                 .map(Some)
                 .ok_or_else(undefined),
+            ["secrets", _] if self.no_secrets.is_some() => Err(format!(
+                "${{{r}}}: a secret cannot be used in {}",
+                self.no_secrets.unwrap_or_default()
+            )),
             ["secrets", k] if self.secrets.contains_key(*k) => Ok(None),
             ["secrets", _] => Err(format!("${{{r}}} is not declared in [secrets]")),
             _ => Err(undefined()),
@@ -948,6 +959,28 @@ pub fn resolve(cat: &Catalog, nodes: &[NodeInfo]) -> Result<Graph, Vec<Problem>>
         if unresolved {
             continue;
         }
+        let unset: Vec<&String> = s
+            .meta
+            .secrets
+            .keys()
+            .filter(|k| {
+                !cat.secret_versions
+                    .get(path)
+                    .is_some_and(|m| m.contains_key(*k))
+            })
+            .collect();
+        if !unset.is_empty() {
+            for k in unset {
+                problems.push(problem(
+                    &file,
+                    line_with(&s.source, k),
+                    format!(
+                        "service {path}: secret {k} is not set (muster services secret set {path} {k})"
+                    ),
+                ));
+            }
+            continue;
+        }
         let node_value = node.as_deref().and_then(|n| node_data.get(n));
         let fail = |e: String| {
             let line = first_ref(&e).and_then(|r| line_with(&s.source, &r));
@@ -965,6 +998,7 @@ pub fn resolve(cat: &Catalog, nodes: &[NodeInfo]) -> Result<Graph, Vec<Problem>>
             consumed: &consumed,
             node: node_value,
             secrets: &s.meta.secrets,
+            no_secrets: None,
         };
         let params = match scope.resolve(&Value::Object(raw_params)) {
             Ok(p) => p,
@@ -977,6 +1011,20 @@ pub fn resolve(cat: &Catalog, nodes: &[NodeInfo]) -> Result<Graph, Vec<Problem>>
             params: Some(&params),
             ..scope
         };
+        // Secrets resolve only on the node, in the action's context: never in what is
+        // published (it reaches consumers and the records) nor in what the server runs.
+        let published_scope = Scope {
+            no_secrets: Some("published data (consumers and records would see it)"),
+            ..scope
+        };
+        let process_scope = Scope {
+            no_secrets: Some("[process] (not supported yet: read it in an action)"),
+            ..scope
+        };
+        let build_scope = Scope {
+            no_secrets: Some("[build]"),
+            ..scope
+        };
         let mut provides = Map::new();
         let mut bad = false;
         for (role, p) in &s.meta.provides {
@@ -985,7 +1033,7 @@ pub fn resolve(cat: &Catalog, nodes: &[NodeInfo]) -> Result<Graph, Vec<Problem>>
                 .iter()
                 .map(|(k, v)| (k.clone(), to_json(v)))
                 .collect();
-            match scope.resolve(&Value::Object(raw)) {
+            match published_scope.resolve(&Value::Object(raw)) {
                 Ok(Value::Object(data)) => {
                     if let Some(i) = cat.interfaces.get(&p.interface) {
                         if let Err(e) = i.check(&data) {
@@ -1013,7 +1061,7 @@ pub fn resolve(cat: &Catalog, nodes: &[NodeInfo]) -> Result<Graph, Vec<Problem>>
             .meta
             .process
             .as_ref()
-            .map(|t| scope.resolve(&to_json(&toml::Value::Table(t.clone()))))
+            .map(|t| process_scope.resolve(&to_json(&toml::Value::Table(t.clone()))))
         {
             Some(Ok(v)) => match process_spec(path, &v) {
                 Ok(_) => Some(v),
@@ -1038,7 +1086,7 @@ pub fn resolve(cat: &Catalog, nodes: &[NodeInfo]) -> Result<Graph, Vec<Problem>>
             .meta
             .build
             .as_ref()
-            .map(|b| scope.resolve(&serde_json::to_value(b).unwrap_or(Value::Null)))
+            .map(|b| build_scope.resolve(&serde_json::to_value(b).unwrap_or(Value::Null)))
         {
             Some(Ok(v)) => Some(v),
             Some(Err(e)) => {
@@ -1076,6 +1124,23 @@ pub fn resolve(cat: &Catalog, nodes: &[NodeInfo]) -> Result<Graph, Vec<Problem>>
             hash_of(&build.clone().unwrap_or(Value::Null)),
         );
         parts.insert("node".to_string(), hash_of(&serde_json::json!(node)));
+        if !s.meta.secrets.is_empty() {
+            // Only services with secrets have the part, so other hashes stay as they were.
+            let versions: Map<String, Value> = s
+                .meta
+                .secrets
+                .keys()
+                .map(|k| {
+                    let v = cat
+                        .secret_versions
+                        .get(path)
+                        .and_then(|m| m.get(k))
+                        .cloned();
+                    (k.clone(), serde_json::json!(v))
+                })
+                .collect();
+            parts.insert("secrets".to_string(), hash_of(&Value::Object(versions)));
+        }
         let hash = hash_of(&serde_json::to_value(&parts).unwrap_or(Value::Null));
         graph.services.insert(
             path.clone(),

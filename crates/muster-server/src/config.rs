@@ -39,6 +39,8 @@ pub struct Config {
     pub alerts: AlertsConfig,
     /// Models: uploads, versions, predict routing.
     pub models: ModelsConfig,
+    /// Services (HQ's `services/`).
+    pub services: ServicesConfig,
 }
 
 /// `[server]`
@@ -281,6 +283,18 @@ pub struct HqConfig {
     pub max_file_size: u64,
 }
 
+/// `[services]`
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServicesConfig {
+    /// The key file of the services' secrets (`muster services secret set`): 32 random bytes
+    /// (hex) that encrypt every stored secret value (ChaCha20-Poly1305), kept apart from the
+    /// store. Empty: `<data_dir>/secrets.key`, made (0600) on first use. In cluster mode every
+    /// server must use the same key file (copy it to each before they start): a server with
+    /// another key cannot read the secrets and fails the steps that use them.
+    pub secrets_key_file: String,
+}
+
 /// `[alerts]`
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -367,6 +381,7 @@ impl Default for Config {
             hq: HqConfig::default(),
             alerts: AlertsConfig::default(),
             models: ModelsConfig::default(),
+            services: ServicesConfig::default(),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use super::*;
 use muster_models::archive;
+use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 
 #[derive(Subcommand)]
@@ -25,9 +26,84 @@ pub enum ServicesCmd {
     Export(SvcExportArgs),
     /// Give a .tar.gz to a service's import action (unpacked in MUSTER_IMPORT_DIR on its node).
     Import(SvcImportArgs),
+    /// A service's secrets (`${secrets.KEY}` in its service.toml): set from stdin, list, remove.
+    #[command(subcommand)]
+    Secret(SecretCmd),
     /// One step of an apply tree (run by the tree's jobs, not by hand).
     #[command(hide = true)]
     Step(SvcStepArgs),
+}
+
+#[derive(Subcommand)]
+pub enum SecretCmd {
+    /// Set secret KEY of service PATH to what stdin holds (one trailing newline dropped); the
+    /// value is kept encrypted and never shown again.
+    Set(SecretKeyArgs),
+    /// List the secrets of service PATH (keys and versions, never values).
+    Ls(SvcPathArgs),
+    /// Remove secret KEY of service PATH.
+    Rm(SecretKeyArgs),
+}
+
+#[derive(Args)]
+pub struct SecretKeyArgs {
+    #[command(flatten)]
+    server: ServerOpt,
+    path: String,
+    key: String,
+}
+
+fn secret(cmd: SecretCmd) -> Result<()> {
+    match cmd {
+        SecretCmd::Set(a) => {
+            let client = authed_client(&a.server)?;
+            let mut value = String::new();
+            std::io::stdin()
+                .read_to_string(&mut value)
+                .context("cannot read the value from stdin")?;
+            if value.ends_with('\n') {
+                value.pop();
+                if value.ends_with('\r') {
+                    value.pop();
+                }
+            }
+            let resp = client.put(
+                &format!("/api/v1/services/{}/secrets/{}", seg(&a.path), seg(&a.key)),
+                &json!({"value": value}),
+            )?;
+            let v = json_body(resp)?;
+            println!(
+                "secret {} of {} set (version {})",
+                a.key,
+                a.path,
+                text(&v["version"]).chars().take(12).collect::<String>()
+            );
+            Ok(())
+        }
+        SecretCmd::Ls(a) => {
+            let client = authed_client(&a.server)?;
+            let v = client.get_json(&format!("/api/v1/services/{}/secrets", seg(&a.path)), &[])?;
+            for s in v["items"].as_array().into_iter().flatten() {
+                println!(
+                    "{}\t{}\t{}",
+                    text(&s["key"]),
+                    text(&s["version"]).chars().take(12).collect::<String>(),
+                    text(&s["updated_by"])
+                );
+            }
+            Ok(())
+        }
+        SecretCmd::Rm(a) => {
+            let client = authed_client(&a.server)?;
+            client.delete_ok(&format!(
+                "/api/v1/services/{}/secrets/{}",
+                seg(&a.path),
+                seg(&a.key)
+            ))?;
+            println!("secret {} of {} removed", a.key, a.path);
+            Ok(())
+        }
+    }
 }
 
 #[derive(Args)]
@@ -163,6 +239,7 @@ pub fn run(cmd: ServicesCmd) -> Result<()> {
             let p = json_body(resp)?;
             run_tree(&client, &p, false)
         }
+        ServicesCmd::Secret(c) => secret(c),
         ServicesCmd::Step(a) => step(a),
     }
 }
@@ -373,7 +450,80 @@ enum Ran {
 /// Tries to exit 75 this many times before the step fails.
 const RETRIES: u32 = 6;
 
-fn run_action(dir: &Path, verb: &str, ctx: &Value, env: &[(String, String)]) -> Result<Ran> {
+/// What the job log must never show: the secret values a step was given, each replaced by
+/// `***` (as given, and as JSON would escape it).
+#[derive(Clone, Default)]
+struct Mask(Vec<String>);
+
+impl Mask {
+    fn new(values: impl IntoIterator<Item = String>) -> Mask {
+        let mut v: Vec<String> = Vec::new();
+        for s in values {
+            if s.is_empty() {
+                continue;
+            }
+            let escaped = serde_json::to_string(&s).unwrap_or_default();
+            let escaped = escaped[1..escaped.len().saturating_sub(1).max(1)].to_string();
+            if escaped != s && !escaped.is_empty() {
+                v.push(escaped);
+            }
+            v.push(s);
+        }
+        // Longest first, so a value containing another is masked whole.
+        v.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        v.dedup();
+        Mask(v)
+    }
+
+    fn apply(&self, line: &str) -> String {
+        let mut out = line.to_string();
+        for s in &self.0 {
+            if out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), "***");
+            }
+        }
+        out
+    }
+}
+
+/// `v` with each `${secrets.KEY}` in its strings replaced by the value (a string that is
+/// exactly one reference becomes the value).
+fn fill_secrets(v: &mut Value, values: &BTreeMap<String, String>) {
+    match v {
+        Value::String(s) if s.contains("${") => {
+            let mut out = String::new();
+            let mut rest = s.as_str();
+            while let Some(i) = rest.find("${") {
+                out.push_str(&rest[..i]);
+                let after = &rest[i + 2..];
+                let Some(j) = after.find('}') else {
+                    out.push_str(&rest[i..]);
+                    rest = "";
+                    break;
+                };
+                let r = after[..j].trim();
+                match r.strip_prefix("secrets.").and_then(|k| values.get(k)) {
+                    Some(val) => out.push_str(val),
+                    None => out.push_str(&rest[i..i + 2 + j + 1]),
+                }
+                rest = &after[j + 1..];
+            }
+            out.push_str(rest);
+            *s = out;
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| fill_secrets(x, values)),
+        Value::Object(m) => m.values_mut().for_each(|x| fill_secrets(x, values)),
+        _ => {}
+    }
+}
+
+fn run_action(
+    dir: &Path,
+    verb: &str,
+    ctx: &Value,
+    env: &[(String, String)],
+    mask: &Mask,
+) -> Result<Ran> {
     let file = dir.join("actions").join(verb);
     let py = dir.join("actions.py");
     let mut cmd = if file.is_file() {
@@ -393,7 +543,11 @@ fn run_action(dir: &Path, verb: &str, ctx: &Value, env: &[(String, String)]) -> 
     cmd.current_dir(dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(if mask.0.is_empty() {
+            Stdio::inherit()
+        } else {
+            Stdio::piped()
+        });
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -409,10 +563,20 @@ fn run_action(dir: &Path, verb: &str, ctx: &Value, env: &[(String, String)]) -> 
             // An action that reads nothing closes its stdin early: that is fine.
             let _ = stdin.write_all(text.as_bytes());
         }
+        // Stderr masked on a thread of its own (when piped: there are secrets).
+        let errs = child.stderr.take().map(|err| {
+            let m = mask.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(err).lines() {
+                    let Ok(line) = line else { break };
+                    eprintln!("{}", m.apply(&line));
+                }
+            })
+        });
         let mut last = String::new();
         if let Some(out) = child.stdout.take() {
             for line in std::io::BufReader::new(out).lines() {
-                let line = line.unwrap_or_default();
+                let line = mask.apply(&line.unwrap_or_default());
                 println!("{line}");
                 if !line.trim().is_empty() {
                     last = line;
@@ -420,6 +584,9 @@ fn run_action(dir: &Path, verb: &str, ctx: &Value, env: &[(String, String)]) -> 
             }
         }
         let status = child.wait()?;
+        if let Some(t) = errs {
+            let _ = t.join();
+        }
         match status.code() {
             Some(0) => {
                 let v = serde_json::from_str::<Value>(last.trim())
@@ -511,6 +678,16 @@ fn step(a: SvcStepArgs) -> Result<()> {
         ("MUSTER_PLAN".into(), a.plan.clone()),
     ];
     let mut ctx = info["context"].clone();
+    // Its secrets: asked for with this job's own token, put into the context's params only,
+    // and masked in everything the step prints.
+    let mut mask = Mask::default();
+    if info["secrets"].as_array().is_some_and(|a| !a.is_empty()) {
+        let v = client.get_json(&format!("{base}/secrets"), &[])?;
+        let values: BTreeMap<String, String> =
+            serde_json::from_value(v["secrets"].clone()).unwrap_or_default();
+        fill_secrets(&mut ctx["params"], &values);
+        mask = Mask::new(values.into_values());
+    }
     let mut result = serde_json::Map::new();
     let verbs: Vec<String> = info["verbs"]
         .as_array()
@@ -560,7 +737,7 @@ fn step(a: SvcStepArgs) -> Result<()> {
                 scratch.to_string_lossy().into_owned(),
             ));
         }
-        let mut ran = run_action(d, &verb, &ctx, &env)?;
+        let mut ran = run_action(d, &verb, &ctx, &env, &mask)?;
         if (verb == "export" || verb == "import") && matches!(ran, Ran::Missing) {
             let _ = std::fs::remove_dir_all(&scratch);
             bail!("service {path} has no {verb} action");
@@ -609,8 +786,8 @@ fn step(a: SvcStepArgs) -> Result<()> {
         }
         if matches!(ran, Ran::Missing) && verb == "restart" {
             // restart = stop + start.
-            let stopped = run_action(d, "stop", &ctx, &env)?;
-            let started = run_action(d, "start", &ctx, &env)?;
+            let stopped = run_action(d, "stop", &ctx, &env, &mask)?;
+            let started = run_action(d, "start", &ctx, &env, &mask)?;
             ran = match (stopped, started) {
                 (_, Ran::Done(v)) => Ran::Done(v),
                 (Ran::Done(v), Ran::Missing) => Ran::Done(v),
@@ -656,6 +833,9 @@ fn step(a: SvcStepArgs) -> Result<()> {
             Err(e) => bail!("cannot remove {}: {e}", state_dir.display()),
         }
     }
-    println!("{}", serde_json::to_string(&Value::Object(result))?);
+    println!(
+        "{}",
+        mask.apply(&serde_json::to_string(&Value::Object(result))?)
+    );
     Ok(())
 }

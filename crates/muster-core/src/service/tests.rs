@@ -383,3 +383,78 @@ fn a_whole_reference_in_an_argv_env_or_health_command_is_text() {
     assert_eq!(spec.env["ON"], "true");
     assert_eq!(spec.health.unwrap().exec.unwrap(), vec!["check", "8"]);
 }
+
+#[test]
+fn secrets_must_be_set_stay_unresolved_and_their_version_is_an_input() {
+    let files = [
+        (
+            "services/demo__db__main/service.toml",
+            "domain = \"demo\"\nname = \"db\"\ninstance = \"main\"\n\
+             [params]\npassword = \"${secrets.pw}\"\ndsn = \"db://u:${secrets.pw}@h\"\n\
+             [secrets]\npw = \"the database password\"\n",
+        ),
+        ("services/demo__db__main/actions/install", "#!/bin/sh\n"),
+    ];
+    let mut cat = load(&hq(&files)).unwrap();
+    // Not set: a plan error naming the service and the key.
+    let e = resolve(&cat, &nodes()).unwrap_err();
+    assert!(
+        e[0].message.contains("demo__db__main") && e[0].message.contains("secret pw is not set"),
+        "{e:?}"
+    );
+    cat.secret_versions
+        .insert("demo__db__main".into(), [("pw".into(), "v1".into())].into());
+    let g1 = resolve(&cat, &nodes()).unwrap();
+    let s = &g1.services["demo__db__main"];
+    // Left for the node.
+    assert_eq!(s.params["password"], "${secrets.pw}");
+    assert_eq!(s.params["dsn"], "db://u:${secrets.pw}@h");
+    assert_eq!(s.secrets, vec!["pw".to_string()]);
+    // Another version: another hash (only the secrets part).
+    cat.secret_versions
+        .insert("demo__db__main".into(), [("pw".into(), "v2".into())].into());
+    let g2 = resolve(&cat, &nodes()).unwrap();
+    let s2 = &g2.services["demo__db__main"];
+    assert_ne!(s.hash, s2.hash);
+    let changed: Vec<&String> = s
+        .parts
+        .iter()
+        .filter(|(k, v)| s2.parts.get(*k) != Some(*v))
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(changed, vec!["secrets"]);
+    // A service without secrets has no secrets part (hashes recorded before stay valid).
+    let g = graph(&env()).unwrap();
+    assert!(!g.services["demo__kv__main"].parts.contains_key("secrets"));
+}
+
+#[test]
+fn secrets_cannot_be_published_or_put_in_a_process() {
+    let base = "domain = \"demo\"\nname = \"db\"\ninstance = \"main\"\n[secrets]\npw = \"\"\n";
+    for (extra, what) in [
+        (
+            "[provides.kv]\ninterface = \"kv\"\ndata = { host = \"${secrets.pw}\", port = 1 }\n",
+            "published data",
+        ),
+        (
+            "[process]\ncommand = [\"sleep\", \"9\"]\nenv = { PW = \"${secrets.pw}\" }\n",
+            "[process]",
+        ),
+    ] {
+        let files = [
+            ("interfaces/kv.toml", KV_IFACE),
+            (
+                "services/demo__db__main/service.toml",
+                &format!("{base}{extra}"),
+            ),
+        ];
+        let mut cat = load(&hq(&files)).unwrap();
+        cat.secret_versions
+            .insert("demo__db__main".into(), [("pw".into(), "v1".into())].into());
+        let e = resolve(&cat, &nodes()).unwrap_err();
+        assert!(
+            e[0].message.contains("a secret cannot be used in") && e[0].message.contains(what),
+            "{e:?}"
+        );
+    }
+}

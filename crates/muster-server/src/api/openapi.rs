@@ -1252,6 +1252,7 @@ pub fn document() -> Value {
                 "action": {"type": "string"}, "verbs": {"type": "array", "items": {"type": "string"}},
                 "node": nullable("string"), "archive": nullable("string"),
                 "actions": {"type": "array", "items": {"type": "string"}}, "process": {"type": "boolean"},
+                "secrets": {"type": "array", "items": {"type": "string"}},
                 "context": {"type": "object"}
             }), &["plan", "key", "path", "action", "verbs", "context"])),
             false,
@@ -1294,6 +1295,54 @@ pub fn document() -> Value {
             None,
             "200",
             text("application/gzip"),
+            false,
+        ),
+        vec![path_param("id"), path_param("key")],
+    );
+    let secret = obj(
+        json!({"path": {"type": "string"}, "key": {"type": "string"}, "version": {"type": "string"},
+               "updated_at": ts.clone(), "updated_by": {"type": "string"}}),
+        &["path", "key", "version", "updated_at", "updated_by"],
+    );
+    add(
+        "/api/v1/services/{path}/secrets",
+        "get",
+        op(
+            "A service's secrets: keys and versions (a hash of the ciphertext), never values",
+            None,
+            "200",
+            Some(list(secret.clone())),
+            false,
+        ),
+        vec![service_path_param()],
+    );
+    add(
+        "/api/v1/services/{path}/secrets/{key}",
+        "put",
+        op(
+            "Set a secret of a service (an operator of the hq workspace): kept encrypted at rest, resolved as ${secrets.KEY} only on the node, never answered",
+            Some(json!({"type": "object", "additionalProperties": false, "required": ["value"],
+                        "properties": {"value": {"type": "string", "minLength": 1, "maxLength": 65536}}})),
+            "200",
+            Some(secret),
+            false,
+        ),
+        vec![service_path_param(), path_param("key")],
+    );
+    add(
+        "/api/v1/services/{path}/secrets/{key}",
+        "delete",
+        op("Remove a secret of a service", None, "204", None, false),
+        vec![service_path_param(), path_param("key")],
+    );
+    add(
+        "/api/v1/services/plans/{id}/steps/{key}/secrets",
+        "get",
+        op(
+            "The values of the secrets a step's service uses, for that step's own job only (its tree's job token); 403 for anyone else",
+            None,
+            "200",
+            Some(obj(json!({"secrets": {"type": "object", "additionalProperties": {"type": "string"}}}), &["secrets"])),
             false,
         ),
         vec![path_param("id"), path_param("key")],

@@ -43,7 +43,22 @@ pub(super) fn routes(r: Routes) -> Routes {
             &["GET"],
             get(import_archive),
         )
+        .add(
+            "/api/v1/services/plans/{id}/steps/{key}/secrets",
+            &["GET"],
+            get(step_secrets),
+        )
         .add("/api/v1/services/{path}", &["GET"], get(show))
+        .add(
+            "/api/v1/services/{path}/secrets",
+            &["GET"],
+            get(list_secrets),
+        )
+        .add(
+            "/api/v1/services/{path}/secrets/{key}",
+            &["PUT", "DELETE"],
+            axum::routing::put(set_secret).delete(delete_secret),
+        )
         .add(
             "/api/v1/services/{path}/exports/{id}",
             &["GET"],
@@ -421,4 +436,129 @@ async fn import(
     })
     .await?;
     run_now(&app, &caller, plan).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// secrets
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretBody {
+    value: String,
+}
+
+fn secret_args(path: &str, key: &str) -> ApiResult<()> {
+    muster_core::service::check_path(path).map_err(ApiError::bad)?;
+    crate::services::secrets::check_key(key).map_err(ApiError::bad)
+}
+
+fn secret_json(r: &crate::services::secrets::SecretRecord) -> Value {
+    json!({"path": r.path, "key": r.key, "version": r.version(),
+           "updated_at": r.updated_at, "updated_by": r.updated_by})
+}
+
+/// Sets a secret of a service (an operator of HQ's workspace): the value is kept encrypted,
+/// never answered.
+async fn set_secret(
+    State(app): AppState,
+    caller: Caller,
+    Path((path, key)): Path<(String, String)>,
+    JsonBody(body): JsonBody<SecretBody>,
+) -> ApiResult<Response> {
+    caller.need_role(crate::hq::orders::ORDERS_WORKSPACE, Role::Operator)?;
+    secret_args(&path, &key)?;
+    if body.value.is_empty() {
+        return Err(ApiError::bad("the value is empty"));
+    }
+    if body.value.len() > crate::services::secrets::MAX_VALUE {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "a secret has at most {} bytes",
+                crate::services::secrets::MAX_VALUE
+            ),
+        ));
+    }
+    let (a, by) = (app.clone(), caller.user.name.clone());
+    let rec = blocking(move || {
+        Ok(crate::services::secrets::set(
+            &a,
+            &path,
+            &key,
+            body.value.as_bytes(),
+            &by,
+        )?)
+    })
+    .await?;
+    Ok(axum::Json(secret_json(&rec)).into_response())
+}
+
+async fn delete_secret(
+    State(app): AppState,
+    caller: Caller,
+    Path((path, key)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    caller.need_role(crate::hq::orders::ORDERS_WORKSPACE, Role::Operator)?;
+    secret_args(&path, &key)?;
+    let a = app.clone();
+    let found = blocking(move || Ok(crate::services::secrets::delete(&a, &path, &key)?)).await?;
+    if !found {
+        return Err(ApiError::not_found("secret"));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A service's secrets: keys and versions, never values.
+async fn list_secrets(
+    State(app): AppState,
+    caller: Caller,
+    Path(path): Path<String>,
+) -> ApiResult<Response> {
+    caller.need_role(crate::hq::orders::ORDERS_WORKSPACE, Role::Viewer)?;
+    muster_core::service::check_path(&path).map_err(ApiError::bad)?;
+    let a = app.clone();
+    let list = blocking(move || Ok(crate::services::secrets::list(&a, &path)?)).await?;
+    let items: Vec<Value> = list.values().map(secret_json).collect();
+    Ok(axum::Json(json!({"items": items})).into_response())
+}
+
+/// The values of the secrets a step's service uses: only for that step's own job (the job
+/// token of the plan's apply tree), never for a person.
+async fn step_secrets(
+    State(app): AppState,
+    caller: Caller,
+    Path((id, key)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let plan = step_of(&app, &caller, &id, &key).await?;
+    let own = plan.tree.is_some_and(|t| {
+        caller.token.workspace.as_deref() == Some(crate::hq::orders::ORDERS_WORKSPACE)
+            && caller.token.name == format!("jobs of tree {t}")
+    });
+    if !own {
+        return Err(ApiError::forbidden(
+            "only the step's own job may read its secrets",
+        ));
+    }
+    let a = app.clone();
+    let values = blocking(move || {
+        let info = crate::services::step::info(&a, &plan, &key)?;
+        let keys: Vec<String> = info["secrets"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let path = info["path"].as_str().unwrap_or_default().to_string();
+        Ok(crate::services::secrets::for_step(&a, &path, &keys)?)
+    })
+    .await?;
+    let mut resp = axum::Json(json!({"secrets": values})).into_response();
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    Ok(resp)
 }

@@ -19,6 +19,7 @@
 pub mod monitor;
 pub mod process;
 pub mod reset;
+pub mod secrets;
 pub mod step;
 
 use crate::App;
@@ -315,7 +316,8 @@ impl Services {
         snap: &Snapshot,
         only: Option<&str>,
     ) -> Result<(Vec<PlanStep>, Vec<String>)> {
-        let cat = service::load(&snap.files).map_err(ServiceError::Invalid)?;
+        let mut cat = service::load(&snap.files).map_err(ServiceError::Invalid)?;
+        cat.secret_versions = secrets::versions(app)?;
         let nodes = self.nodes(app)?;
         let graph = service::resolve(&cat, &nodes).map_err(ServiceError::Invalid)?;
         let records = self.records(app)?;

@@ -104,6 +104,13 @@ pub fn info(app: &App, plan: &StoredPlan, key: &str) -> Result<Value, ServiceErr
             consumes.insert(role.clone(), v);
         }
     }
+    // The secrets its params refer to (resolved on the node: the values come from
+    // `GET …/steps/{key}/secrets`, for this step's own job only).
+    let mut secret_keys = std::collections::BTreeSet::new();
+    secret_refs(&params, &mut secret_keys);
+    if let Some(r) = &s.resolved {
+        secret_keys.extend(r.secrets.iter().cloned());
+    }
     let context = json!({
         "service": path,
         "params": params,
@@ -126,6 +133,27 @@ pub fn info(app: &App, plan: &StoredPlan, key: &str) -> Result<Value, ServiceErr
         "import": s.import.is_some(),
         "actions": actions,
         "process": has_process || record.as_ref().is_some_and(|r| r.process.is_some()),
+        "secrets": secret_keys,
         "context": context,
     }))
+}
+
+/// The keys of every `${secrets.KEY}` in the strings of `v`.
+pub fn secret_refs(v: &Value, out: &mut std::collections::BTreeSet<String>) {
+    match v {
+        Value::String(s) => {
+            let mut rest = s.as_str();
+            while let Some(i) = rest.find("${") {
+                let after = &rest[i + 2..];
+                let Some(j) = after.find('}') else { break };
+                if let Some(k) = after[..j].trim().strip_prefix("secrets.") {
+                    out.insert(k.to_string());
+                }
+                rest = &after[j + 1..];
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| secret_refs(x, out)),
+        Value::Object(m) => m.values().for_each(|x| secret_refs(x, out)),
+        _ => {}
+    }
 }

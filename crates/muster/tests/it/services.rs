@@ -962,3 +962,203 @@ fn export_and_import_move_a_services_data_as_archives() {
     let (st, _) = import(b"hello".to_vec());
     assert_eq!(st, 400);
 }
+
+/// Every file under `dir` (recursively) whose bytes contain `needle`, but `except`.
+fn files_with(dir: &Path, needle: &[u8], except: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                todo.push(p);
+            } else if ft.is_file() && p != except {
+                let data = std::fs::read(&p).unwrap_or_default();
+                if data.windows(needle.len()).any(|w| w == needle) {
+                    found.push(p.display().to_string());
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn secrets_resolve_on_the_node_only_and_never_show() {
+    use std::os::unix::fs::PermissionsExt;
+    // SQLite on the Redis pass too: the store's raw files are read below.
+    let s = Server::start_with(|c| {
+        c.store.url = format!("sqlite://{}", c.data_dir.join("muster.db").display());
+    });
+    let hq = s.dir.0.join("hq");
+    assert!(wait_until(WAIT, || hq.join(".git").is_dir()));
+    let value = "hunter2-Zq9x/\"pw\"";
+    write(
+        &hq,
+        "services/demo__db__main/service.toml",
+        "domain = \"demo\"\nname = \"db\"\ninstance = \"main\"\n\n[params]\npassword = \"${secrets.pw}\"\n\
+         dsn = \"db://u:${secrets.pw}@h\"\n\n[secrets]\npw = \"the database password\"\n",
+        false,
+    );
+    // The action gets the value in its context, keeps it in its state dir, and prints it on
+    // stdout, on stderr and in its result.
+    write(
+        &hq,
+        "services/demo__db__main/actions/install",
+        r#"#!/bin/bash
+set -e
+ctx=$(cat)
+pw=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params"]["password"], end="")' "$ctx")
+dsn=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params"]["dsn"], end="")' "$ctx")
+printf '%s' "$pw" > "$MUSTER_STATE_DIR/pw"
+echo "the password is $pw"
+echo "dsn $dsn" >&2
+python3 -c 'import json,sys; print(json.dumps({"message": "pw " + sys.argv[1], "state": {"pw": sys.argv[1]}}))' "$pw"
+"#,
+        true,
+    );
+    commit(&hq, "a database with a secret");
+
+    // Not set yet: the plan names the service and the key.
+    let (st, e) = s.call("POST", "/api/v1/services/plan", Some(json!({})));
+    assert_eq!(st, 422, "{e}");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("demo__db__main") && msg.contains("secret pw is not set"),
+        "{msg}"
+    );
+
+    // Bad input: clear 4xx without the value echoed.
+    let (st, e) = s.call(
+        "PUT",
+        "/api/v1/services/demo__db__main/secrets/pw",
+        Some(json!({"value": ""})),
+    );
+    assert_eq!(st, 400, "{e}");
+    let (st, e) = s.call(
+        "PUT",
+        "/api/v1/services/demo__db__main/secrets/bad%20key",
+        Some(json!({"value": value})),
+    );
+    assert_eq!(st, 400, "{e}");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+
+    let mut bodies: Vec<String> = Vec::new();
+    let (st, set) = s.call(
+        "PUT",
+        "/api/v1/services/demo__db__main/secrets/pw",
+        Some(json!({"value": value})),
+    );
+    assert_eq!(st, 200, "{set}");
+    bodies.push(set.to_string());
+    // The key file: apart from the store, 0600.
+    let key_file = s.dir.0.join("secrets.key");
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let p = plan(&s);
+    assert_eq!(
+        steps(&p),
+        vec![("install".to_string(), "demo__db__main".to_string())]
+    );
+    bodies.push(p.to_string());
+    let t = apply(&s, &p);
+    let state_file = s.dir.0.join("node/services/state/demo__db__main/pw");
+    let state_file = if state_file.exists() {
+        state_file
+    } else {
+        // Wherever the embedded node keeps its data dir.
+        let mut found = None;
+        let mut todo = vec![s.dir.0.clone()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.ends_with("state/demo__db__main/pw") {
+                    found = Some(p.clone());
+                }
+                if p.is_dir() {
+                    todo.push(p);
+                }
+            }
+        }
+        found.expect("the action kept the password in its state dir")
+    };
+    // The action had the value itself.
+    assert_eq!(std::fs::read_to_string(&state_file).unwrap(), value);
+    // The job log masks it, on stdout, stderr and in the result.
+    let job = t["children"][0]["id"].as_str().unwrap().to_string();
+    let log = s.log(&job);
+    assert!(log.contains("the password is ***"), "{log}");
+    assert!(log.contains("dsn db://u:***@h"), "{log}");
+    assert!(!log.contains("hunter2"), "{log}");
+    bodies.push(log);
+    // Only the step's own job may ask for the values: not even a cluster admin.
+    let plan_id = p["id"].as_str().unwrap();
+    let (st, e) = s.call(
+        "GET",
+        &format!("/api/v1/services/plans/{plan_id}/steps/s1/secrets"),
+        None,
+    );
+    assert_eq!(st, 403, "{e}");
+    bodies.push(e.to_string());
+    // No API answer holds it.
+    for path in [
+        "/api/v1/services".to_string(),
+        "/api/v1/services/demo__db__main".to_string(),
+        "/api/v1/services/demo__db__main/secrets".to_string(),
+        format!("/api/v1/services/plans/{plan_id}"),
+        format!("/api/v1/services/plans/{plan_id}/steps/s1"),
+        format!("/api/v1/jobs/{job}"),
+        format!("/api/v1/jobs/{}/tree", t["id"].as_str().unwrap()),
+    ] {
+        let (st, text) = s.raw(Some(&s.token), "GET", &path, None, &[]);
+        assert_eq!(st, 200, "{path}: {text}");
+        bodies.push(text);
+    }
+    let (_, rec) = s.call("GET", "/api/v1/services/demo__db__main", None);
+    assert_eq!(rec["message"], "pw ***");
+    let (_, list) = s.call("GET", "/api/v1/services/demo__db__main/secrets", None);
+    assert_eq!(list["items"][0]["key"], "pw");
+    for b in &bodies {
+        assert!(!b.contains("hunter2"), "an answer holds the secret: {b}");
+    }
+    // Nor does any file under the data dir (the store, the logs, the blobs, the node's
+    // files) but the action's own.
+    let found = files_with(&s.dir.0, b"hunter2", &state_file);
+    assert!(found.is_empty(), "the secret is in {found:?}");
+
+    // A new value: the service reconfigures (its secrets changed), and the action has it.
+    let (st, _) = s.call(
+        "PUT",
+        "/api/v1/services/demo__db__main/secrets/pw",
+        Some(json!({"value": "second-Qx7"})),
+    );
+    assert_eq!(st, 200);
+    let p = plan(&s);
+    assert_eq!(
+        steps(&p),
+        vec![("reconfigure".to_string(), "demo__db__main".to_string())]
+    );
+    assert!(
+        p["steps"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("secrets"),
+        "{p}"
+    );
+    apply(&s, &p);
+    assert_eq!(std::fs::read_to_string(&state_file).unwrap(), "second-Qx7");
+    assert!(files_with(&s.dir.0, b"second-Qx7", &state_file).is_empty());
+
+    // Removed: the next plan names it again.
+    let (st, _) = s.call("DELETE", "/api/v1/services/demo__db__main/secrets/pw", None);
+    assert_eq!(st, 204);
+    let (st, _) = s.call("DELETE", "/api/v1/services/demo__db__main/secrets/pw", None);
+    assert_eq!(st, 404);
+    let (st, e) = s.call("POST", "/api/v1/services/plan", Some(json!({})));
+    assert_eq!(st, 422, "{e}");
+}
