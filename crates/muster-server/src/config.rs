@@ -340,6 +340,9 @@ pub struct ModelsConfig {
     pub predictor_host: String,
     /// Rows per chunk of a batch (`POST …/batch`) unless the call names `chunk_rows`.
     pub batch_chunk_rows: u64,
+    /// Batch chunks this server scores at once, over every batch (the others' jobs wait their
+    /// turn): each holds one chunk's rows and its predict call in memory.
+    pub batch_parallel: usize,
     /// How long one chunk's predict call may take (a chunk is many rows).
     #[serde(with = "dur")]
     pub batch_timeout: Duration,
@@ -359,6 +362,7 @@ impl Default for ModelsConfig {
             onnxruntime_lib: String::new(),
             predictor_host: "0.0.0.0".into(),
             batch_chunk_rows: 10_000,
+            batch_parallel: 4,
             batch_timeout: Duration::from_secs(600),
         }
     }

@@ -147,6 +147,7 @@ impl App {
             store.clone(),
             processes.clone(),
             config.models.replica_max_inflight,
+            config.models.batch_parallel,
         );
         hooks.register(
             models::DEPLOY_HOOK,

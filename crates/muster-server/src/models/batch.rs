@@ -672,6 +672,8 @@ pub async fn score_chunk(
             rows_total: b.rows_total,
         });
     }
+    // Memory: a bounded number of chunks at once, over every batch of this server.
+    let _slot = app.models.batch_slot().await;
     let a = app.clone();
     let blob = chunk.input.clone();
     let rows: Vec<Vec<String>> = blocking(move || {

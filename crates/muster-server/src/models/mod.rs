@@ -225,6 +225,9 @@ struct Inner {
     store: Arc<dyn Store>,
     processes: Processes,
     routes: routes::Routes,
+    /// Batch chunks being scored by this server at once (`[models] batch_parallel`): what
+    /// bounds the memory of every batch together.
+    batch_slots: tokio::sync::Semaphore,
     /// The server's app, for the parts called with a `&App` that make trees (order verbs).
     app: std::sync::OnceLock<std::sync::Weak<crate::App>>,
 }
@@ -236,10 +239,16 @@ pub struct Models {
 }
 
 impl Models {
-    pub fn new(store: Arc<dyn Store>, processes: Processes, max_inflight: usize) -> Models {
+    pub fn new(
+        store: Arc<dyn Store>,
+        processes: Processes,
+        max_inflight: usize,
+        batch_parallel: usize,
+    ) -> Models {
         Models {
             inner: Arc::new(Inner {
                 routes: routes::Routes::new(max_inflight),
+                batch_slots: tokio::sync::Semaphore::new(batch_parallel.max(1)),
                 store,
                 processes,
                 app: std::sync::OnceLock::new(),
@@ -268,6 +277,15 @@ impl Models {
     /// The predict routes of this server.
     pub fn routes(&self) -> &routes::Routes {
         &self.inner.routes
+    }
+
+    /// A place to score one batch chunk (waits while `[models] batch_parallel` are taken).
+    pub async fn batch_slot(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.inner
+            .batch_slots
+            .acquire()
+            .await
+            .expect("the batch semaphore is never closed")
     }
 
     /// One model.

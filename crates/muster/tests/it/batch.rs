@@ -654,8 +654,10 @@ fn a_1gb_csv_is_scored_in_bounded_server_and_agent_memory() {
     );
     assert!(samples >= 10, "{samples}");
     // The file is ~1 GB: the server and the agent hold a few chunks at a time, never the file.
+    // (Measured alone: +128 MB. The bound leaves room for the other tests of this process,
+    // which run beside it and count in the same RSS; holding the file would be +1 GB.)
     assert!(
-        peak.saturating_sub(base) < 256 << 20,
+        peak.saturating_sub(base) < 400 << 20,
         "RSS grew from {} MB to {} MB",
         base >> 20,
         peak >> 20
