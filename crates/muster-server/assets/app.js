@@ -246,6 +246,12 @@
       else if (view === 'hq') { show('hq'); await loadHq(); }
       else if (view === 'procs') { show('procs'); await loadProcs(parts[1]); }
       else if (view === 'models') { show('models'); await loadModels(parts[1], parts[2]); }
+      else if (view === 'services') {
+        show('services');
+        // Statuses change on the pulse too (monitors): looked at again while the view shows.
+        if (!st.svcTimer) st.svcTimer = setInterval(() => { if (st.view === 'services') loadServices(st.svcOpen); }, 2000);
+        await loadServices(parts.slice(1).join('/'));
+      }
       else if (view === 'workspaces') { show('workspaces'); await loadWorkspaces(); }
       else if (view === 'tokens') { show('tokens'); await loadTokens(); }
       else { show('jobs'); await loadJobs(query); }
@@ -444,6 +450,7 @@
     else if (ev.type === 'process' && st.view === 'procs') soon('procs', () => loadProcs(st.procLog && st.procLog.id));
     else if ((ev.type === 'model' || ev.type === 'process') && st.view === 'models') soon('models', () => loadModels(...(st.model || [])));
     else if (ev.type === 'lagged') soon('route', route);
+    if ((ev.type === 'job' || ev.type === 'tree') && st.view === 'services') soon('services', () => loadServices(st.svcOpen), 500);
   }
 
   function onTreeEvent(ev) {
@@ -595,6 +602,100 @@
       if (e.status !== 401) showMsg('procs-error', e.message);
     }
   }
+
+  // ---- services ------------------------------------------------------------------------------
+
+  /** A service's row: its path indented under its parent's, its status, its last action. */
+  function serviceRow(v) {
+    const depth = v.path.split('/').length - 1;
+    const leaf = v.path.split('/').pop();
+    const href = '#/services/' + v.path.split('/').map(encodeURIComponent).join('/');
+    const name = el('td', { class: 'name', title: v.path }, el('a', { href }, el('b', {}, leaf)));
+    // Children under their parent (CSSOM: the page's CSP allows no inline style attribute).
+    name.style.paddingLeft = (0.5 + 1.5 * depth) + 'em';
+    return el('tr', { dataset: { service: v.path }, class: 'clickable', onclick: () => { location.hash = href; } },
+      name,
+      el('td', { class: 'status' }, badge(v.status)),
+      el('td', {}, v.node || '—'),
+      el('td', { class: 'last' }, v.last_action || '—'),
+      el('td', {}, timeCell(v.updated_at)),
+      el('td', { class: 'message' }, v.message || ''));
+  }
+
+  async function loadServices(open) {
+    st.svcOpen = open;
+    hideMsg('services-error');
+    try {
+      const r = await api('GET', '/api/v1/services');
+      const items = [...r.items].sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0));
+      $('services-body').replaceChildren(...items.map(serviceRow));
+      $('services-empty').hidden = items.length > 0;
+      for (const row of document.querySelectorAll('#services-body tr')) row.classList.toggle('selected', row.dataset.service === open);
+      const v = open && items.find((x) => x.path === open);
+      if (v && v.last_job) await showServiceLog(v);
+      else $('svc-log-box').hidden = true;
+    } catch (e) {
+      if (e.status !== 401) showMsg('services-error', e.message);
+    }
+  }
+
+  /** The log of a service's last action (its job in the apply or action tree). */
+  async function showServiceLog(v) {
+    $('svc-log-box').hidden = false;
+    $('svc-log-name').textContent = v.path + ' · ' + (v.last_action || '');
+    const job = await api('GET', '/api/v1/jobs/' + encodeURIComponent(v.last_job));
+    const tree = job.tree;
+    $('svc-log-tree').textContent = tree ? 'tree ' + String(tree).slice(0, 8) : '';
+    $('svc-log-tree').href = tree ? '#/tree/' + tree + '/' + v.last_job : '#/services';
+    const part = await logPart({ id: v.last_job, attempt: job.attempt || 1 }, {});
+    $('svc-log').textContent = new TextDecoder().decode(part.bytes);
+  }
+
+  function showPlan(p) {
+    st.svcPlan = p;
+    $('svc-plan-box').hidden = false;
+    $('svc-plan-id').textContent = p.id.slice(0, 8);
+    $('svc-plan-commit').textContent = (p.commit || '').slice(0, 12);
+    const steps = p.steps || [];
+    $('svc-plan-body').replaceChildren(...steps.map((s) => el('tr', { dataset: { step: s.path } },
+      el('td', { class: 'action' }, s.action),
+      el('td', { class: 'mono' }, s.path),
+      el('td', {}, s.node || '—'),
+      el('td', {}, s.reason || ''))));
+    $('svc-plan-empty').hidden = steps.length > 0;
+    $('svc-apply').hidden = steps.length === 0;
+    $('svc-apply').disabled = false;
+    $('svc-apply-tree').hidden = true;
+  }
+
+  $('svc-plan').addEventListener('click', async () => {
+    hideMsg('services-error');
+    try {
+      showPlan(await api('POST', '/api/v1/services/plan', {}));
+    } catch (e) {
+      if (e.status !== 401) showMsg('services-error', e.message);
+    }
+  });
+
+  $('svc-apply').addEventListener('click', async () => {
+    const p = st.svcPlan;
+    if (!p) return;
+    hideMsg('services-error');
+    $('svc-apply').disabled = true;
+    try {
+      const a = await api('POST', '/api/v1/services/apply', { plan: p.id });
+      if (a.tree) {
+        $('svc-apply-tree').hidden = false;
+        $('svc-apply-tree').textContent = 'applying in tree ' + a.tree.slice(0, 8);
+        $('svc-apply-tree').href = '#/tree/' + a.tree;
+        $('svc-apply-tree').dataset.tree = a.tree;
+      }
+      soon('services', () => loadServices(st.svcOpen));
+    } catch (e) {
+      $('svc-apply').disabled = false;
+      if (e.status !== 401) showMsg('services-error', e.message);
+    }
+  });
 
   // ---- models --------------------------------------------------------------------------------
 

@@ -1204,3 +1204,74 @@ fn the_models_view_shows_versions_replicas_and_history_predicts_and_reverts() {
         }
     }
 }
+
+/// The services view: the example environment of `examples/services` committed to HQ, planned
+/// and applied from the page; the tree shows each service with its status, the plan its steps,
+/// and a service's last action its log.
+#[test]
+fn the_services_view_plans_applies_and_shows_statuses_and_action_logs() {
+    webdriver::require_browser();
+    let up = Up::start();
+    let _token = up.setup();
+    let hq = up.dir.0.join("hq");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/services/hq/.");
+    let ok = Command::new("cp")
+        .arg("-r")
+        .arg(&example)
+        .arg(&hq)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    support::git(&hq, &["add", "-A"]);
+    support::git(&hq, &["commit", "-q", "-m", "the example environment"]);
+    let b = browser();
+    login(&b, &up.url);
+    b.click("#nav a[data-view=services]");
+    b.wait_visible("#view-services", WAIT);
+    b.wait_visible("#services-empty", WAIT);
+    b.click("#svc-plan");
+    b.wait_visible("#svc-plan-box", WAIT);
+    let plan = b.wait_text("#svc-plan-body", WAIT, |t| {
+        t.contains("demo__backup__nightly")
+    });
+    assert!(
+        plan.contains("install") && plan.contains("demo__kv__main"),
+        "{plan}"
+    );
+    b.screenshot("60-services-plan");
+    b.click("#svc-apply");
+    b.wait_visible("#svc-apply-tree", WAIT);
+    let long = Duration::from_secs(90);
+    for path in ["demo__kv__main", "demo__app__web", "demo__backup__nightly"] {
+        b.wait_state(
+            &format!("#services-body tr[data-service='{path}'] .state"),
+            "active",
+            long,
+        );
+    }
+    assert_eq!(
+        b.text("#services-body tr[data-service='demo__kv__main'] .last")
+            .unwrap(),
+        "install"
+    );
+    // The app really serves, through the store.
+    let body = ureq::get("http://127.0.0.1:7380/")
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(body.contains("visit 1"), "{body}");
+    // A service's last action, with its log.
+    b.click("#services-body tr[data-service='demo__kv__main'] a");
+    b.wait_visible("#svc-log-box", WAIT);
+    b.wait_text("#svc-log", WAIT, |t| {
+        t.contains("service demo__kv__main: install")
+    });
+    b.screenshot("61-services-applied");
+    // Planning again: nothing to do, no apply button.
+    b.click("#svc-plan");
+    b.wait_visible("#svc-plan-empty", WAIT);
+    assert!(!b.visible("#svc-apply"));
+}
