@@ -115,11 +115,44 @@ impl Git {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<(i32, Output), GitError> {
+        self.status_input(args, env, None)
+    }
+
+    /// Runs `git ARGS` with `input` on its standard input (written on a thread of its own, so
+    /// a git answering as it reads never blocks on a full pipe); a non-zero exit is
+    /// [`GitError::Failed`].
+    pub fn run_input(&self, args: &[&str], input: Vec<u8>) -> Result<Output, GitError> {
+        let (code, out) = self.status_input(args, &[], Some(input))?;
+        if code == 0 {
+            Ok(out)
+        } else {
+            Err(GitError::Failed {
+                cmd: args.first().copied().unwrap_or_default().to_string(),
+                msg: first_lines(&out.stderr, &out.stdout),
+            })
+        }
+    }
+
+    fn status_input(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        input: Option<Vec<u8>>,
+    ) -> Result<(i32, Output), GitError> {
         let mut c = self.command(args);
         for (k, v) in env {
             c.env(k, v);
         }
+        if input.is_some() {
+            c.stdin(Stdio::piped());
+        }
         let mut child = c.spawn().map_err(|e| GitError::Missing(e.to_string()))?;
+        if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let _ = stdin.write_all(&data);
+            });
+        }
         let deadline = std::time::Instant::now() + self.timeout;
         // Each pipe is drained on a thread of its own into a buffer: once git has exited, what it
         // wrote is taken after a short grace, even if a process it left behind still holds a

@@ -345,6 +345,79 @@ impl Repo {
         Ok(v)
     }
 
+    /// The bytes of many blobs with two git processes in all (`cat-file --batch-check` for
+    /// the sizes, then `cat-file --batch` for the contents), in the order of `oids`; a blob
+    /// larger than `max` is refused (with its size) and none is read.
+    pub fn blobs(&self, oids: &[&str], max: u64) -> Result<Vec<Result<Vec<u8>, String>>, String> {
+        if oids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut input = Vec::new();
+        for o in oids {
+            input.extend_from_slice(o.as_bytes());
+            input.push(b'\n');
+        }
+        let check = self
+            .git
+            .run_input(&["cat-file", "--batch-check"], input)
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&check.stdout);
+        let mut out: Vec<Result<Vec<u8>, String>> = Vec::with_capacity(oids.len());
+        let mut wanted = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let size = line
+                .split(' ')
+                .nth(2)
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| format!("git cat-file --batch-check: {line}"))?;
+            if size > max {
+                out.push(Err(format!(
+                    "it is {} MB, more than the {} MB an HQ file may have",
+                    size >> 20,
+                    max >> 20
+                )));
+            } else {
+                out.push(Ok(Vec::new()));
+                wanted.push(i);
+            }
+        }
+        if out.len() != oids.len() {
+            return Err("git cat-file --batch-check answered too few lines".into());
+        }
+        let mut input = Vec::new();
+        for i in &wanted {
+            input.extend_from_slice(oids[*i].as_bytes());
+            input.push(b'\n');
+        }
+        let all = self
+            .git
+            .run_input(&["cat-file", "--batch"], input)
+            .map_err(|e| e.to_string())?
+            .stdout;
+        // Each answer: `<oid> <type> <size>\n<bytes>\n`.
+        let mut at = 0usize;
+        for i in wanted {
+            let nl = all[at..]
+                .iter()
+                .position(|b| *b == b'\n')
+                .ok_or("git cat-file --batch answered short")?;
+            let head = String::from_utf8_lossy(&all[at..at + nl]).into_owned();
+            let size: usize = head
+                .split(' ')
+                .nth(2)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("git cat-file --batch: {head}"))?;
+            let start = at + nl + 1;
+            let end = start + size;
+            if end > all.len() {
+                return Err("git cat-file --batch answered short".into());
+            }
+            out[i] = Ok(all[start..end].to_vec());
+            at = end + 1;
+        }
+        Ok(out)
+    }
+
     /// A blob's bytes, refused (with its size) when larger than `max`.
     pub fn blob(&self, oid: &str, max: u64) -> Result<Vec<u8>, String> {
         let size: u64 = self
@@ -450,6 +523,51 @@ mod tests {
                 .unwrap(),
             None
         );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn many_blobs_are_read_in_one_batch_in_order() {
+        let d = temp("batch");
+        let (repo, _) = Repo::open_or_create(&d, "", "main", Duration::from_secs(20)).unwrap();
+        std::fs::create_dir_all(d.join("services")).unwrap();
+        // Binary content with newlines, an empty file, the same content twice, a large one.
+        let files: Vec<(String, Vec<u8>)> = (0..300)
+            .map(|i| {
+                (
+                    format!("services/f{i:03}"),
+                    format!("a\n{i}\0\nb").into_bytes(),
+                )
+            })
+            .chain([
+                ("services/empty".to_string(), Vec::new()),
+                ("services/dup".to_string(), b"a\n7\0\nb".to_vec()),
+                ("services/big".to_string(), vec![b'x'; 5000]),
+            ])
+            .collect();
+        for (p, data) in &files {
+            std::fs::write(d.join(p), data).unwrap();
+        }
+        repo.commit(&["services"], "files", &Author::server())
+            .unwrap();
+        let entries: Vec<Entry> = repo
+            .ls_tree()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "blob" && files.iter().any(|(p, _)| *p == e.path))
+            .collect();
+        assert_eq!(entries.len(), files.len());
+        let oids: Vec<&str> = entries.iter().map(|e| e.oid.as_str()).collect();
+        let got = repo.blobs(&oids, 4096).unwrap();
+        for (e, g) in entries.iter().zip(&got) {
+            let want = &files.iter().find(|(p, _)| *p == e.path).unwrap().1;
+            if e.path == "services/big" {
+                assert!(g.as_ref().unwrap_err().contains("more than"), "{g:?}");
+            } else {
+                assert_eq!(g.as_ref().unwrap(), want, "{}", e.path);
+            }
+        }
+        assert!(repo.blobs(&[], 10).unwrap().is_empty());
         let _ = std::fs::remove_dir_all(&d);
     }
 
