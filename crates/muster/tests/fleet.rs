@@ -13,6 +13,9 @@
 //!   namespace version, so there the test fails instead. `MUSTER_TEST_NO_NETNS=1` forces the
 //!   loopback version (refused under `CI=true`).
 //!
+//! - [`the_example_services_run_across_three_agents`]: `examples/services` over the same
+//!   topology, its store, app and backup each on an agent of its own (consuming that `node`).
+//!
 //! Broadcasts go only to `127.255.255.255` or inside the test's own namespaces, always to a free
 //! port, never to a standard one. Every process the tests start, every job they leave running and
 //! every namespace they make is ended on drop, even after a panic.
@@ -1548,4 +1551,150 @@ fn a_fleet_of_three_agents_across_hosts() {
     drop(agents);
     drop(s);
     drop(dir);
+}
+
+/// Services across hosts (SPEC §6, issue 15 point 3): the example environment of
+/// `examples/services` with its store placed on agent a2, the app on a1 and the backup on a3 (each
+/// consuming that `node`). Each service's directory goes to its node as an archive and its
+/// actions run there; the app's context carries a2's address, and the app on a1 really reaches
+/// the store over the hosts' network; the backup on a3 exports the store's keys.
+#[test]
+fn the_example_services_run_across_three_agents() {
+    let topo = Topology::choose();
+    eprintln!("services topology: {}", topo.kind);
+    let dir = TempDir::new("svc-agents");
+    let s = Server::start(&topo.server.net, &topo.listen);
+    let mut agents = Vec::new();
+    for (i, name) in AGENTS.iter().enumerate() {
+        let token = s.join_token();
+        agents.push(start_agent(
+            &topo.agents[i].net,
+            name,
+            Some(&token),
+            &[],
+            &dir,
+        ));
+    }
+    for name in AGENTS {
+        s.wait_ready(name, Duration::from_secs(20));
+    }
+    // The example, each part given a node.
+    let hq = s.data.join("hq");
+    assert!(wait_until(Duration::from_secs(20), || hq
+        .join(".git")
+        .is_dir()));
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/services/hq/.");
+    assert!(Command::new("cp")
+        .arg("-r")
+        .arg(&example)
+        .arg(&hq)
+        .status()
+        .unwrap()
+        .success());
+    let edit = |file: &str, f: &dyn Fn(String) -> String| {
+        let p = hq.join("services").join(file).join("service.toml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        let new = f(text.clone());
+        assert_ne!(new, text, "{file}: the edit changed nothing");
+        std::fs::write(&p, new).unwrap();
+    };
+    let on =
+        |node: &str| format!("[consumes.host]\ninterface = \"node\"\ninstance = \"{node}\"\n\n");
+    edit("demo__kv__main", &|t| {
+        t.replace("host = \"127.0.0.1\"", "host = \"0.0.0.0\"")
+            .replace(
+                "data = { host = \"${params.host}\"",
+                "data = { host = \"${node.address}\"",
+            )
+            .replace("[provides.kv]", &format!("{}[provides.kv]", on("a2")))
+    });
+    edit("demo__app__web", &|t| {
+        t.replace("[consumes.db]", &format!("{}[consumes.db]", on("a1")))
+    });
+    edit("demo__backup__nightly", &|t| {
+        t.replace("[consumes.db]", &format!("{}[consumes.db]", on("a3")))
+    });
+    support::git(&hq, &["add", "-A"]);
+    support::git(
+        &hq,
+        &["commit", "-q", "-m", "the example across three hosts"],
+    );
+
+    let (st, plan) = s.call("POST", "/api/v1/services/plan", Some(json!({})));
+    assert_eq!(st, 201, "{plan:#}");
+    let nodes: Vec<(String, String)> = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["path"].as_str().unwrap().to_string(),
+                x["node"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        nodes,
+        vec![
+            ("demo__kv__main".to_string(), "a2".to_string()),
+            ("demo__app__web".to_string(), "a1".to_string()),
+            ("demo__backup__nightly".to_string(), "a3".to_string()),
+        ],
+        "{plan:#}"
+    );
+    let (st, a) = s.call(
+        "POST",
+        "/api/v1/services/apply",
+        Some(json!({"plan": plan["id"]})),
+    );
+    assert_eq!(st, 202, "{a}");
+    let t = s.wait_tree(a["tree"].as_str().unwrap(), Duration::from_secs(120));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    // The app's context: the store at a2's address (in namespaces, a2's own 10.200.0.3), in
+    // the command line of its process on a1.
+    let (_, app) = s.call("GET", "/api/v1/services/demo__app__web", None);
+    assert_eq!(app["node"], "a1", "{app:#}");
+    let (_, proc_) = s.call(
+        "GET",
+        &format!("/api/v1/processes/{}", app["process"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(proc_["node"], "a1", "{proc_:#}");
+    let want = match &topo.agent_ips {
+        Some(ips) => format!("http://{}:7379", ips[1]),
+        None => "http://".to_string(),
+    };
+    assert!(proc_.to_string().contains(&want), "{proc_:#}");
+    // The app on a1, asked there, counts its visit in the store on a2.
+    let (job, _) = s.create(json!({"name": "visit", "node": "a1", "exec": ["python3", "-c",
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:7380/', timeout=10).read().decode())"]}));
+    let j = s.wait_tree(&job, Duration::from_secs(60));
+    let log = s.log(&job);
+    assert_eq!(j["tree_state"], "succeeded", "{j:#}\n{log}");
+    assert!(
+        log.contains(&format!(
+            "hello: visit 1, counted in the kv store at {want}"
+        )),
+        "{log}"
+    );
+    // The backup on a3 exports the store's keys, reached over the network too.
+    let (st, e) = s.call(
+        "POST",
+        "/api/v1/services/demo__backup__nightly/actions/export",
+        Some(json!({})),
+    );
+    assert_eq!(st, 202, "{e}");
+    let t = s.wait_tree(e["tree"].as_str().unwrap(), Duration::from_secs(60));
+    assert_eq!(t["tree_state"], "succeeded", "{t:#}");
+    let mut rec = Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            rec = s
+                .call("GET", "/api/v1/services/demo__backup__nightly", None)
+                .1;
+            rec["message"] == "exported 1 keys" && rec["node"] == "a3"
+        }),
+        "{rec:#}"
+    );
+    drop(agents);
 }
