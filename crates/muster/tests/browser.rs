@@ -1223,6 +1223,24 @@ fn the_services_view_plans_applies_and_shows_statuses_and_action_logs() {
         .unwrap()
         .success();
     assert!(ok);
+    // Free ports rather than the example's 7379 and 7380 (other tests may run at once).
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (kv_port, app_port) = (free(), free());
+    for (dir, from, to) in [
+        ("demo__kv__main", "port = 7379", kv_port),
+        ("demo__app__web", "port = 7380", app_port),
+    ] {
+        let p = hq.join("services").join(dir).join("service.toml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains(from), "{text}");
+        std::fs::write(&p, text.replace(from, &format!("port = {to}"))).unwrap();
+    }
     support::git(&hq, &["add", "-A"]);
     support::git(&hq, &["commit", "-q", "-m", "the example environment"]);
     let b = browser();
@@ -1256,13 +1274,18 @@ fn the_services_view_plans_applies_and_shows_statuses_and_action_logs() {
         "install"
     );
     // The app really serves, through the store.
-    let body = ureq::get("http://127.0.0.1:7380/")
+    let body = ureq::get(format!("http://127.0.0.1:{app_port}/"))
         .call()
         .unwrap()
         .body_mut()
         .read_to_string()
         .unwrap();
-    assert!(body.contains("visit 1"), "{body}");
+    assert!(
+        body.contains(&format!(
+            "visit 1, counted in the kv store at http://127.0.0.1:{kv_port}"
+        )),
+        "{body}"
+    );
     // A service's last action, with its log.
     b.click("#services-body tr[data-service='demo__kv__main'] a");
     b.wait_visible("#svc-log-box", WAIT);

@@ -1600,8 +1600,19 @@ fn the_example_services_run_across_three_agents() {
     };
     let on =
         |node: &str| format!("[consumes.host]\ninterface = \"node\"\ninstance = \"{node}\"\n\n");
+    // Free ports rather than the example's 7379 and 7380 (on loopback, other tests may run at
+    // once).
+    let free = || {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (kv_port, app_port) = (free(), free());
     edit("demo__kv__main", &|t| {
-        t.replace("host = \"127.0.0.1\"", "host = \"0.0.0.0\"")
+        t.replace("port = 7379", &format!("port = {kv_port}"))
+            .replace("host = \"127.0.0.1\"", "host = \"0.0.0.0\"")
             .replace(
                 "data = { host = \"${params.host}\"",
                 "data = { host = \"${node.address}\"",
@@ -1609,7 +1620,8 @@ fn the_example_services_run_across_three_agents() {
             .replace("[provides.kv]", &format!("{}[provides.kv]", on("a2")))
     });
     edit("demo__app__web", &|t| {
-        t.replace("[consumes.db]", &format!("{}[consumes.db]", on("a1")))
+        t.replace("port = 7380", &format!("port = {app_port}"))
+            .replace("[consumes.db]", &format!("{}[consumes.db]", on("a1")))
     });
     edit("demo__backup__nightly", &|t| {
         t.replace("[consumes.db]", &format!("{}[consumes.db]", on("a3")))
@@ -1661,13 +1673,13 @@ fn the_example_services_run_across_three_agents() {
     );
     assert_eq!(proc_["node"], "a1", "{proc_:#}");
     let want = match &topo.agent_ips {
-        Some(ips) => format!("http://{}:7379", ips[1]),
+        Some(ips) => format!("http://{}:{kv_port}", ips[1]),
         None => "http://".to_string(),
     };
     assert!(proc_.to_string().contains(&want), "{proc_:#}");
     // The app on a1, asked there, counts its visit in the store on a2.
     let (job, _) = s.create(json!({"name": "visit", "node": "a1", "exec": ["python3", "-c",
-        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:7380/', timeout=10).read().decode())"]}));
+        format!("import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{app_port}/', timeout=10).read().decode())")]}));
     let j = s.wait_tree(&job, Duration::from_secs(60));
     let log = s.log(&job);
     assert_eq!(j["tree_state"], "succeeded", "{j:#}\n{log}");
