@@ -5,7 +5,9 @@ real git, real action processes.
 - plan: a generated HQ of 1,000 services (10 node-like parent services standing in for 10 nodes,
   each with 10 databases under it, and 890 apps each consuming one database through interface
   `db`): POST /api/v1/services/plan, its round trip on loopback (an upper bound of the server's
-  time: it includes storing the 1,000-step plan and its JSON answer), 5 times after a warm-up.
+  time: it includes storing the 1,000-step plan and its JSON answer), 5 times after the first
+  (reported apart: the first plan at a new commit reads HQ's files from git, later ones at the
+  same commit reuse that snapshot).
   The nodes are parent services, not real agents (one embedded node runs everything).
 - apply: 100 independent services whose only action is `install` = `true`: POST apply -> the
   tree succeeded (polled every 10 ms), wall time. In the same run, Ansible (ansible-core from
@@ -115,8 +117,10 @@ def bench_plan(tmp, runs):
         assert len(p["steps"]) == 1000, len(p["steps"])
         if r > 0:
             times.append(dt * 1000)
+        else:
+            first = dt * 1000
     up.stop()
-    return {"services": 1000, "runs_ms": [round(t, 1) for t in times],
+    return {"services": 1000, "first_ms": round(first, 1), "runs_ms": [round(t, 1) for t in times],
             "median_ms": round(statistics.median(times), 1), "min_ms": round(min(times), 1)}
 
 
@@ -173,7 +177,8 @@ def main():
     try:
         res["plan"] = bench_plan(tmp, 2 if QUICK else 5)
         print(f"plan of 1,000 services: median {res['plan']['median_ms']} ms, min {res['plan']['min_ms']} ms "
-              f"(round trip on loopback; target <= 100 ms server time)", flush=True)
+              f"(round trip on loopback; target <= 100 ms server time); the first at a new commit "
+              f"{res['plan']['first_ms']} ms", flush=True)
         res["apply"] = bench_apply(tmp, 100)
         print(f"apply of 100 services (install = true): {res['apply']['wall_s']} s wall (target <= 2 s)", flush=True)
         res["ansible"] = ansible(100)

@@ -189,9 +189,13 @@ pub struct Services {
     embedded: Arc<OnceLock<String>>,
     /// The app, for the hook (set once it exists).
     app: Arc<OnceLock<std::sync::Weak<App>>>,
+    /// The last snapshot read, by its commit: a commit names its files for good, so planning
+    /// again at the same head reads nothing from git but the head.
+    last_snapshot: Arc<std::sync::Mutex<Option<Snapshot>>>,
 }
 
 /// HQ's services and interfaces at its head.
+#[derive(Clone)]
 pub struct Snapshot {
     pub commit: String,
     pub files: BTreeMap<String, Vec<u8>>,
@@ -223,6 +227,12 @@ impl Services {
             .map_err(ServiceError::Internal)?
             .map(|c| c.id)
             .unwrap_or_default();
+        if !commit.is_empty() {
+            let cached = self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = cached.as_ref().filter(|s| s.commit == commit) {
+                return Ok(s.clone());
+            }
+        }
         let mut files = BTreeMap::new();
         let mut modes = BTreeMap::new();
         let mut problems = Vec::new();
@@ -268,11 +278,13 @@ impl Services {
         if !problems.is_empty() {
             return Err(ServiceError::Invalid(problems));
         }
-        Ok(Snapshot {
+        let snap = Snapshot {
             commit,
             files,
             modes,
-        })
+        };
+        *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(snap.clone());
+        Ok(snap)
     }
 
     /// The nodes as producers of `node`: name, address (where its agent connects from) and
