@@ -1955,3 +1955,30 @@ fn services_plan_apply_ls_show_action_reset() {
         ]
     );
 }
+
+#[test]
+fn services_secret_set_ls_rm() {
+    let s = Server::start("cli-secrets");
+    s.setup_and_login();
+    let out = s
+        .muster(
+            &["services", "secret", "set", "demo__db__main", "pw"],
+            Some("hunter2-cli\n"),
+        )
+        .ok();
+    assert!(out.contains("secret pw of demo__db__main set"), "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
+    let ls = s
+        .muster(&["services", "secret", "ls", "demo__db__main"], None)
+        .ok();
+    assert!(ls.starts_with("pw\t"), "{ls}");
+    assert!(!ls.contains("hunter2"), "{ls}");
+    s.muster(&["services", "secret", "rm", "demo__db__main", "pw"], None)
+        .ok();
+    s.muster(&["services", "secret", "rm", "demo__db__main", "pw"], None)
+        .fails_with("not found");
+    let ls = s
+        .muster(&["services", "secret", "ls", "demo__db__main"], None)
+        .ok();
+    assert!(ls.trim().is_empty(), "{ls}");
+}
