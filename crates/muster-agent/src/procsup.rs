@@ -226,6 +226,8 @@ struct Sup<'a> {
     /// The end of a run under way (a stop, a restart, an unhealthy check, or the leftovers of
     /// an ended main process).
     ending: Option<Ending>,
+    /// `/dev/null`, opened once (see [`Sup::null`]).
+    devnull: Option<std::fs::File>,
 }
 
 fn ms() -> i64 {
@@ -366,6 +368,15 @@ impl Sup<'_> {
         None
     }
 
+    /// `/dev/null` for a check's standard streams: a copy of a descriptor kept open, with no
+    /// path to look up each time (`Stdio::null` opens the file anew).
+    fn null(&self) -> std::process::Stdio {
+        self.devnull
+            .as_ref()
+            .and_then(|f| f.try_clone().ok())
+            .map_or_else(std::process::Stdio::null, std::process::Stdio::from)
+    }
+
     fn probe(&mut self) -> Option<Probe> {
         let h = self.spec.def.health.as_ref()?;
         let timeout = Duration::from_millis(h.timeout_ms);
@@ -386,9 +397,9 @@ impl Sup<'_> {
                 cmd.args(argv[1..].iter().map(|a| expand(a, &self.env)))
                     .envs(&self.env)
                     .current_dir(&self.cwd)
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
+                    .stdin(self.null())
+                    .stdout(self.null())
+                    .stderr(self.null())
                     .process_group(0);
                 match cmd.spawn() {
                     Ok(c) => {
@@ -480,6 +491,7 @@ impl Sup<'_> {
         let mut last_counted: Option<Instant> = None;
         let mut exited_at: Option<Instant> = None;
         let mut done = false;
+        let mut files_seen: Option<Instant> = None;
         let mut buf = vec![0u8; 64 * 1024];
         let interval = self
             .spec
@@ -492,8 +504,18 @@ impl Sup<'_> {
         self.publish();
         loop {
             // Requests: a stop (SIGTERM and the `stop` file), a restart (SIGHUP, `restart`).
+            // The agent writes the file, then signals; the files themselves are looked at on a
+            // signal and at most once a second otherwise (a path walk each turn of this loop was
+            // a good part of an idle supervisor's CPU).
             let term = TERM.swap(false, Ordering::SeqCst);
-            if (term || self.dir.join("stop").exists()) && !self.sm.stopping() {
+            let hup = HUP.swap(false, Ordering::SeqCst);
+            let look = term
+                || hup
+                || files_seen.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(1));
+            if look {
+                files_seen = Some(Instant::now());
+            }
+            if (term || (look && self.dir.join("stop").exists())) && !self.sm.stopping() {
                 self.log.line("sys", "stop asked");
                 if self.sm.stop() {
                     self.kill_run();
@@ -503,9 +525,8 @@ impl Sup<'_> {
                     done = true;
                 }
             }
-            let hup = HUP.swap(false, Ordering::SeqCst);
             let restart_file = self.dir.join("restart");
-            if hup || restart_file.exists() {
+            if hup || (look && restart_file.exists()) {
                 let _ = std::fs::remove_file(&restart_file);
                 if !self.sm.stopping() && !done {
                     self.log.line("sys", "restart asked");
@@ -910,6 +931,11 @@ fn supervise(dir: &Path, secrets: &Secrets) -> std::io::Result<()> {
         seq: read_state(dir).map_or(0, |s| s.seq),
         last_written: None,
         ending: None,
+        devnull: std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .ok(),
     };
     sup.run_loop()
 }
