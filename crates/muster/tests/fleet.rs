@@ -825,7 +825,11 @@ const AGENTS: [&str; 3] = ["a1", "a2", "a3"];
 impl Topology {
     /// The server in namespace `srv` (10.200.0.1), agents in `a1`-`a3` (10.200.0.2-4).
     fn namespaces() -> Result<Topology, String> {
-        let tag = format!("mflt{}", std::process::id() % 100_000);
+        // One tag per topology: the tests of this file run at once in one process, and a
+        // shared tag made each delete the other's namespaces as "leftovers".
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let tag = format!("mflt{}x{n}", std::process::id() % 100_000);
         let hosts = ["srv", "a1", "a2", "a3"];
         let nets = Netns::make(&tag, &hosts)?;
         let port = in_netns(Some(&nets.ns("srv")), free_udp_port);
