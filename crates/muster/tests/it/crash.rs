@@ -65,6 +65,11 @@ impl Up {
         wait_until(within, || self.child.try_wait().unwrap().is_some())
     }
 
+    /// The pid of the `muster up` process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn kill9(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
