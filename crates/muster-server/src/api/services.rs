@@ -193,21 +193,26 @@ async fn list(State(app): AppState, caller: Caller) -> ApiResult<Response> {
     Ok(axum::Json(json!({"items": items})).into_response())
 }
 
+/// The recorded state of the service at `path` (checked first), or 404.
+async fn record_of(app: &Arc<App>, path: String) -> ApiResult<ServiceRecord> {
+    muster_core::service::check_path(&path).map_err(ApiError::bad)?;
+    let a = app.clone();
+    blocking(move || {
+        Ok(crate::services::SERVICES
+            .get(&*a.store, &path)?
+            .map(|(r, _)| r))
+    })
+    .await?
+    .ok_or_else(|| ApiError::not_found("service"))
+}
+
 async fn show(
     State(app): AppState,
     caller: Caller,
     Path(path): Path<String>,
 ) -> ApiResult<Response> {
     caller.need_scope("read")?;
-    muster_core::service::check_path(&path).map_err(ApiError::bad)?;
-    let a = app.clone();
-    let rec = blocking(move || {
-        Ok(crate::services::SERVICES
-            .get(&*a.store, &path)?
-            .map(|(r, _)| r))
-    })
-    .await?
-    .ok_or_else(|| ApiError::not_found("service"))?;
+    let rec = record_of(&app, path).await?;
     Ok(axum::Json(record_json(&rec)).into_response())
 }
 
@@ -398,15 +403,7 @@ async fn export_download(
     Path((path, id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     caller.need_scope("read")?;
-    muster_core::service::check_path(&path).map_err(ApiError::bad)?;
-    let a = app.clone();
-    let rec = blocking(move || {
-        Ok(crate::services::SERVICES
-            .get(&*a.store, &path)?
-            .map(|(r, _)| r))
-    })
-    .await?
-    .ok_or_else(|| ApiError::not_found("service"))?;
+    let rec = record_of(&app, path).await?;
     let e = rec
         .exports
         .iter()

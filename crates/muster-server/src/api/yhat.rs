@@ -132,15 +132,15 @@ async fn verify(
     Ok(axum::Json(json!({"success": "true"})).into_response())
 }
 
-/// `POST /deployer/model/large`: deploys the bundle and answers once it is live or failed (the
-/// client predicts right after).
-async fn deploy(
-    State(app): AppState,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
+/// What both yhat uploads start with: the caller (an operator of their own workspace, which is
+/// named after them), the body's content type, and the body read up to `[models] upload_max`.
+async fn upload(
+    app: &Arc<App>,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
     body: Body,
-) -> ApiResult<Response> {
-    let caller = yhat_caller(&app, &headers, &raw_query(&uri)).await?;
+) -> ApiResult<(Caller, String, String, axum::body::Bytes)> {
+    let caller = yhat_caller(app, headers, &raw_query(uri)).await?;
     let ws = caller.user.name.clone();
     caller.need_role(&ws, Role::Operator)?;
     let ct = headers
@@ -156,6 +156,18 @@ async fn deploy(
             format!("the upload is larger than [models] upload_max ({max} bytes)"),
         )
     })?;
+    Ok((caller, ws, ct, bytes))
+}
+
+/// `POST /deployer/model/large`: deploys the bundle and answers once it is live or failed (the
+/// client predicts right after).
+async fn deploy(
+    State(app): AppState,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let (caller, ws, ct, bytes) = upload(&app, &uri, &headers, body).await?;
     let zlib = muster_models::yhat::model_part(&ct, &bytes)
         .map_err(|e| {
             ApiError::new(
@@ -199,22 +211,7 @@ async fn batch_deploy(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let caller = yhat_caller(&app, &headers, &raw_query(&uri)).await?;
-    let ws = caller.user.name.clone();
-    caller.need_role(&ws, Role::Operator)?;
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let max = app.config.models.upload_max as usize;
-    let bytes = axum::body::to_bytes(body, max).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("the upload is larger than [models] upload_max ({max} bytes)"),
-        )
-    })?;
+    let (caller, ws, ct, bytes) = upload(&app, &uri, &headers, body).await?;
     let invalid = |e: muster_models::Error| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
