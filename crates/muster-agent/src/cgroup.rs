@@ -57,15 +57,27 @@ fn own_cgroup() -> Result<PathBuf, String> {
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or("no cgroup v2 (this host has cgroup v1 only)")?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
+    mounted(own, |fstype, _| fstype == "cgroup2").map_err(|ro| match ro {
+        Some(d) => format!("the cgroup v2 hierarchy at {} is read-only", d.display()),
+        None => "no cgroup v2 hierarchy is mounted".into(),
+    })
+}
+
+/// Where the cgroup `own` (a path as `/proc/self/cgroup` gives it) is, under the first writable
+/// mount `pick(fstype, super_options)` chooses; the error holds a read-only one, if any.
+fn mounted(own: &str, pick: impl Fn(&str, &str) -> bool) -> Result<PathBuf, Option<PathBuf>> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|_| None)?;
     // `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS`
     let mut read_only = None;
     for line in mountinfo.lines() {
         let Some((left, right)) = line.split_once(" - ") else {
             continue;
         };
-        if right.split_whitespace().next() != Some("cgroup2") {
+        let r: Vec<&str> = right.split_whitespace().collect();
+        if !pick(
+            r.first().copied().unwrap_or(""),
+            r.get(2).copied().unwrap_or(""),
+        ) {
             continue;
         }
         let f: Vec<&str> = left.split_whitespace().collect();
@@ -83,10 +95,7 @@ fn own_cgroup() -> Result<PathBuf, String> {
         }
         return Ok(dir);
     }
-    Err(match read_only {
-        Some(d) => format!("the cgroup v2 hierarchy at {} is read-only", d.display()),
-        None => "no cgroup v2 hierarchy is mounted".into(),
-    })
+    Err(read_only)
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space).
@@ -241,14 +250,7 @@ impl Cgroup {
 
     /// How many times the kernel's OOM killer has killed a process of it (`memory.events`).
     pub fn oom_kills(&self) -> u64 {
-        std::fs::read_to_string(self.path.join("memory.events"))
-            .ok()
-            .and_then(|e| {
-                e.lines()
-                    .find_map(|l| l.strip_prefix("oom_kill ").map(|n| n.trim().parse().ok()))
-                    .flatten()
-            })
-            .unwrap_or(0)
+        oom_kill_count(&self.path.join("memory.events"))
     }
 
     /// Removes it; it must be empty (an error otherwise, `EBUSY`).
@@ -260,13 +262,167 @@ impl Cgroup {
     }
 }
 
+/// Limits through cgroup v1 controllers, for a host whose unified hierarchy does not offer them
+/// (systemd's "hybrid" layout: an empty cgroup2 beside v1 `memory`, `cpu`, `pids`). The
+/// unified cgroup still holds and kills the processes; these groups only limit them. One group
+/// per controller, at `<our own group of that controller>/muster/<name>`.
+#[derive(Debug)]
+pub struct V1Limits {
+    dirs: Vec<PathBuf>,
+    memory: Option<PathBuf>,
+}
+
+impl V1Limits {
+    /// Makes the groups `name` for the limits `limits` asks and sets them; the error says why
+    /// one cannot be (no such v1 hierarchy, read-only, ...), and then nothing is left behind.
+    pub fn create(name: &str, limits: &muster_core::process::Limits) -> Result<V1Limits, String> {
+        let own = std::fs::read_to_string("/proc/self/cgroup")
+            .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
+        let mut made = V1Limits {
+            dirs: Vec::new(),
+            memory: None,
+        };
+        let mut wanted: Vec<(&str, Vec<(&str, String)>)> = Vec::new();
+        if let Some(m) = limits.memory {
+            // Also the limit of memory + swap, where swap is accounted (no escape into swap).
+            wanted.push((
+                "memory",
+                // Each limit must stay at most memory + swap: a group made before with other
+                // values takes them in whichever order works, so the first two may fail.
+                vec![
+                    ("?memory.limit_in_bytes", m.to_string()),
+                    ("?memory.memsw.limit_in_bytes", m.to_string()),
+                    ("memory.limit_in_bytes", m.to_string()),
+                ],
+            ));
+        }
+        if let Some(c) = limits.cpu {
+            let period = 100_000u64;
+            let quota = ((c * period as f64).round() as u64).max(1000);
+            wanted.push((
+                "cpu",
+                vec![
+                    ("cpu.cfs_period_us", period.to_string()),
+                    ("cpu.cfs_quota_us", quota.to_string()),
+                ],
+            ));
+        }
+        if let Some(p) = limits.pids {
+            wanted.push(("pids", vec![("pids.max", p.to_string())]));
+        }
+        for (controller, files) in wanted {
+            // `ID:CONTROLLER[,CONTROLLER]:PATH`
+            let path = own.lines().find_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, names, path) = (f.next()?, f.next()?, f.next()?);
+                names.split(',').any(|n| n == controller).then_some(path)
+            });
+            let Some(path) = path else {
+                made.remove();
+                return Err(format!("no cgroup v1 {controller} hierarchy either"));
+            };
+            let dir = match mounted(path, |fstype, opts| {
+                fstype == "cgroup" && opts.split(',').any(|o| o == controller)
+            }) {
+                Ok(d) => d,
+                Err(ro) => {
+                    made.remove();
+                    return Err(match ro {
+                        Some(d) => format!(
+                            "the cgroup v1 {controller} hierarchy at {} is read-only",
+                            d.display()
+                        ),
+                        None => format!("the cgroup v1 {controller} hierarchy is not mounted"),
+                    });
+                }
+            };
+            let group = dir.join("muster").join(name);
+            if let Err(e) = std::fs::create_dir_all(&group) {
+                made.remove();
+                return Err(format!("cannot make the cgroup {}: {e}", group.display()));
+            }
+            made.dirs.push(group.clone());
+            if controller == "memory" {
+                made.memory = Some(group.clone());
+            }
+            for (file, value) in files {
+                let (optional, file) = match file.strip_prefix('?') {
+                    Some(f) => (true, f),
+                    None => (false, file),
+                };
+                let written = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(group.join(file))
+                    .and_then(|mut f| f.write_all(value.as_bytes()));
+                if let Err(e) = written {
+                    if !optional {
+                        made.remove();
+                        return Err(format!("cannot write {}: {e}", group.join(file).display()));
+                    }
+                }
+            }
+        }
+        Ok(made)
+    }
+
+    /// The groups' directories (kept in `started.json`, so they can be removed after a crash).
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// How many times the OOM killer has killed a process of the memory group
+    /// (`oom_kill` of `memory.oom_control`, Linux 4.13).
+    pub fn oom_kills(&self) -> u64 {
+        self.memory
+            .as_ref()
+            .map_or(0, |m| oom_kill_count(&m.join("memory.oom_control")))
+    }
+
+    /// Removes the groups (each must be empty: one that is not stays, harmless).
+    pub fn remove(&self) {
+        remove_v1(&self.dirs);
+    }
+}
+
+/// The `oom_kill N` line of `file` (`memory.events` in v2, `memory.oom_control` in v1).
+fn oom_kill_count(file: &Path) -> u64 {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|e| {
+            e.lines()
+                .find_map(|l| l.strip_prefix("oom_kill ").map(|n| n.trim().parse().ok()))
+                .flatten()
+        })
+        .unwrap_or(0)
+}
+
+/// Removes the cgroup v1 groups `dirs` made by [`V1Limits::create`] (empty ones; after a
+/// supervisor died too).
+pub fn remove_v1(dirs: &[PathBuf]) {
+    for d in dirs {
+        let _ = std::fs::remove_dir(d);
+    }
+}
+
+/// At most this many cgroups to move a child into: the unified one and three v1 controllers.
+const MAX_MOVES: usize = 4;
+
+/// The descriptors [`Mover::move_child`] writes to (copied into the child): each cgroup's
+/// `cgroup.procs` (`-1` for none) and the report pipe.
+#[derive(Clone, Copy, Debug)]
+pub struct MoveFds {
+    procs: [i32; MAX_MOVES],
+    report: i32,
+}
+
 /// Moves a child into a cgroup between fork and exec — so the command and everything it starts
 /// are inside from their first instruction — and tells the parent whether that worked: a failed
 /// move does not stop the command (the subreaper still tracks it), it is reported through a pipe
 /// instead, read once the child has exec'd.
 #[derive(Debug)]
 pub struct Mover {
-    procs: std::fs::File,
+    /// The `cgroup.procs` of each cgroup to move into: the unified one, then v1 ones.
+    procs: Vec<std::fs::File>,
     report_r: std::os::fd::OwnedFd,
     report_w: std::os::fd::OwnedFd,
 }
@@ -274,8 +430,23 @@ pub struct Mover {
 impl Mover {
     /// Opens what the child needs, in the parent.
     pub fn new(cg: &Cgroup) -> std::io::Result<Mover> {
+        Mover::into_all(cg, None)
+    }
+
+    /// A mover into `cg` and also into the cgroup v1 groups of `v1`, if given.
+    pub fn into_all(cg: &Cgroup, v1: Option<&V1Limits>) -> std::io::Result<Mover> {
         use std::os::fd::FromRawFd;
-        let procs = cg.procs_for_writing()?;
+        let mut procs = vec![cg.procs_for_writing()?];
+        for dir in v1.map_or(&[][..], |v| &v.dirs[..]) {
+            if procs.len() == MAX_MOVES {
+                break;
+            }
+            procs.push(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("cgroup.procs"))?,
+            );
+        }
         let mut fds = [0; 2];
         // SAFETY: pipe2 into an array of two descriptors, which we then own.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -296,9 +467,16 @@ impl Mover {
     }
 
     /// What the child's hook needs (copied into it): see [`Mover::move_child`].
-    pub fn fds(&self) -> (i32, i32) {
+    pub fn fds(&self) -> MoveFds {
         use std::os::fd::AsRawFd;
-        (self.procs.as_raw_fd(), self.report_w.as_raw_fd())
+        let mut procs = [-1; MAX_MOVES];
+        for (slot, f) in procs.iter_mut().zip(&self.procs) {
+            *slot = f.as_raw_fd();
+        }
+        MoveFds {
+            procs,
+            report: self.report_w.as_raw_fd(),
+        }
     }
 
     /// In the child, between fork and exec: moves it in, or writes the errno to the report pipe.
@@ -306,10 +484,13 @@ impl Mover {
     /// # Safety
     /// Only in a `pre_exec` hook, with the descriptors of [`Mover::fds`] of a `Mover` the parent
     /// still holds. It makes only async-signal-safe system calls.
-    pub unsafe fn move_child((procs, report): (i32, i32)) {
-        if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
-            let errno = *libc::__errno_location();
-            libc::write(report, (&errno as *const i32).cast(), 4);
+    pub unsafe fn move_child(fds: MoveFds) {
+        for procs in fds.procs {
+            if procs >= 0 && libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                let errno = *libc::__errno_location();
+                libc::write(fds.report, (&errno as *const i32).cast(), 4);
+                return;
+            }
         }
     }
 

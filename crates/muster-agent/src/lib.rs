@@ -1200,6 +1200,7 @@ pub fn kill_leftovers(dir: &Path) {
         }
         let _ = cg.remove();
     }
+    cgroup::remove_v1(&started.v1);
 }
 
 /// A supervisor died without writing `exit.json`: kill every process it left and record the

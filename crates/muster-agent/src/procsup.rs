@@ -19,7 +19,7 @@
 //! - `stop` (a stop asked for; SIGTERM follows), `restart` (a restart asked for; SIGHUP follows);
 //! - `log`, `log.1`..: the output, rotated at `log_max`; `work/`: the default working directory.
 
-use crate::cgroup::{Cgroup, Mover};
+use crate::cgroup::{Cgroup, Mover, V1Limits};
 use crate::reap::{Ending, Reaper, Step};
 use crate::supervisor::{self, lock, write_durable, Lines, Log, Secrets};
 use muster_core::process::{Check, Exit, Next, ProcState, ProcStatus, Supervision};
@@ -54,6 +54,9 @@ pub struct Started {
     pub at: Ts,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+    /// The cgroup v1 groups holding its limits, where the unified hierarchy has no controllers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub v1: Vec<PathBuf>,
     pub gen: u32,
 }
 
@@ -219,6 +222,8 @@ struct Sup<'a> {
     env: BTreeMap<String, String>,
     cwd: PathBuf,
     limits: String,
+    /// The cgroup v1 groups of its limits, if the unified hierarchy could not take them.
+    v1: Option<V1Limits>,
     run: Option<Running>,
     started_at: Option<Ts>,
     seq: u64,
@@ -287,14 +292,24 @@ impl Sup<'_> {
         }
     }
 
+    /// The OOM kills in its cgroups so far (the unified one, or the v1 memory group).
+    fn oom_kills(&self) -> u64 {
+        self.reaper.cgroup().map_or(0, Cgroup::oom_kills)
+            + self.v1.as_ref().map_or(0, V1Limits::oom_kills)
+    }
+
     /// Starts a run; a failure to start is an exit like any other (the policy decides).
     fn start(&mut self) -> Option<Next> {
         let run = match &self.spec.def.run {
             Run::Exec(argv) => Run::Exec(argv.iter().map(|a| expand(a, &self.env)).collect()),
             other => other.clone(),
         };
-        let oom_before = self.reaper.cgroup().map_or(0, Cgroup::oom_kills);
-        let mover = match self.reaper.cgroup().map(Mover::new) {
+        let oom_before = self.oom_kills();
+        let mover = match self
+            .reaper
+            .cgroup()
+            .map(|c| Mover::into_all(c, self.v1.as_ref()))
+        {
             Some(Ok(m)) => Some(m),
             Some(Err(e)) => {
                 self.log.line(
@@ -539,13 +554,11 @@ impl Sup<'_> {
             }
             // Ends: the main process, a check, orphans.
             for (pid, st) in self.reaper.reap() {
+                let ooms = self.oom_kills();
                 if let Some(r) = &mut self.run {
                     if r.pid == pid && r.status.is_none() {
                         r.status = Some(st);
-                        let oom = self
-                            .reaper
-                            .cgroup()
-                            .is_some_and(|c| c.oom_kills() > r.oom_before);
+                        let oom = ooms > r.oom_before;
                         let how = match (st.code(), st.signal()) {
                             (_, Some(_)) if oom => Exit::Oom,
                             (Some(c), _) => Exit::Code(c),
@@ -683,6 +696,9 @@ impl Sup<'_> {
                 }
                 if let Some(cg) = self.reaper.cgroup() {
                     let _ = cg.remove();
+                }
+                if let Some(v1) = &self.v1 {
+                    v1.remove();
                 }
                 let status = self.status();
                 return finish(self.dir, &self.spec, status, &mut self.log);
@@ -853,6 +869,7 @@ fn supervise(dir: &Path, secrets: &Secrets) -> std::io::Result<()> {
     } else {
         "unavailable: this node has no writable cgroup v2 (agent.cgroups, or a read-only /sys/fs/cgroup)".to_string()
     };
+    let mut v1 = None;
     let cgroup = spec.cgroup.as_ref().and_then(|base| {
         let name = format!("proc-{}", spec.id);
         match Cgroup::create(base, &name) {
@@ -860,7 +877,18 @@ fn supervise(dir: &Path, secrets: &Secrets) -> std::io::Result<()> {
                 if !spec.def.limits.is_empty() {
                     limits = match cg.limit(base, &spec.def.limits) {
                         Ok(()) => "applied".into(),
-                        Err(why) => format!("unavailable: {why}"),
+                        // A hybrid host: the controllers are on cgroup v1.
+                        Err(why) => match V1Limits::create(&name, &spec.def.limits) {
+                            Ok(groups) => {
+                                log.line(
+                                    "sys",
+                                    &format!("limits applied through cgroup v1 ({why})"),
+                                );
+                                v1 = Some(groups);
+                                "applied".into()
+                            }
+                            Err(why_v1) => format!("unavailable: {why}; {why_v1}"),
+                        },
                     };
                 }
                 Some(cg)
@@ -889,6 +917,7 @@ fn supervise(dir: &Path, secrets: &Secrets) -> std::io::Result<()> {
             sid,
             at: now(),
             cgroup: reaper.cgroup().map(|c| c.path().to_path_buf()),
+            v1: v1.as_ref().map_or_else(Vec::new, |g| g.dirs().to_vec()),
             gen: spec.gen,
         })?,
     )?;
@@ -924,6 +953,7 @@ fn supervise(dir: &Path, secrets: &Secrets) -> std::io::Result<()> {
         env,
         cwd,
         limits,
+        v1,
         run: None,
         started_at: None,
         // On from the last status of a supervisor before us (killed, say): readers take a

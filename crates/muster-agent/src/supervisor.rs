@@ -26,7 +26,7 @@
 //! unlocked `lock`: it kills what is left of the session and of the cgroup and reports
 //! `supervisor lost`.
 
-use crate::cgroup::{Cgroup, Mover};
+use crate::cgroup::{Cgroup, MoveFds, Mover};
 use crate::reap::{Ending, Reaper, Step};
 use muster_core::names::quote;
 use muster_core::{Run, Ts};
@@ -50,6 +50,9 @@ pub struct Started {
     /// The attempt's cgroup, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+    /// The cgroup v1 groups of a process's limits (see [`crate::cgroup::V1Limits`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub v1: Vec<PathBuf>,
 }
 
 /// The job's secret environment ([`SECRET_ENV`]: its `MUSTER_TOKEN`), which never goes into
@@ -379,6 +382,7 @@ fn supervise(dir: &Path, secrets: &Secrets) -> std::io::Result<()> {
             sid,
             at: now(),
             cgroup: reaper.cgroup().map(|c| c.path().to_path_buf()),
+            v1: Vec::new(),
         })?,
     )?;
 
@@ -687,7 +691,7 @@ fn command(
     spec: &Assignment,
     secrets: &Secrets,
     user: Option<&(String, User)>,
-    mover: Option<(i32, i32)>,
+    mover: Option<MoveFds>,
     script: Option<&Script>,
 ) -> Command {
     let ids = [
@@ -708,7 +712,7 @@ pub(crate) fn command_for(
     ids: &[(&str, String)],
     secrets: &Secrets,
     user: Option<&(String, User)>,
-    mover: Option<(i32, i32)>,
+    mover: Option<MoveFds>,
     script: Option<&Script>,
 ) -> Command {
     use std::os::fd::AsRawFd;
@@ -747,7 +751,7 @@ fn finish_command(
     ids: &[(&str, String)],
     secrets: &Secrets,
     user: Option<&(String, User)>,
-    mover: Option<(i32, i32)>,
+    mover: Option<MoveFds>,
     script_fd: Option<i32>,
 ) -> Command {
     if let Some((name, user)) = user {

@@ -475,8 +475,12 @@ fn a_tree_runs_live_with_its_log_and_an_abort() {
             json!([]),
         )
     };
+    // The list shown before may still be the one from the first visit: wait for the reload.
+    poll(WAIT, || {
+        (names(&b).as_array().map(Vec::len) == Some(3)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the jobs list never showed the three trees: {}", names(&b)));
     let all = names(&b);
-    assert_eq!(all.as_array().unwrap().len(), 3, "{all}");
     assert_eq!(all[1], "long one", "newest first: {all}");
     assert_eq!(all[2], "release", "newest first: {all}");
     b.select("#filter-state", "aborted");

@@ -307,9 +307,42 @@ fn limits_are_applied_or_reported_unavailable_and_a_memory_hog_ends_as_oom() {
         p["limits"]["status"] != "pending" && p["state"] != "pending"
     });
     let status = p["limits"]["status"].as_str().unwrap().to_string();
+    let v1_group = memory_v1_group().map(|g| g.join("muster").join(format!("proc-{id}")));
+    if memory_controller_here() {
+        assert_eq!(
+            status, "applied",
+            "this host has a memory controller: {p:#}"
+        );
+    }
     if status == "applied" {
         let p = wait_for(&s, &id, Duration::from_secs(30), |p| p["state"] == "failed");
         assert_eq!(p["reason"], "oom", "{p:#}");
+        // On a hybrid host (memory on cgroup v1 only) a v1 group holds the limit, and goes
+        // with the process.
+        let hybrid = !v2_offers("memory");
+        let calm = create(
+            &s,
+            json!({"name": "calm", "exec": ["sleep", "1000"], "restart": "never",
+                "limits": {"memory": "64M", "pids": 50}}),
+        );
+        let p = wait_for(&s, &calm, Duration::from_secs(30), |p| {
+            p["state"] == "healthy"
+        });
+        assert_eq!(p["limits"]["status"], "applied", "{p:#}");
+        let calm_group = memory_v1_group().map(|g| g.join("muster").join(format!("proc-{calm}")));
+        if let (true, Some(g)) = (hybrid, &calm_group) {
+            let limit = std::fs::read_to_string(g.join("memory.limit_in_bytes")).unwrap();
+            assert_eq!(limit.trim(), (64u64 << 20).to_string());
+        }
+        let (st, _) = s.call("DELETE", &format!("/api/v1/processes/{calm}"), None);
+        assert!(st < 300, "{st}");
+        for g in [v1_group, calm_group].into_iter().flatten() {
+            assert!(
+                wait_until(Duration::from_secs(10), || !g.exists()),
+                "{} is still there",
+                g.display()
+            );
+        }
     } else {
         // This host has no memory controller to give: the process runs anyway, and says why.
         assert!(status.starts_with("unavailable: "), "{p:#}");
@@ -319,6 +352,54 @@ fn limits_are_applied_or_reported_unavailable_and_a_memory_hog_ends_as_oom() {
         });
         s.call("POST", &format!("/api/v1/processes/{id}/stop"), None);
     }
+}
+
+/// Whether a root agent here can limit memory: the unified hierarchy offers the controller, or
+/// a cgroup v1 memory hierarchy is mounted writable (the hybrid layout).
+fn memory_controller_here() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return false;
+    }
+    v2_offers("memory")
+        || memory_v1_group().is_some_and(|g| {
+            let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+            mounts.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(2) == Some(&"cgroup")
+                    && f.get(3).is_some_and(|o| {
+                        o.split(',').any(|x| x == "memory") && o.split(',').any(|x| x == "rw")
+                    })
+                    && g.starts_with(f[1])
+            })
+        })
+}
+
+/// Whether the unified hierarchy's root offers `controller`.
+fn v2_offers(controller: &str) -> bool {
+    [
+        "/sys/fs/cgroup/cgroup.controllers",
+        "/sys/fs/cgroup/unified/cgroup.controllers",
+    ]
+    .iter()
+    .any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|c| c.split_whitespace().any(|x| x == controller))
+    })
+}
+
+/// This process's own cgroup v1 memory group (under /sys/fs/cgroup/memory), if it has one.
+fn memory_v1_group() -> Option<std::path::PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = own.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, names, path) = (f.next()?, f.next()?, f.next()?);
+        names
+            .split(',')
+            .any(|n| n == "memory")
+            .then_some(path.to_string())
+    })?;
+    let dir = std::path::Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'));
+    dir.is_dir().then_some(dir)
 }
 
 #[test]
