@@ -201,6 +201,8 @@ pub struct Snapshot {
     pub files: BTreeMap<String, Vec<u8>>,
     /// Git's mode of each file (`100755` for executables).
     pub modes: BTreeMap<String, String>,
+    /// Git's blob id of each file: the next snapshot reads from git only the blobs it lacks.
+    pub oids: BTreeMap<String, String>,
 }
 
 impl Services {
@@ -227,14 +229,31 @@ impl Services {
             .map_err(ServiceError::Internal)?
             .map(|c| c.id)
             .unwrap_or_default();
-        if !commit.is_empty() {
-            let cached = self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(s) = cached.as_ref().filter(|s| s.commit == commit) {
-                return Ok(s.clone());
-            }
+        let previous = self
+            .last_snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(s) = previous
+            .as_ref()
+            .filter(|s| !commit.is_empty() && s.commit == commit)
+        {
+            return Ok(s.clone());
         }
+        // The blobs the last snapshot read, by id: a commit that changed a few files costs a
+        // read of those few.
+        let known: std::collections::HashMap<&str, &Vec<u8>> = previous
+            .as_ref()
+            .map(|p| {
+                p.oids
+                    .iter()
+                    .filter_map(|(path, oid)| Some((oid.as_str(), p.files.get(path)?)))
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut files = BTreeMap::new();
         let mut modes = BTreeMap::new();
+        let mut oids = BTreeMap::new();
         let mut problems = Vec::new();
         // A service file may be as large as HQ's files may be (0: 1 MiB).
         let max = match app.config.hq.max_file_size {
@@ -260,10 +279,18 @@ impl Services {
                 }
                 wanted.push(e);
             }
-            // Every file in one batch: two git processes, whatever the number of services.
-            let oids: Vec<&str> = wanted.iter().map(|e| e.oid.as_str()).collect();
-            let datas = repo.blobs(&oids, max).map_err(ServiceError::Internal)?;
-            for (e, data) in wanted.into_iter().zip(datas) {
+            let (have, read): (Vec<_>, Vec<_>) = wanted
+                .into_iter()
+                .partition(|e| known.contains_key(e.oid.as_str()));
+            for e in have {
+                modes.insert(e.path.clone(), e.mode.clone());
+                files.insert(e.path.clone(), known[e.oid.as_str()].clone());
+                oids.insert(e.path, e.oid);
+            }
+            // Every other file in one batch: two git processes, whatever their number.
+            let ids: Vec<&str> = read.iter().map(|e| e.oid.as_str()).collect();
+            let datas = repo.blobs(&ids, max).map_err(ServiceError::Internal)?;
+            for (e, data) in read.into_iter().zip(datas) {
                 let data = data.map_err(|why| {
                     ServiceError::Invalid(vec![Problem {
                         file: e.path.clone(),
@@ -272,7 +299,8 @@ impl Services {
                     }])
                 })?;
                 modes.insert(e.path.clone(), e.mode.clone());
-                files.insert(e.path, data);
+                files.insert(e.path.clone(), data);
+                oids.insert(e.path, e.oid);
             }
         }
         if !problems.is_empty() {
@@ -282,6 +310,7 @@ impl Services {
             commit,
             files,
             modes,
+            oids,
         };
         *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(snap.clone());
         Ok(snap)
