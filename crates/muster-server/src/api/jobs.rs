@@ -492,8 +492,31 @@ async fn job_log(
 
 /// A websocket that only writes to its client (log follows, the event feed): a small read
 /// buffer instead of the default 128 KiB, so a thousand of them cost little.
-fn ws_small(ws: WebSocketUpgrade) -> WebSocketUpgrade {
+pub(super) fn ws_small(ws: WebSocketUpgrade) -> WebSocketUpgrade {
     ws.read_buffer_size(4 * 1024).write_buffer_size(16 * 1024)
+}
+
+/// Sends a log's pieces to a websocket client until the log ends, then closes. It reads too: a
+/// client that goes away ends its follow now, not at the next line, and the first read frees
+/// what the upgrade had buffered (hyper's 8 KiB read buffer, the most of an idle follow).
+pub(super) async fn send_lines(mut socket: WebSocket, mut rx: tokio::sync::mpsc::Receiver<String>) {
+    loop {
+        tokio::select! {
+            data = rx.recv() => match data {
+                Some(data) => {
+                    if socket.send(Message::Text(data.into())).await.is_err() {
+                        return;
+                    }
+                }
+                None => break,
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                _ => {}
+            },
+        }
+    }
+    let _ = socket.send(Message::Close(None)).await;
 }
 
 /// Carries the leader's log websocket to a client of this follower.
@@ -573,17 +596,8 @@ async fn job_log_ws(
         return Ok(ws.on_upgrade(move |socket| relay_ws(socket, url, auth)));
     }
     q.follow = true;
-    let mut rx = open_log(&app, &caller, &id, &q).await?;
-    Ok(
-        ws_small(ws).on_upgrade(move |mut socket: WebSocket| async move {
-            while let Some(data) = rx.recv().await {
-                if socket.send(Message::Text(data.into())).await.is_err() {
-                    return;
-                }
-            }
-            let _ = socket.send(Message::Close(None)).await;
-        }),
-    )
+    let rx = open_log(&app, &caller, &id, &q).await?;
+    Ok(ws_small(ws).on_upgrade(move |socket: WebSocket| send_lines(socket, rx)))
 }
 
 async fn events_ws(

@@ -4,7 +4,7 @@
 use super::*;
 use crate::accounts::Role;
 use crate::processes::{ProcError, ProcFilter, Process};
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query};
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
@@ -280,15 +280,7 @@ async fn log_ws(
             .collect();
         return Ok(ws.on_upgrade(move |socket| super::jobs::relay_ws(socket, url, auth)));
     }
-    let mut rx = open_log(&app, &caller, &id, true).await?;
-    Ok(ws
-        .read_buffer_size(4 * 1024)
-        .on_upgrade(move |mut socket: WebSocket| async move {
-            while let Some(data) = rx.recv().await {
-                if socket.send(Message::Text(data.into())).await.is_err() {
-                    return;
-                }
-            }
-            let _ = socket.send(Message::Close(None)).await;
-        }))
+    let rx = open_log(&app, &caller, &id, true).await?;
+    Ok(super::jobs::ws_small(ws)
+        .on_upgrade(move |socket: WebSocket| super::jobs::send_lines(socket, rx)))
 }
