@@ -1202,7 +1202,7 @@ pub fn document() -> Value {
         "/api/v1/services/apply",
         "post",
         op(
-            "Apply a plan as one job tree (202 with the tree; 200 when it has no steps); 409 when HQ moved since the plan or the recorded state changed",
+            "Apply a plan as one job tree (202 with the tree; 200 when it has no steps); 409 when HQ moved since the plan, the recorded state changed, or another plan is being applied",
             Some(obj(json!({"plan": {"type": "string", "format": "uuid"}}), &["plan"])),
             "202",
             Some(plan.clone()),

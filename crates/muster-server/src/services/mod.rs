@@ -14,7 +14,8 @@
 //!   archive.
 //!
 //! Invariant: an apply runs exactly the stored plan; a plan whose HQ commit or steps no longer
-//! hold is refused (409), never re-planned behind the caller's back.
+//! hold is refused (409), never re-planned behind the caller's back; one plan or reset is
+//! applied at a time ([`APPLYING`], taken before the plan is checked).
 
 pub mod monitor;
 pub mod process;
@@ -39,6 +40,24 @@ pub const SERVICES: Docs<ServiceRecord> = Docs::new("service");
 
 /// The stored plans, by id.
 pub const PLANS: Docs<StoredPlan> = Docs::new("service_plan");
+
+/// Who applies now (one key, [`APPLYING_KEY`]): one plan or reset at a time, taken by
+/// compare-and-set before the plan is checked, so two applies of plans made at the same state
+/// never both run (the second gets 409). Actions and monitors do not take it.
+pub const APPLYING: Docs<Applying> = Docs::new("service_applying");
+const APPLYING_KEY: &str = "current";
+
+/// How long a claim without a tree holds (the server died between the claim and the tree).
+const CLAIM_TTL_MS: i64 = 60_000;
+
+/// The claim of the apply running now.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Applying {
+    pub plan: String,
+    /// Its tree, once made.
+    pub tree: Option<Uuid>,
+    pub since: Ts,
+}
 
 /// The outcome hook on every step of an apply tree.
 pub const STEP_HOOK: &str = "service-step";
@@ -509,6 +528,53 @@ impl Services {
             .map_err(|e| ServiceError::Internal(format!("keeping the archive of {path}: {e}")))
     }
 
+    /// Takes the apply claim for plan `id` (unless it is an action, or applied or empty
+    /// already), then [`Services::prepare_apply`]; the claim is let go unless the plan is ready
+    /// for its tree. `true`: the claim is held.
+    fn claim_and_prepare(&self, app: &App, id: &str) -> Result<(Prepared, bool)> {
+        let plan = self
+            .get_plan(app, id)?
+            .ok_or_else(|| ServiceError::NotFound("plan not found".into()))?;
+        let claim = plan.tree.is_none() && !plan.steps.is_empty() && plan.kind != "action";
+        if claim {
+            let mut busy: Option<Applying> = None;
+            APPLYING.update(&*app.store, APPLYING_KEY, |old| {
+                busy = None;
+                match old {
+                    Some(c) if c.plan != id && claim_holds(app, &c) => {
+                        busy = Some(c.clone());
+                        Some(c)
+                    }
+                    Some(c) if c.plan == id => Some(c),
+                    _ => Some(Applying {
+                        plan: id.to_string(),
+                        tree: None,
+                        since: now(),
+                    }),
+                }
+            })?;
+            if let Some(c) = busy {
+                let what = match c.tree {
+                    Some(t) => format!("in tree {t}"),
+                    None => "its tree is being made".to_string(),
+                };
+                return Err(ServiceError::Conflict(format!(
+                    "plan {} is being applied ({what}): wait for it to end, then plan again",
+                    c.plan
+                )));
+            }
+        }
+        match self.prepare_apply(app, id) {
+            Ok(p @ Prepared::Ready(_)) => Ok((p, claim)),
+            other => {
+                if claim {
+                    release(app, id)?;
+                }
+                other.map(|p| (p, false))
+            }
+        }
+    }
+
     /// Checks that plan `id` still holds and makes its tree (blocking but for the tree, which
     /// the caller creates with [`Services::create_tree`]). `Ok(None)`: nothing to do.
     pub fn prepare_apply(&self, app: &App, id: &str) -> Result<Prepared> {
@@ -659,9 +725,10 @@ impl Services {
         admin: bool,
     ) -> Result<(StoredPlan, Option<Uuid>)> {
         let (me, a, id2) = (self.clone(), app.clone(), id.to_string());
-        let prepared = tokio::task::spawn_blocking(move || me.prepare_apply(&a, &id2))
-            .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))??;
+        let (prepared, claimed) =
+            tokio::task::spawn_blocking(move || me.claim_and_prepare(&a, &id2))
+                .await
+                .map_err(|e| ServiceError::Internal(e.to_string()))??;
         let plan = match prepared {
             Prepared::Applied(p, t) => return Ok((p, Some(t))),
             Prepared::Empty(p) => return Ok((p, None)),
@@ -680,14 +747,35 @@ impl Services {
         for j in new.jobs.iter_mut().skip(1) {
             j.hook = Some(STEP_HOOK.to_string());
         }
-        let tree = match app
+        let created = app
             .manager
             .create(new.clone(), Some(format!("services-apply:{}", plan.id)))
-            .await?
-        {
-            muster_store::Created::New => new.tree.id,
-            muster_store::Created::Existing(t) => t,
+            .await;
+        let tree = match created {
+            Ok(muster_store::Created::New) => new.tree.id,
+            Ok(muster_store::Created::Existing(t)) => t,
+            Err(e) => {
+                if claimed {
+                    let (a, id2) = (app.clone(), plan.id.clone());
+                    let _ = tokio::task::spawn_blocking(move || release(&a, &id2)).await;
+                }
+                return Err(e.into());
+            }
         };
+        if claimed {
+            let (a, id2) = (app.clone(), plan.id.clone());
+            tokio::task::spawn_blocking(move || {
+                APPLYING.update(&*a.store, APPLYING_KEY, |c| {
+                    let mut c = c?;
+                    if c.plan == id2 {
+                        c.tree = Some(tree);
+                    }
+                    Some(c)
+                })
+            })
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))??;
+        }
         let (a, id2) = (app.clone(), plan.id.clone());
         let plan = tokio::task::spawn_blocking(move || {
             PLANS.update(&*a.store, &id2, |p| {
@@ -818,6 +906,28 @@ impl Services {
         }
         Ok(())
     }
+}
+
+/// Whether the apply claim `c` still holds: its tree runs, or it is being made.
+fn claim_holds(app: &App, c: &Applying) -> bool {
+    match c.tree {
+        Some(t) => match app.store.tree(t) {
+            Ok(Some(tree)) => tree.state == muster_core::TreeState::Running,
+            Ok(None) => false,
+            // The store cannot say: it holds, to be safe.
+            Err(_) => true,
+        },
+        None => now().0 - c.since.0 < CLAIM_TTL_MS,
+    }
+}
+
+/// Lets go of plan `id`'s apply claim (if it still has it).
+fn release(app: &App, id: &str) -> Result<()> {
+    APPLYING.update(&*app.store, APPLYING_KEY, |c| match c {
+        Some(c) if c.plan == id => None,
+        other => other,
+    })?;
+    Ok(())
 }
 
 /// What [`Services::prepare_apply`] found.

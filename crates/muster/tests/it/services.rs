@@ -1162,3 +1162,123 @@ python3 -c 'import json,sys; print(json.dumps({"message": "pw " + sys.argv[1], "
     let (st, e) = s.call("POST", "/api/v1/services/plan", Some(json!({})));
     assert_eq!(st, 422, "{e}");
 }
+
+/// Two plans made at the same state: only one apply runs. While one runs, the other is 409
+/// naming it; two applies at once give one tree; once it ended, the other plan is stale (409),
+/// and a new plan applies (the claim is let go).
+#[test]
+fn two_applies_of_one_state_never_both_run() {
+    let s = Server::start_with(|c| {
+        c.store.url = format!("sqlite://{}", c.data_dir.join("muster.db").display());
+    });
+    let hq = s.dir.0.join("hq");
+    assert!(wait_until(WAIT, || hq.join(".git").is_dir()));
+    let (marks, gate) = (s.dir.0.join("marks"), s.dir.0.join("gate"));
+    let action = |svc: &str| {
+        format!(
+            "#!/bin/bash\ncat > /dev/null\necho \"install {svc}\" >> '{m}'\n\
+             for i in $(seq 600); do [ -e '{g}' ] && break; sleep 0.1; done\n",
+            m = marks.display(),
+            g = gate.display()
+        )
+    };
+    let svc = |n: &str| {
+        write(
+            &hq,
+            &format!("services/x__{n}__{n}/service.toml"),
+            &format!("domain = \"x\"\nname = \"{n}\"\ninstance = \"{n}\"\n"),
+            false,
+        );
+        write(
+            &hq,
+            &format!("services/x__{n}__{n}/actions/install"),
+            &action(n),
+            true,
+        );
+    };
+    svc("a");
+    commit(&hq, "one service");
+    let (p1, p2) = (plan(&s), plan(&s));
+    assert_eq!(steps(&p1), steps(&p2));
+    let (st, a1) = s.call(
+        "POST",
+        "/api/v1/services/apply",
+        Some(json!({"plan": p1["id"]})),
+    );
+    assert_eq!(st, 202, "{a1}");
+    assert!(wait_until(WAIT, || lines(&marks).len() == 1));
+    let (st, a2) = s.call(
+        "POST",
+        "/api/v1/services/apply",
+        Some(json!({"plan": p2["id"]})),
+    );
+    assert_eq!(st, 409, "{a2}");
+    let msg = a2["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        msg.contains(p1["id"].as_str().unwrap()) && msg.contains("being applied"),
+        "{a2}"
+    );
+    // The same plan again is the same tree.
+    let (st, again) = s.call(
+        "POST",
+        "/api/v1/services/apply",
+        Some(json!({"plan": p1["id"]})),
+    );
+    assert_eq!(st, 202, "{again}");
+    assert_eq!(again["tree"], a1["tree"]);
+    std::fs::write(&gate, b"").unwrap();
+    wait_done(&s, &a1);
+    let (st, a2) = s.call(
+        "POST",
+        "/api/v1/services/apply",
+        Some(json!({"plan": p2["id"]})),
+    );
+    assert_eq!(st, 409, "a plan made before the apply is stale: {a2}");
+    assert_eq!(lines(&marks), vec!["install a".to_string()]);
+
+    // Two applies at once of two plans of one new state: one tree, one 409.
+    svc("b");
+    commit(&hq, "a second service");
+    let (p3, p4) = (plan(&s), plan(&s));
+    let answers: Vec<(u16, Value)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = [&p3, &p4]
+            .into_iter()
+            .map(|p| {
+                let s = &s;
+                sc.spawn(move || {
+                    s.call(
+                        "POST",
+                        "/api/v1/services/apply",
+                        Some(json!({"plan": p["id"]})),
+                    )
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut codes: Vec<u16> = answers.iter().map(|(st, _)| *st).collect();
+    codes.sort();
+    assert_eq!(codes, vec![202, 409], "{answers:?}");
+    let won = &answers.iter().find(|(st, _)| *st == 202).unwrap().1;
+    wait_done(&s, won);
+    assert_eq!(
+        lines(&marks),
+        vec!["install a".to_string(), "install b".to_string()],
+        "b installed once"
+    );
+    // Nothing left to do: the claim of the ended apply does not hold a new one back.
+    svc("c");
+    commit(&hq, "a third service");
+    let p5 = plan(&s);
+    let (st, a5) = s.call(
+        "POST",
+        "/api/v1/services/apply",
+        Some(json!({"plan": p5["id"]})),
+    );
+    assert_eq!(st, 202, "{a5}");
+    wait_done(&s, &a5);
+    assert_eq!(lines(&marks).len(), 3);
+}
