@@ -125,6 +125,9 @@ pub struct SvcPathArgs {
 pub struct SvcPlanArgs {
     #[command(flatten)]
     server: ServerOpt,
+    /// Plan only this service (e.g. `demo__app__web`), what is under it and what it waits for.
+    #[arg(long, value_name = "PATH")]
+    only: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -363,7 +366,11 @@ fn print_plan(p: &Value) {
 
 fn plan(a: SvcPlanArgs) -> Result<()> {
     let client = authed_client(&a.server)?;
-    let (_, p) = client.post_json("/api/v1/services/plan", &json!({}), &[])?;
+    let body = match &a.only {
+        Some(p) => json!({ "only": p }),
+        None => json!({}),
+    };
+    let (_, p) = client.post_json("/api/v1/services/plan", &body, &[])?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&p)?);
     } else {

@@ -1190,8 +1190,8 @@ pub fn document() -> Value {
         "/api/v1/services/plan",
         "post",
         op(
-            "Plan HQ's services at its head against their recorded state (cluster admins): install, reconfigure or reset per service with the reason, in dependency order; bad service directories, cycles and missing producers are 422 naming the files",
-            None,
+            "Plan HQ's services at its head against their recorded state (cluster admins): install, reconfigure or reset per service with the reason, in dependency order; bad service directories, cycles and missing producers are 422 naming the files. `{}` plans every service; `only` one service, what is under it and what it waits for",
+            Some(obj(json!({"only": {"type": "string", "description": "a service path, e.g. demo__app__web"}}), &[])),
             "201",
             Some(plan.clone()),
             false,

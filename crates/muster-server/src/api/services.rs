@@ -216,10 +216,60 @@ async fn show(
     Ok(axum::Json(record_json(&rec)).into_response())
 }
 
-async fn plan(State(app): AppState, caller: Caller) -> ApiResult<Response> {
+/// `POST /services/plan`: `{}` (or no body) plans every service; `only` plans one service,
+/// what is under it and what it waits for.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PlanBody {
+    #[serde(default)]
+    only: Option<String>,
+}
+
+async fn plan(
+    State(app): AppState,
+    caller: Caller,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
     caller.need_cluster_admin("plan and apply services")?;
+    let body: PlanBody = if body.iter().all(u8::is_ascii_whitespace) {
+        PlanBody::default()
+    } else {
+        let ct = headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !ct.is_empty() && !ct.starts_with("application/json") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send application/json",
+            ));
+        }
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(parse_error("invalid JSON body", &e.to_string())))?;
+        if !v.is_object() {
+            return Err(ApiError::bad("a plan request is a JSON object, e.g. {}"));
+        }
+        serde_json::from_value(v)
+            .map_err(|e| ApiError::bad(parse_error("invalid plan request", &e.to_string())))?
+    };
+    let only = match body.only {
+        Some(p) => {
+            let p = p
+                .strip_prefix("services/")
+                .unwrap_or(&p)
+                .trim_end_matches('/')
+                .to_string();
+            muster_core::service::check_path(&p).map_err(|_| {
+                ApiError::bad("only: a service path is domain__name__instance parts joined by /")
+            })?;
+            Some(p)
+        }
+        None => None,
+    };
     let (a, by) = (app.clone(), caller.user.name.clone());
-    let p = blocking(move || Ok(a.services.plan(&a, &by, None)?)).await?;
+    let p = blocking(move || Ok(a.services.plan(&a, &by, only.as_deref())?)).await?;
     Ok((StatusCode::CREATED, axum::Json(plan_json(&p))).into_response())
 }
 

@@ -1282,3 +1282,60 @@ fn two_applies_of_one_state_never_both_run() {
     wait_done(&s, &a5);
     assert_eq!(lines(&marks).len(), 3);
 }
+
+/// The plan route's body: none or `{}` plans everything, `only` one service (and what it
+/// waits for), unknown keys and bad paths are 400, a path HQ does not hold is 404.
+#[test]
+fn the_plan_route_takes_only_what_it_knows() {
+    let s = Server::start_with(|c| {
+        c.store.url = format!("sqlite://{}", c.data_dir.join("muster.db").display());
+    });
+    let hq = s.dir.0.join("hq");
+    assert!(wait_until(WAIT, || hq.join(".git").is_dir()));
+    setup(&hq, &s.dir.0.join("actions.log"));
+    let all = steps(&plan(&s));
+    assert_eq!(all.len(), 3, "{all:?}");
+    let (st, p) = s.call("POST", "/api/v1/services/plan", None);
+    assert_eq!(st, 201, "{p}");
+    assert_eq!(steps(&p), all);
+    let (st, p) = s.call(
+        "POST",
+        "/api/v1/services/plan",
+        Some(json!({"only": "services/demo__app__web"})),
+    );
+    assert_eq!(st, 201, "{p}");
+    assert_eq!(
+        steps(&p),
+        all.clone(),
+        "the app, the child under it and the store it waits for"
+    );
+    let (st, p) = s.call(
+        "POST",
+        "/api/v1/services/plan",
+        Some(json!({"only": "demo__kv__main"})),
+    );
+    assert_eq!(st, 201, "{p}");
+    assert_eq!(
+        steps(&p),
+        vec![("install".to_string(), "demo__kv__main".to_string())]
+    );
+    for bad in [
+        json!({"only": "../../etc"}),
+        json!({"only": 3}),
+        json!({"everything": true}),
+        json!([]),
+    ] {
+        let (st, e) = s.call("POST", "/api/v1/services/plan", Some(bad.clone()));
+        assert_eq!(st, 400, "{bad} -> {e}");
+        assert!(e["error"]["message"].is_string(), "{e}");
+        assert!(!e.to_string().contains("../../etc"), "{e}");
+    }
+    let (st, e) = s.call(
+        "POST",
+        "/api/v1/services/plan",
+        Some(json!({"only": "demo__nope__x"})),
+    );
+    assert_eq!(st, 404, "{e}");
+    // Nothing was applied by any of it.
+    assert!(recorded(&s).is_empty());
+}
