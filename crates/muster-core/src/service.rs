@@ -109,13 +109,85 @@ pub struct Build {
     /// A directory in HQ (relative to HQ's root).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// A git repository (URL or path) to clone instead, at `rev` (a branch, tag or commit,
+    /// resolved to a commit at plan time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rev: Option<String>,
-    pub command: String,
+    /// Run with `sh -c` in the source directory; without it, the service's `actions/build`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Globs relative to the source directory (`*` and `?` within a name, `**` across
+    /// directories): what is kept.
     #[serde(default)]
     pub artifacts: Vec<String>,
+}
+
+impl Build {
+    /// What is wrong with it as written (`has_action`: the service has `actions/build`).
+    pub fn check(&self, has_action: bool) -> Result<(), String> {
+        match (&self.source, &self.git) {
+            (Some(_), Some(_)) => return Err("build: give source or git, not both".into()),
+            (None, None) => {
+                return Err("build: give source (a directory in HQ) or git (a URL) and rev".into())
+            }
+            (None, Some(_)) if self.rev.as_deref().is_none_or(str::is_empty) => {
+                return Err("build: git needs rev (a branch, tag or commit)".into())
+            }
+            _ => {}
+        }
+        if let Some(src) = &self.source {
+            relative("build.source", src)?;
+        }
+        if self.command.as_deref().is_none_or(|c| c.trim().is_empty()) && !has_action {
+            return Err("build: give command, or an actions/build".into());
+        }
+        if self.artifacts.is_empty() {
+            return Err("build: artifacts lists no glob: nothing would be kept".into());
+        }
+        for a in &self.artifacts {
+            relative("build.artifacts", a)?;
+        }
+        Ok(())
+    }
+}
+
+/// A path relative to a directory and staying in it: not empty, not absolute, no `..`.
+fn relative(what: &str, p: &str) -> Result<(), String> {
+    let t = p.trim_end_matches('/');
+    if t.is_empty() || p.starts_with('/') || t.split('/').any(|seg| seg == ".." || seg.is_empty()) {
+        return Err(format!(
+            "{what}: {:?} is not a relative path inside the directory",
+            p.chars().take(60).collect::<String>()
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `path` (relative, `/`-separated) matches glob `pattern`: `*` and `?` within one
+/// name, `**` as a whole part any number of directories (none too).
+pub fn glob_match(pattern: &str, path: &str) -> bool {
+    fn name(p: &[u8], s: &[u8]) -> bool {
+        match (p.first(), s.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => name(&p[1..], s) || (!s.is_empty() && name(p, &s[1..])),
+            (Some(b'?'), Some(_)) => name(&p[1..], &s[1..]),
+            (Some(a), Some(b)) if a == b => name(&p[1..], &s[1..]),
+            _ => false,
+        }
+    }
+    fn parts(p: &[&str], s: &[&str]) -> bool {
+        match (p.first(), s.first()) {
+            (None, None) => true,
+            (Some(&"**"), _) => parts(&p[1..], s) || (!s.is_empty() && parts(p, &s[1..])),
+            (Some(a), Some(b)) => name(a.as_bytes(), b.as_bytes()) && parts(&p[1..], &s[1..]),
+            _ => false,
+        }
+    }
+    let p: Vec<&str> = pattern.trim_start_matches("./").split('/').collect();
+    let s: Vec<&str> = path.split('/').collect();
+    parts(&p, &s)
 }
 
 /// `service.toml` as written.
@@ -256,6 +328,10 @@ pub struct Catalog {
     /// service path and key, set by the caller after [`load`]: a service's declared secrets'
     /// versions are an input ([`Resolved::parts`] `secrets`), so changing one reconfigures it.
     pub secret_versions: BTreeMap<String, BTreeMap<String, String>>,
+    /// What each `[build]`'s source is, by service path, set by the caller after [`load`]:
+    /// a hash of an HQ directory's files, or the commit a git rev names. Part of the build's
+    /// input hash ([`Resolved::parts`] `build`), which keys its artifacts.
+    pub build_sources: BTreeMap<String, String>,
 }
 
 /// A node as a producer of `node`.
@@ -519,6 +595,12 @@ pub fn load(files: &BTreeMap<String, Vec<u8>>) -> Result<Catalog, Vec<Problem>> 
                 if let Ok(t) = std::str::from_utf8(b) {
                     actions.extend(python_verbs(t));
                 }
+            }
+        }
+        if let Some(b) = &meta.build {
+            if let Err(e) = b.check(actions.contains("build")) {
+                problems.push(problem(&file, line_with(text, "[build]"), e));
+                ok = false;
             }
         }
         if !ok {
@@ -1119,10 +1201,17 @@ pub fn resolve(cat: &Catalog, nodes: &[NodeInfo]) -> Result<Graph, Vec<Problem>>
             "process".to_string(),
             hash_of(&process.clone().unwrap_or(Value::Null)),
         );
-        parts.insert(
-            "build".to_string(),
-            hash_of(&build.clone().unwrap_or(Value::Null)),
-        );
+        // The build's inputs (its spec, its source's content, its action): the key of its
+        // artifacts, so that the same inputs never build twice.
+        let build_inputs = match &build {
+            Some(b) => serde_json::json!({
+                "build": b,
+                "source": cat.build_sources.get(path),
+                "action": s.files.get("actions/build"),
+            }),
+            None => Value::Null,
+        };
+        parts.insert("build".to_string(), hash_of(&build_inputs));
         parts.insert("node".to_string(), hash_of(&serde_json::json!(node)));
         if !s.meta.secrets.is_empty() {
             // Only services with secrets have the part, so other hashes stay as they were.

@@ -6,6 +6,9 @@ use muster_models::archive;
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 
+#[path = "cli_services_build.rs"]
+mod build;
+
 #[derive(Subcommand)]
 pub enum ServicesCmd {
     /// List the services as recorded: status, node, last action, message.
@@ -617,6 +620,39 @@ fn run_action(
     unreachable!("the loop returns or fails")
 }
 
+/// Downloads the `.tar.gz` at `path` and unpacks it into `dir` (no path or link out of it,
+/// bounded sizes).
+fn fetch_unpack(client: &Client, path: &str, dir: &Path) -> Result<archive::Unpacked> {
+    let mut resp = client.get(path, &[])?;
+    if !resp.status().is_success() {
+        return Err(http_error(resp));
+    }
+    archive::unpack(
+        resp.body_mut().with_config().limit(u64::MAX).reader(),
+        dir,
+        &archive::Limits::default(),
+    )
+    .map_err(anyhow::Error::msg)
+}
+
+/// Uploads a `.tar.gz` to `path`; the JSON answer.
+fn post_gzip(client: &Client, path: &str, packed: Vec<u8>) -> Result<Value> {
+    let req = ureq::http::Request::builder()
+        .method("POST")
+        .uri(client.url(path))
+        .header("Content-Type", "application/gzip")
+        .header(
+            "Authorization",
+            format!("Bearer {}", client.token.clone().unwrap_or_default()),
+        )
+        .body(packed)?;
+    let resp = client
+        .agent
+        .run(req)
+        .map_err(|e| client.transport_error(e))?;
+    json_body(resp)
+}
+
 fn step(a: SvcStepArgs) -> Result<()> {
     let node_dir = std::env::var_os("MUSTER_NODE_DIR")
         .map(PathBuf::from)
@@ -646,16 +682,7 @@ fn step(a: SvcStepArgs) -> Result<()> {
                     .join("dirs")
                     .join(format!(".{blob}.{}", std::process::id()));
                 let _ = std::fs::remove_dir_all(&tmp);
-                let mut resp = client.get(&format!("{base}/archive"), &[])?;
-                if !resp.status().is_success() {
-                    return Err(http_error(resp));
-                }
-                archive::unpack(
-                    resp.body_mut().with_config().limit(u64::MAX).reader(),
-                    &tmp,
-                    &archive::Limits::default(),
-                )
-                .map_err(anyhow::Error::msg)?;
+                fetch_unpack(&client, &format!("{base}/archive"), &tmp)?;
                 if std::fs::rename(&tmp, &d).is_err() {
                     // Another step unpacked the same content meanwhile.
                     let _ = std::fs::remove_dir_all(&tmp);
@@ -683,6 +710,11 @@ fn step(a: SvcStepArgs) -> Result<()> {
                 .unwrap_or_default(),
         ),
         ("MUSTER_PLAN".into(), a.plan.clone()),
+        // Where a [build]'s artifacts are, once installed.
+        (
+            "MUSTER_ARTIFACTS_DIR".into(),
+            state_dir.join("artifacts").to_string_lossy().into_owned(),
+        ),
     ];
     let mut ctx = info["context"].clone();
     // Its secrets: asked for with this job's own token, put into the context's params only,
@@ -704,6 +736,19 @@ fn step(a: SvcStepArgs) -> Result<()> {
                 .collect()
         })
         .unwrap_or_default();
+    if info["build"].is_object() && verbs.iter().any(|v| v == "install") {
+        build::run(
+            &client,
+            &base,
+            &info["build"],
+            dir.as_deref(),
+            &ctx,
+            &env,
+            &mask,
+            &root,
+            &state_dir.join("artifacts"),
+        )?;
+    }
     for verb in verbs {
         let Some(d) = &dir else {
             println!("action {verb}: no service directory recorded: built-in default");
@@ -727,17 +772,9 @@ fn step(a: SvcStepArgs) -> Result<()> {
             ));
         }
         if verb == "import" {
-            let mut resp = client.get(&format!("{base}/import"), &[])?;
-            if !resp.status().is_success() {
-                return Err(http_error(resp));
-            }
             // No path out of the directory, no links out of it, bounded sizes.
-            let u = archive::unpack(
-                resp.body_mut().with_config().limit(u64::MAX).reader(),
-                &scratch,
-                &archive::Limits::default(),
-            )
-            .map_err(|e| anyhow!("the import archive is refused: {e}"))?;
+            let u = fetch_unpack(&client, &format!("{base}/import"), &scratch)
+                .map_err(|e| anyhow!("the import archive is refused: {e}"))?;
             println!("import: {} entries, {} bytes unpacked", u.entries, u.bytes);
             env.push((
                 "MUSTER_IMPORT_DIR".into(),
@@ -752,20 +789,7 @@ fn step(a: SvcStepArgs) -> Result<()> {
         if verb == "export" {
             let mut packed = Vec::new();
             archive::pack(&scratch, &mut packed).map_err(anyhow::Error::msg)?;
-            let req = ureq::http::Request::builder()
-                .method("POST")
-                .uri(client.url(&format!("{base}/export")))
-                .header("Content-Type", "application/gzip")
-                .header(
-                    "Authorization",
-                    format!("Bearer {}", client.token.clone().unwrap_or_default()),
-                )
-                .body(packed)?;
-            let resp = client
-                .agent
-                .run(req)
-                .map_err(|e| client.transport_error(e))?;
-            let v = json_body(resp)?;
+            let v = post_gzip(&client, &format!("{base}/export"), packed)?;
             println!(
                 "export kept as {} ({} bytes)",
                 text(&v["export"]),

@@ -458,3 +458,76 @@ fn secrets_cannot_be_published_or_put_in_a_process() {
         );
     }
 }
+
+#[test]
+fn globs_match_names_and_directories() {
+    assert!(glob_match("out/*", "out/hello"));
+    assert!(!glob_match("out/*", "out/sub/hello"));
+    assert!(glob_match("out/**", "out/sub/hello"));
+    assert!(glob_match("**/*.so", "a/b/lib.so"));
+    assert!(glob_match("**/*.so", "lib.so"));
+    assert!(glob_match("./bin/app?", "bin/app1"));
+    assert!(!glob_match("bin/app?", "bin/app12"));
+    assert!(!glob_match("*.txt", "dir/a.txt"));
+    assert!(glob_match("hello", "hello"));
+}
+
+#[test]
+fn bad_builds_are_named_with_their_file() {
+    let toml = |build: &str| {
+        format!("domain = \"x\"\nname = \"b\"\ninstance = \"b\"\n\n[build]\n{build}\n")
+    };
+    for (build, want) in [
+        ("command = \"make\"\nartifacts = [\"out/*\"]", "give source"),
+        (
+            "source = \"src\"\ngit = \"/r\"\nrev = \"main\"\ncommand = \"make\"\nartifacts = [\"a\"]",
+            "not both",
+        ),
+        ("git = \"/r\"\ncommand = \"make\"\nartifacts = [\"a\"]", "needs rev"),
+        ("source = \"src\"\nartifacts = [\"a\"]", "actions/build"),
+        ("source = \"src\"\ncommand = \"make\"", "nothing would be kept"),
+        (
+            "source = \"src\"\ncommand = \"make\"\nartifacts = [\"../etc/*\"]",
+            "not a relative path",
+        ),
+        (
+            "source = \"/etc\"\ncommand = \"make\"\nartifacts = [\"a\"]",
+            "not a relative path",
+        ),
+        (
+            "source = \"src\"\ncommand = \"make\"\nartifacts = [\"a\"]\nflags = 1",
+            "unknown field",
+        ),
+    ] {
+        let text = toml(build);
+        let e = err(&[("services/x__b__b/service.toml", text.as_str())]);
+        assert!(e.contains(want), "{build}: {e}");
+        assert!(e.contains("services/x__b__b/service.toml"), "{e}");
+    }
+    // An actions/build stands for the command.
+    let text = toml("source = \"src\"\nartifacts = [\"out/*\"]");
+    graph(&[
+        ("services/x__b__b/service.toml", text.as_str()),
+        ("services/x__b__b/actions/build", "#!/bin/sh\n"),
+    ])
+    .unwrap();
+}
+
+#[test]
+fn a_builds_source_is_an_input() {
+    let text = "domain = \"x\"\nname = \"b\"\ninstance = \"b\"\n[build]\nsource = \"src\"\ncommand = \"make\"\nartifacts = [\"out/*\"]\n";
+    let files = hq(&[("services/x__b__b/service.toml", text)]);
+    let hash = |source: &str| {
+        let mut cat = load(&files).unwrap();
+        cat.build_sources
+            .insert("x__b__b".to_string(), source.to_string());
+        let g = resolve(&cat, &nodes()).unwrap();
+        let r = &g.services["x__b__b"];
+        (r.parts["build"].clone(), r.hash.clone())
+    };
+    let (b1, h1) = hash("one");
+    let (b2, h2) = hash("two");
+    assert_ne!(b1, b2);
+    assert_ne!(h1, h2);
+    assert_eq!(hash("one"), (b1, h1));
+}

@@ -1154,7 +1154,8 @@ pub fn document() -> Value {
                 "key": {"type": "string"}, "path": {"type": "string"},
                 "action": {"type": "string", "enum": ["install", "reconfigure", "reset"]},
                 "reason": {"type": "string"}, "hash": nullable("string"),
-                "after": {"type": "array", "items": {"type": "string"}}, "node": nullable("string")
+                "after": {"type": "array", "items": {"type": "string"}}, "node": nullable("string"),
+                "build": {"type": "string", "enum": ["cached", "needed"], "nullable": true}
             }), &["key", "path", "action", "reason"])},
             "unchanged": {"type": "array", "items": {"type": "string"}},
             "tree": {"type": "string", "format": "uuid", "nullable": true},
@@ -1253,7 +1254,7 @@ pub fn document() -> Value {
                 "node": nullable("string"), "archive": nullable("string"),
                 "actions": {"type": "array", "items": {"type": "string"}}, "process": {"type": "boolean"},
                 "secrets": {"type": "array", "items": {"type": "string"}},
-                "context": {"type": "object"}
+                "context": {"type": "object"}, "build": {"type": "object", "nullable": true}
             }), &["plan", "key", "path", "action", "verbs", "context"])),
             false,
         ),
@@ -1374,6 +1375,46 @@ pub fn document() -> Value {
             o
         },
         vec![service_path_param()],
+    );
+    add(
+        "/api/v1/services/plans/{id}/steps/{key}/build/source",
+        "get",
+        op(
+            "The HQ source directory of a step's [build] as a .tar.gz, as planned (for the apply tree's jobs)",
+            None,
+            "200",
+            text("application/gzip"),
+            false,
+        ),
+        vec![path_param("id"), path_param("key")],
+    );
+    add(
+        "/api/v1/services/plans/{id}/steps/{key}/build",
+        "post",
+        {
+            let mut o = op(
+                "The artifacts a step's [build] left, as a .tar.gz: kept in the blob store under the build's input hash (a key built meanwhile keeps its first artifacts)",
+                None,
+                "201",
+                Some(obj(json!({"key": {"type": "string"}, "blob": {"type": "string"}, "size": {"type": "integer"}}), &["key", "blob", "size"])),
+                false,
+            );
+            o["requestBody"] = json!({"required": true, "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}, "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}});
+            o
+        },
+        vec![path_param("id"), path_param("key")],
+    );
+    add(
+        "/api/v1/services/plans/{id}/steps/{key}/build/artifacts",
+        "get",
+        op(
+            "The artifacts of a step's [build] as a .tar.gz, once built (404 before)",
+            None,
+            "200",
+            text("application/gzip"),
+            false,
+        ),
+        vec![path_param("id"), path_param("key")],
     );
     add(
         "/api/v1/services/plans/{id}/steps/{key}/archive",

@@ -44,6 +44,21 @@ pub(super) fn routes(r: Routes) -> Routes {
             get(import_archive),
         )
         .add(
+            "/api/v1/services/plans/{id}/steps/{key}/build/source",
+            &["GET"],
+            get(build_source),
+        )
+        .add(
+            "/api/v1/services/plans/{id}/steps/{key}/build",
+            &["POST"],
+            post(build_upload),
+        )
+        .add(
+            "/api/v1/services/plans/{id}/steps/{key}/build/artifacts",
+            &["GET"],
+            get(build_artifacts),
+        )
+        .add(
             "/api/v1/services/plans/{id}/steps/{key}/secrets",
             &["GET"],
             get(step_secrets),
@@ -178,7 +193,8 @@ fn plan_json(p: &StoredPlan) -> Value {
         .iter()
         .map(|s| {
             json!({"key": s.key, "path": s.step.path, "action": s.step.action.as_str(),
-                   "reason": s.step.reason, "hash": s.step.hash, "after": s.step.after, "node": s.node})
+                   "reason": s.step.reason, "hash": s.step.hash, "after": s.step.after, "node": s.node,
+                   "build": s.build.as_ref().map(|b| b.status.as_str())})
         })
         .collect();
     json!({"id": p.id, "kind": p.kind, "commit": p.commit, "created_at": p.created_at, "created_by": p.created_by,
@@ -428,6 +444,90 @@ async fn export_upload(
         axum::Json(json!({"export": blob, "size": size})),
     )
         .into_response())
+}
+
+/// The planned build of step `key` of `plan`, or 404.
+fn build_of(plan: &StoredPlan, key: &str) -> ApiResult<crate::services::build::PlannedBuild> {
+    plan.steps
+        .iter()
+        .find(|s| s.key == key)
+        .ok_or_else(|| ApiError::not_found("step"))?
+        .build
+        .clone()
+        .ok_or_else(|| ApiError::not_found("build"))
+}
+
+/// The `.tar.gz` of a build's HQ source directory, as planned.
+async fn build_source(
+    State(app): AppState,
+    caller: Caller,
+    Path((id, key)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let plan = step_of(&app, &caller, &id, &key).await?;
+    let crate::services::build::Source::Hq { files, .. } = build_of(&plan, &key)?.source else {
+        return Err(ApiError::not_found(
+            "HQ source (the build clones its git repository)",
+        ));
+    };
+    let a = app.clone();
+    let blob = blocking(move || Ok(crate::services::build::source_archive(&a, &files)?)).await?;
+    super::blob_response(&app, &blob, "application/gzip")
+}
+
+/// A step's build artifacts (a `.tar.gz`): kept in the blob store under the build's key.
+async fn build_upload(
+    State(app): AppState,
+    caller: Caller,
+    Path((id, key)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let plan = step_of(&app, &caller, &id, &key).await?;
+    let b = build_of(&plan, &key)?;
+    if body.len() < 2 || body[..2] != [0x1f, 0x8b] {
+        return Err(ApiError::bad("send the artifacts as a .tar.gz"));
+    }
+    let a = app.clone();
+    let size = body.len() as u64;
+    let key_of_build = b.key.clone();
+    let kept = blocking(move || {
+        let blob = a.blobs.put(&body)?;
+        let s = plan.steps.iter().find(|s| s.key == key);
+        let job = a
+            .store
+            .tree_jobs(plan.tree.unwrap_or_default())
+            .ok()
+            .and_then(|j| j.into_iter().find(|j| j.key == key).map(|j| j.id));
+        let built = crate::services::build::Built {
+            blob,
+            size,
+            at: muster_wire::util::now(),
+            by: s.map(|s| s.step.path.clone()).unwrap_or_default(),
+            node: s.and_then(|s| s.node.clone()),
+            job,
+        };
+        Ok(crate::services::build::keep(&a, &b.key, built)?)
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"key": key_of_build, "blob": kept.blob, "size": kept.size})),
+    )
+        .into_response())
+}
+
+/// The artifacts of a step's build, once built.
+async fn build_artifacts(
+    State(app): AppState,
+    caller: Caller,
+    Path((id, key)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let plan = step_of(&app, &caller, &id, &key).await?;
+    let b = build_of(&plan, &key)?;
+    let a = app.clone();
+    let kept = blocking(move || Ok(crate::services::build::cached(&a, &b.key)?))
+        .await?
+        .ok_or_else(|| ApiError::not_found("artifacts (not built yet)"))?;
+    super::blob_response(&app, &kept.blob, "application/gzip")
 }
 
 /// The archive an `import` step unpacks.

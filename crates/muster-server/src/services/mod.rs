@@ -17,6 +17,7 @@
 //! hold is refused (409), never re-planned behind the caller's back; one plan or reset is
 //! applied at a time ([`APPLYING`], taken before the plan is checked).
 
+pub mod build;
 pub mod monitor;
 pub mod process;
 pub mod reset;
@@ -151,6 +152,9 @@ pub struct PlanStep {
     /// The archive an `import` unpacks for the action.
     #[serde(default)]
     pub import: Option<String>,
+    /// Its `[build]`: fetched when cached, else built by the step before `install`.
+    #[serde(default)]
+    pub build: Option<build::PlannedBuild>,
 }
 
 /// A plan as stored: what an apply runs.
@@ -222,6 +226,8 @@ pub struct Snapshot {
     pub modes: BTreeMap<String, String>,
     /// Git's blob id of each file: the next snapshot reads from git only the blobs it lacks.
     pub oids: BTreeMap<String, String>,
+    /// Every file of HQ (links too) with its blob id and mode, not read: builds' sources.
+    pub tree: BTreeMap<String, (String, String)>,
 }
 
 impl Services {
@@ -273,6 +279,7 @@ impl Services {
         let mut files = BTreeMap::new();
         let mut modes = BTreeMap::new();
         let mut oids = BTreeMap::new();
+        let mut tree = BTreeMap::new();
         let mut problems = Vec::new();
         // A service file may be as large as HQ's files may be (0: 1 MiB).
         let max = match app.config.hq.max_file_size {
@@ -282,6 +289,9 @@ impl Services {
         if !commit.is_empty() {
             let mut wanted = Vec::new();
             for e in repo.ls_tree().map_err(ServiceError::Internal)? {
+                if e.kind == "blob" {
+                    tree.insert(e.path.clone(), (e.oid.clone(), e.mode.clone()));
+                }
                 if !(e.path.starts_with("services/") || e.path.starts_with("interfaces/")) {
                     continue;
                 }
@@ -330,6 +340,7 @@ impl Services {
             files,
             modes,
             oids,
+            tree,
         };
         *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(snap.clone());
         Ok(snap)
@@ -385,6 +396,7 @@ impl Services {
     ) -> Result<(Vec<PlanStep>, Vec<String>)> {
         let mut cat = service::load(&snap.files).map_err(ServiceError::Invalid)?;
         cat.secret_versions = secrets::versions(app)?;
+        let sources = build::sources(snap, &mut cat)?;
         let nodes = self.nodes(app)?;
         let graph = service::resolve(&cat, &nodes).map_err(ServiceError::Invalid)?;
         let records = self.records(app)?;
@@ -437,7 +449,11 @@ impl Services {
                 } else {
                     None
                 };
-                PlanStep {
+                let build = match &resolved {
+                    Some(r) if s.action != Action::Reset => build::plan_build(app, r, &sources)?,
+                    _ => None,
+                };
+                Ok(PlanStep {
                     key: format!("s{}", i + 1),
                     step: s,
                     node,
@@ -446,9 +462,10 @@ impl Services {
                     archive,
                     verbs: None,
                     import: None,
-                }
+                    build,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         Ok((steps, plan.unchanged))
     }
 

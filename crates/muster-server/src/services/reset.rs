@@ -113,6 +113,7 @@ impl Services {
                     archive: rec.archive.clone(),
                     verbs: None,
                     import: None,
+                    build: None,
                 }
             })
             .collect();
@@ -154,6 +155,7 @@ impl Services {
             archive: rec.archive.clone(),
             verbs: Some(vec![verb.to_string()]),
             import,
+            build: None,
         };
         self.store_plan(app, "action", vec![step], by)
     }

@@ -135,6 +135,29 @@ pub fn info(app: &App, plan: &StoredPlan, key: &str) -> Result<Value, ServiceErr
         "process": has_process || record.as_ref().is_some_and(|r| r.process.is_some()),
         "secrets": secret_keys,
         "context": context,
+        "build": build_json(app, s)?,
+    }))
+}
+
+/// A step's build, for its job: the key, where the source is, the command, the artifact
+/// globs, and the artifacts' blob when the key is built (now, not as planned).
+fn build_json(app: &App, s: &super::PlanStep) -> Result<Value, ServiceError> {
+    let Some(b) = &s.build else {
+        return Ok(Value::Null);
+    };
+    let cached = super::build::cached(app, &b.key)?;
+    let source = match &b.source {
+        super::build::Source::Hq { dir, .. } => json!({"kind": "hq", "dir": dir}),
+        super::build::Source::Git { url, commit } => {
+            json!({"kind": "git", "url": url, "commit": commit})
+        }
+    };
+    Ok(json!({
+        "key": b.key,
+        "source": source,
+        "command": b.command,
+        "artifacts": b.artifacts,
+        "cached": cached.map(|c| c.blob),
     }))
 }
 

@@ -1339,3 +1339,186 @@ fn the_plan_route_takes_only_what_it_knows() {
     // Nothing was applied by any of it.
     assert!(recorded(&s).is_empty());
 }
+
+/// `[build]`: a source directory in HQ and a git repository at a rev, built on the node by a
+/// command that counts its runs; the same inputs never build twice (`build: cached` in the
+/// plan, the count unchanged, the artifacts still installed); a changed source builds again;
+/// a bad glob is refused at plan time; an artifact that is a link fails the step.
+#[test]
+fn builds_run_once_per_input_and_install_fetches_the_artifacts() {
+    let s = Server::start_with(|c| {
+        c.store.url = format!("sqlite://{}", c.data_dir.join("muster.db").display());
+    });
+    let hq = s.dir.0.join("hq");
+    assert!(wait_until(WAIT, || hq.join(".git").is_dir()));
+    let (counter, marks) = (s.dir.0.join("builds"), s.dir.0.join("marks"));
+    let commit_all = |msg: &str| {
+        git(&hq, &["add", "-A"]);
+        git(&hq, &["commit", "-q", "-m", msg]);
+    };
+    write(
+        &hq,
+        "src/hello/greet.sh",
+        "#!/bin/sh\necho hello v1\n",
+        true,
+    );
+    let tool = |n: u32| {
+        format!(
+            "domain = \"x\"\nname = \"tool\"\ninstance = \"main\"\n[params]\nn = {n}\n\
+             [build]\nsource = \"src/hello\"\n\
+             command = \"echo tool >> '{c}'; mkdir -p out/bin; cp greet.sh out/bin/greet; echo junk > out/skip.tmp\"\n\
+             artifacts = [\"out/bin/*\"]\n",
+            c = counter.display()
+        )
+    };
+    write(&hq, "services/x__tool__main/service.toml", &tool(1), false);
+    let install = format!(
+        "#!/bin/bash\nset -e\ncat > /dev/null\n\"$MUSTER_ARTIFACTS_DIR/out/bin/greet\" >> '{m}'\n\
+         ls \"$MUSTER_ARTIFACTS_DIR/out\" >> '{m}'\n",
+        m = marks.display()
+    );
+    write(
+        &hq,
+        "services/x__tool__main/actions/install",
+        &install,
+        true,
+    );
+    commit_all("a tool built from HQ");
+    let builds = |p: &Value| -> Vec<Value> {
+        p["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["build"].clone())
+            .collect()
+    };
+    let count = || lines(&counter).len();
+
+    let p = plan(&s);
+    assert_eq!(builds(&p), vec![json!("needed")], "{p:#}");
+    apply(&s, &p);
+    assert_eq!(count(), 1);
+    assert_eq!(lines(&marks), vec!["hello v1", "bin"]);
+
+    // A param change: reconfigured, but the build's inputs are the same.
+    write(&hq, "services/x__tool__main/service.toml", &tool(2), false);
+    commit_all("n = 2");
+    let p = plan(&s);
+    assert_eq!(steps(&p)[0].0, "reconfigure");
+    assert_eq!(builds(&p), vec![json!("cached")], "{p:#}");
+    apply(&s, &p);
+    assert_eq!(count(), 1, "the same inputs built twice");
+    assert_eq!(lines(&marks)[2..], ["hello v1", "bin"]);
+
+    // The source changed: built again, and the new artifacts installed.
+    write(
+        &hq,
+        "src/hello/greet.sh",
+        "#!/bin/sh\necho hello v2\n",
+        true,
+    );
+    commit_all("v2");
+    let p = plan(&s);
+    assert_eq!(
+        steps(&p),
+        vec![("reconfigure".to_string(), "x__tool__main".to_string())]
+    );
+    assert_eq!(builds(&p), vec![json!("needed")]);
+    apply(&s, &p);
+    assert_eq!(count(), 2);
+    assert_eq!(lines(&marks)[4..], ["hello v2", "bin"]);
+
+    // A git repository at a branch: the rev resolves to a commit at plan time.
+    let remote = s.dir.0.join("remote.git");
+    let work = s.dir.0.join("work");
+    git(
+        &s.dir.0,
+        &["init", "-q", "--bare", "-b", "main", "remote.git"],
+    );
+    git(&s.dir.0, &["init", "-q", "-b", "main", "work"]);
+    let push = |text: &str| {
+        std::fs::write(work.join("mk.sh"), text).unwrap();
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-q", "-m", "mk"]);
+        git(&work, &["push", "-q", remote.to_str().unwrap(), "main"]);
+    };
+    push("mkdir -p out && echo from git one > out/a.txt\n");
+    write(
+        &hq,
+        "services/x__gitb__main/service.toml",
+        &format!(
+            "domain = \"x\"\nname = \"gitb\"\ninstance = \"main\"\n[build]\ngit = \"{}\"\nrev = \"main\"\n\
+             command = \"echo gitb >> '{}'; sh mk.sh\"\nartifacts = [\"out/*.txt\"]\n",
+            remote.display(),
+            counter.display()
+        ),
+        false,
+    );
+    write(
+        &hq,
+        "services/x__gitb__main/actions/install",
+        &format!(
+            "#!/bin/bash\ncat > /dev/null\ncat \"$MUSTER_ARTIFACTS_DIR/out/a.txt\" >> '{}'\n",
+            marks.display()
+        ),
+        true,
+    );
+    commit_all("a build from git");
+    let p = plan(&s);
+    assert_eq!(
+        steps(&p),
+        vec![("install".to_string(), "x__gitb__main".to_string())]
+    );
+    apply(&s, &p);
+    assert_eq!(lines(&marks).last().unwrap(), "from git one");
+    assert_eq!(count(), 3);
+    assert_eq!(plan(&s)["steps"], json!([]), "nothing changed");
+    // A new commit on the branch is a new input.
+    push("mkdir -p out && echo from git two > out/a.txt\n");
+    let p = plan(&s);
+    assert_eq!(
+        steps(&p),
+        vec![("reconfigure".to_string(), "x__gitb__main".to_string())]
+    );
+    assert_eq!(builds(&p), vec![json!("needed")]);
+    apply(&s, &p);
+    assert_eq!(lines(&marks).last().unwrap(), "from git two");
+    assert_eq!(count(), 4);
+
+    // A glob out of the source: refused at plan time, naming the file.
+    write(
+        &hq,
+        "services/x__bad__main/service.toml",
+        "domain = \"x\"\nname = \"bad\"\ninstance = \"main\"\n[build]\nsource = \"src/hello\"\n\
+         command = \"true\"\nartifacts = [\"../../etc/*\"]\n",
+        false,
+    );
+    commit_all("a bad glob");
+    let (st, e) = s.call("POST", "/api/v1/services/plan", Some(json!({})));
+    assert_eq!(st, 422, "{e}");
+    assert!(
+        e.to_string().contains("services/x__bad__main/service.toml"),
+        "{e}"
+    );
+    // An artifact that is a link: the step fails and says why; nothing is kept.
+    write(
+        &hq,
+        "services/x__bad__main/service.toml",
+        "domain = \"x\"\nname = \"bad\"\ninstance = \"main\"\n[build]\nsource = \"src/hello\"\n\
+         command = \"mkdir -p out && ln -s /etc/passwd out/pw\"\nartifacts = [\"out/*\"]\n",
+        false,
+    );
+    commit_all("a link as an artifact");
+    let p = plan(&s);
+    let (st, a) = s.call(
+        "POST",
+        "/api/v1/services/apply",
+        Some(json!({"plan": p["id"]})),
+    );
+    assert_eq!(st, 202, "{a}");
+    let t = s.wait_tree(a["tree"].as_str().unwrap(), WAIT);
+    assert_eq!(t["tree_state"], "failed", "{t:#}");
+    let job = t["children"][0]["id"].as_str().unwrap().to_string();
+    let log = s.log(&job);
+    assert!(log.contains("is a symbolic link"), "{log}");
+}
