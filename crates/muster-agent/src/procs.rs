@@ -347,9 +347,13 @@ impl Agent {
         });
     }
 
-    pub(crate) fn restart_process(&mut self, id: Uuid, _gen: u32) {
+    pub(crate) fn restart_process(&mut self, id: Uuid, gen: u32) {
         if self.procs.live.contains_key(&id) {
-            self.signal_process(id, "restart", libc::SIGHUP);
+            if !self.signal_process(id, "restart", libc::SIGHUP) {
+                tracing::warn!(%id, "restart of process {id}: no supervisor pid to signal; it sees the request file within a second");
+            }
+        } else {
+            tracing::warn!(%id, gen, "restart of process {id} asked, but no supervisor of it runs here");
         }
     }
 
