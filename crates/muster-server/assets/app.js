@@ -632,22 +632,29 @@
       $('services-empty').hidden = items.length > 0;
       for (const row of document.querySelectorAll('#services-body tr')) row.classList.toggle('selected', row.dataset.service === open);
       const v = open && items.find((x) => x.path === open);
-      if (v && v.last_job) await showServiceLog(v);
+      if (v && v.last_job) await showServiceLog(v, st.svcJob && st.svcJob.path === v.path ? st.svcJob.job : null);
       else $('svc-log-box').hidden = true;
     } catch (e) {
       if (e.status !== 401) showMsg('services-error', e.message);
     }
   }
 
-  /** The log of a service's last action (its job in the apply or action tree). */
-  async function showServiceLog(v) {
+  /** A service's recent actions (newest first), and the log of one: the chosen, else the last. */
+  async function showServiceLog(v, chosen) {
     $('svc-log-box').hidden = false;
-    $('svc-log-name').textContent = v.path + ' · ' + (v.last_action || '');
-    const job = await api('GET', '/api/v1/jobs/' + encodeURIComponent(v.last_job));
+    const history = v.history && v.history.length ? v.history
+      : [{ action: v.last_action || '', job: v.last_job, state: '', at: v.updated_at }];
+    const id = chosen && history.some((h) => h.job === chosen) ? chosen : history[0].job;
+    const run = history.find((h) => h.job === id);
+    $('svc-log-name').textContent = v.path + ' · ' + run.action;
+    $('svc-history').replaceChildren(...history.map((h) => el('li', { dataset: { job: h.job }, class: h.job === id ? 'selected' : '' },
+      el('a', { href: location.hash, onclick: (e) => { e.preventDefault(); st.svcJob = { path: v.path, job: h.job }; showServiceLog(v, h.job); } },
+        h.action), ' ', badge(h.state || 'unknown'), ' ', timeCell(h.at))));
+    const job = await api('GET', '/api/v1/jobs/' + encodeURIComponent(id));
     const tree = job.tree;
     $('svc-log-tree').textContent = tree ? 'tree ' + String(tree).slice(0, 8) : '';
-    $('svc-log-tree').href = tree ? '#/tree/' + tree + '/' + v.last_job : '#/services';
-    const part = await logPart({ id: v.last_job, attempt: job.attempt || 1 }, {});
+    $('svc-log-tree').href = tree ? '#/tree/' + tree + '/' + id : '#/services';
+    const part = await logPart({ id, attempt: job.attempt || 1 }, {});
     $('svc-log').textContent = new TextDecoder().decode(part.bytes);
   }
 

@@ -1216,7 +1216,7 @@ fn the_models_view_shows_versions_replicas_and_history_predicts_and_reverts() {
 fn the_services_view_plans_applies_and_shows_statuses_and_action_logs() {
     webdriver::require_browser();
     let up = Up::start();
-    let _token = up.setup();
+    let token = up.setup();
     let hq = up.dir.0.join("hq");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/services/hq/.");
     let ok = Command::new("cp")
@@ -1297,6 +1297,27 @@ fn the_services_view_plans_applies_and_shows_statuses_and_action_logs() {
         t.contains("service demo__kv__main: install")
     });
     b.screenshot("61-services-applied");
+    // Its recent actions: a restart by hand comes first, and the install's log is a click away.
+    let (st, a) = up.call(
+        Some(&token),
+        "POST",
+        "/api/v1/services/demo__kv__main/actions/restart",
+        Some(json!({})),
+    );
+    assert_eq!(st, 202, "{a}");
+    b.wait_text("#svc-history li:first-child", long, |t| {
+        t.contains("restart") && t.contains("succeeded")
+    });
+    b.wait_text("#svc-log", WAIT, |t| t.contains("action restart asked for"));
+    let install = b.wait_text("#svc-history li:nth-child(2)", WAIT, |t| {
+        t.contains("install")
+    });
+    assert!(install.contains("succeeded"), "{install}");
+    b.click("#svc-history li:nth-child(2) a");
+    b.wait_text("#svc-log", WAIT, |t| {
+        t.contains("service demo__kv__main: install")
+    });
+    b.screenshot("62-services-history");
     // Planning again: nothing to do, no apply button.
     b.click("#svc-plan");
     b.wait_visible("#svc-plan-empty", WAIT);

@@ -1141,6 +1141,7 @@ pub fn document() -> Value {
             "last_action": nullable("string"), "last_job": {"type": "string", "format": "uuid", "nullable": true},
             "last_plan": nullable("string"), "process": {"type": "string", "format": "uuid", "nullable": true},
             "exports": {"type": "array", "items": obj(json!({"id": {"type": "string"}, "size": {"type": "integer"}, "at": ts.clone(), "job": {"type": "string", "format": "uuid", "nullable": true}}), &["id", "size"])},
+            "history": {"type": "array", "description": "its last actions, newest first, each with the job that has its log", "items": obj(json!({"action": {"type": "string"}, "job": {"type": "string", "format": "uuid"}, "state": {"type": "string"}, "at": ts.clone()}), &["action", "job", "state", "at"])},
             "updated_at": ts.clone()
         }),
         &["path", "status", "installed"],

@@ -183,6 +183,7 @@ fn record_json(r: &ServiceRecord) -> Value {
         "state": r.state, "published": r.published, "last_action": r.last_action,
         "last_job": r.last_job, "last_plan": r.last_plan, "process": r.process,
         "exports": r.exports.iter().map(|e| json!({"id": e.id, "size": e.size, "at": e.at, "job": e.job})).collect::<Vec<_>>(),
+        "history": r.history.iter().rev().map(|h| json!({"action": h.action, "job": h.job, "state": h.state, "at": h.at})).collect::<Vec<_>>(),
         "updated_at": r.updated_at,
     })
 }

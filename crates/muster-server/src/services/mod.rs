@@ -113,7 +113,39 @@ pub struct ServiceRecord {
     pub last_job: Option<Uuid>,
     #[serde(default)]
     pub last_plan: Option<String>,
+    /// Its last actions (newest last, at most [`KEEP_HISTORY`]): each with its job, for its log.
+    #[serde(default)]
+    pub history: Vec<ActionRun>,
     pub updated_at: Ts,
+}
+
+/// How many past actions a record keeps.
+pub const KEEP_HISTORY: usize = 10;
+
+/// One action a service ran: install, reconfigure, monitor, export...
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActionRun {
+    pub action: String,
+    pub job: Uuid,
+    /// `succeeded` or `failed`.
+    pub state: String,
+    pub at: Ts,
+}
+
+impl ServiceRecord {
+    /// Records that job `job` ran `action` and ended in `state`.
+    fn ran(&mut self, action: &str, job: &Job) {
+        self.history.push(ActionRun {
+            action: action.to_string(),
+            job: job.id,
+            state: job.state.as_str().to_string(),
+            at: now(),
+        });
+        let n = self.history.len();
+        if n > KEEP_HISTORY {
+            self.history.drain(..n - KEEP_HISTORY);
+        }
+    }
 }
 
 /// How many exports of a service are kept.
@@ -851,6 +883,10 @@ impl Services {
                 }
                 rec.last_action = Some(verb.clone());
                 rec.last_job = Some(job.id);
+                // A monitor that passed is no news (the pulse runs one every few seconds).
+                if !(verb == "monitor" && job.state == JobState::Succeeded) {
+                    rec.ran(&verb, job);
+                }
                 rec.updated_at = now();
                 Some(rec)
             })?;
@@ -864,6 +900,11 @@ impl Services {
                 let r = s.resolved.clone();
                 SERVICES.update(&*app.store, &path, |old| {
                     let old = old.unwrap_or_default();
+                    let mut history = ServiceRecord {
+                        history: old.history.clone(),
+                        ..Default::default()
+                    };
+                    history.ran(s.step.action.as_str(), job);
                     Some(ServiceRecord {
                         path: path.clone(),
                         recorded: Recorded {
@@ -891,6 +932,7 @@ impl Services {
                         last_action: Some(s.step.action.as_str().into()),
                         last_job: Some(job.id),
                         last_plan: Some(plan.id.clone()),
+                        history: history.history,
                         updated_at: now(),
                     })
                 })?;
@@ -914,6 +956,7 @@ impl Services {
                     rec.last_action = Some(s.step.action.as_str().into());
                     rec.last_job = Some(job.id);
                     rec.last_plan = Some(plan.id.clone());
+                    rec.ran(s.step.action.as_str(), job);
                     rec.updated_at = now();
                     Some(rec)
                 })?;
