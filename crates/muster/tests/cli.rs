@@ -1627,6 +1627,26 @@ fn the_readme_tour_works_as_written() {
             "no {want:?} in the tour's output\n{shown}"
         );
     }
+    // Step 9: the store runs on n1, and the app counts in it.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("reconfigure") && l.contains("demo__kv__main")),
+        "the store was not reconfigured\n{shown}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("demo__kv__main") && l.split_whitespace().any(|w| w == "n1")),
+        "the store is not on n1\n{shown}"
+    );
+    assert_eq!(
+        stdout
+            .matches("hello: visit 1, counted in the kv store at http://127.0.0.1:7379")
+            .count(),
+        2,
+        "the app did not count in the new store\n{shown}"
+    );
     // Nothing logged an error on the way.
     assert!(
         stderr.iter().all(|l| !l.contains(" ERROR ")),

@@ -80,6 +80,28 @@ pub async fn run(app: &Arc<App>, plan: &StoredPlan, key: &str, verb: &str) -> Re
             let def = muster_core::process::validate(&spec, "hq", defaults)
                 .map_err(ServiceError::Internal)?;
             // A new spec each install or reconfigure: the old process goes, the new one starts.
+            // The old run ends before the new one starts: never two copies of a service's
+            // process (they would share its port, and a check could pass on the old one).
+            if let Some(id) = old {
+                let p = procs.clone();
+                let stopping = blocking(move || match p.stop(id) {
+                    Ok(_) => Ok(true),
+                    Err(crate::processes::ProcError::NotFound) => Ok(false),
+                    Err(e) => Err(proc_err(e)),
+                })
+                .await?;
+                if stopping {
+                    let ended = procs
+                        .wait_for(id, START_WAIT, |p| p.state.is_final())
+                        .await?;
+                    if let Some(p) = ended.filter(|p| !p.state.is_final()) {
+                        return Err(ServiceError::Conflict(format!(
+                            "the old process {} did not stop ({}): try again",
+                            p.id, p.reason
+                        )));
+                    }
+                }
+            }
             let (a, by, p2) = (app.clone(), plan.created_by.clone(), path.clone());
             let started = blocking(move || {
                 if let Some(id) = old {
