@@ -190,7 +190,8 @@ pub fn test_store() -> &'static str {
     }
 }
 
-/// Runs `git ARGS` in `dir` as a user would; retries while the server holds the index lock.
+/// Runs `git ARGS` in `dir` as a user would; retries while the server holds the index lock or
+/// moved HEAD under it.
 pub fn git(dir: &Path, args: &[&str]) -> String {
     for _ in 0..50 {
         let out = Command::new("git")
@@ -206,7 +207,9 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
         if out.status.success() {
             return String::from_utf8_lossy(&out.stdout).trim().to_string();
         }
-        if err.contains("index.lock") {
+        // The server commits to HQ too (orders.log): its index lock, or a HEAD it moved
+        // between our read and our write, make a user try again; so does this.
+        if err.contains("index.lock") || err.contains("cannot lock ref") {
             std::thread::sleep(Duration::from_millis(50));
             continue;
         }
