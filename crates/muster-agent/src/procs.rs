@@ -132,21 +132,39 @@ impl Agent {
                 BTreeMap::new(),
                 now(),
             );
-            let ended = Ended {
-                gen,
-                status: status.clone(),
-            };
-            let _ = supervisor::write_durable(
-                &dir.join("exit.json"),
-                &serde_json::to_vec(&ended).unwrap_or_default(),
+            self.end_lost(id, gen, dir, status);
+            return;
+        }
+        let needs_secrets = procsup::read_spec(dir).is_some_and(|s| s.def.secrets_of.is_some());
+        if needs_secrets && !self.secrets.contains_key(&(id, gen)) {
+            // Its secrets were in the memory of an agent and a supervisor that are both gone:
+            // failed, for the server to start it anew (with them).
+            let status = ProcStatus::last(
+                ProcState::Failed,
+                "its supervisor died while the agent was away, and its secrets live in memory only: restart it",
+                BTreeMap::new(),
+                now(),
             );
-            self.procs.known.insert(id, (gen, status));
-            self.procs.live.remove(&id);
+            self.end_lost(id, gen, dir, status);
             return;
         }
         tracing::warn!(%id, "the supervisor of process {id} is gone; starting it again");
         self.procs.live.insert(id, gen);
         self.launch_process(id, gen, dir.to_path_buf());
+    }
+
+    /// Records generation `gen` of a process whose supervisor is gone as ended with `status`.
+    fn end_lost(&mut self, id: Uuid, gen: u32, dir: &Path, status: ProcStatus) {
+        let ended = Ended {
+            gen,
+            status: status.clone(),
+        };
+        let _ = supervisor::write_durable(
+            &dir.join("exit.json"),
+            &serde_json::to_vec(&ended).unwrap_or_default(),
+        );
+        self.procs.known.insert(id, (gen, status));
+        self.procs.live.remove(&id);
     }
 
     fn launch_process(&mut self, id: Uuid, gen: u32, dir: PathBuf) {
@@ -210,6 +228,9 @@ impl Agent {
         for f in ["stop", "restart", "exit.json", "state.json", "started.json"] {
             let _ = std::fs::remove_file(dir.join(f));
         }
+        // The env vars that hold secrets stay in memory (the agent's, then the supervisor's):
+        // never in process.json.
+        let secret_env = std::mem::take(&mut p.secret_env);
         match self.pick_ports(&p) {
             Ok(ports) => p.ports = ports,
             Err(why) => {
@@ -246,6 +267,10 @@ impl Agent {
         }
         self.procs.lost.remove(&id);
         self.procs.live.insert(id, gen);
+        self.secrets.retain(|(j, _), _| *j != id);
+        if !secret_env.is_empty() {
+            self.secrets.insert((id, gen), secret_env);
+        }
         self.launch_process(id, gen, dir);
     }
 
@@ -388,6 +413,7 @@ impl Agent {
             }
         }
         self.procs.live.remove(&id);
+        self.secrets.remove(&(id, gen));
         crate::kill_leftovers(&dir);
         let status = ended.map(|e| e.status).unwrap_or_else(|| {
             ProcStatus::last(ProcState::Stopped, "stopped", BTreeMap::new(), now())

@@ -852,7 +852,8 @@ fn supervise(dir: &Path, secrets: &Secrets) -> std::io::Result<()> {
     if read_ended(dir).is_some_and(|e| e.gen >= spec.gen) {
         return Ok(()); // This generation ran and ended: never again.
     }
-    let mut log = Log::rotating(&dir.join("log"), spec.log_max, spec.log_keep)?;
+    let mut log = Log::rotating(&dir.join("log"), spec.log_max, spec.log_keep)?
+        .masking(secrets.iter().map(|(_, v)| v.clone()));
     let user = match &spec.run_as {
         Some(name) => match supervisor::user(name) {
             Ok(u) => Some((name.clone(), u)),

@@ -137,6 +137,8 @@ pub(crate) struct Log {
     /// For a long-running process: instead of capping, the log is rotated at `max` (`log` →
     /// `log.1` → ... → `log.N`, the oldest dropped) and this many rotated files are kept.
     rotate: Option<(PathBuf, u32)>,
+    /// Secret values written as `***` (a process's secret env).
+    mask: Vec<String>,
 }
 
 impl Log {
@@ -151,7 +153,16 @@ impl Log {
             capped: false,
             unwritten: Vec::new(),
             rotate: Some((path.to_path_buf(), keep)),
+            mask: Vec::new(),
         })
+    }
+
+    /// Writes each of `values` (the non-empty ones) as `***` from now on.
+    pub(crate) fn masking(mut self, values: impl IntoIterator<Item = String>) -> Log {
+        self.mask = values.into_iter().filter(|v| !v.is_empty()).collect();
+        // The longest first, so that a value holding another is masked whole.
+        self.mask.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        self
     }
 
     fn rotate_now(&mut self) {
@@ -183,6 +194,15 @@ impl Log {
     pub(crate) fn line(&mut self, kind: &str, text: &str) {
         if self.capped {
             return;
+        }
+        let mut masked;
+        let mut text = text;
+        if self.mask.iter().any(|m| text.contains(m.as_str())) {
+            masked = text.to_string();
+            for m in &self.mask {
+                masked = masked.replace(m.as_str(), "***");
+            }
+            text = &masked;
         }
         let line = format!("{} {kind} {text}\n", now());
         if self.rotate.is_some() && self.written + line.len() as u64 > self.max {
@@ -397,6 +417,7 @@ fn supervise(dir: &Path, secrets: &Secrets) -> std::io::Result<()> {
         capped: false,
         unwritten: Vec::new(),
         rotate: None,
+        mask: Vec::new(),
     };
     if let Some(note) = cgroup_note {
         log.line("sys", &note);

@@ -226,6 +226,10 @@ pub struct ProcessDef {
     pub kill_grace_ms: u64,
     #[serde(default)]
     pub limits: Limits,
+    /// The service whose secrets its env names (`${secrets.KEY}`): set by the services layer,
+    /// never from a spec; the server puts the values in at each start, for the node only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets_of: Option<String>,
 }
 
 /// Defaults of a process spec that the server's config gives.
@@ -458,6 +462,7 @@ pub fn validate(
         stop_signal,
         kill_grace_ms,
         limits,
+        secrets_of: None,
     })
 }
 

@@ -165,6 +165,62 @@ fn relative(what: &str, p: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The keys of every `${secrets.KEY}` in the strings of `v`.
+pub fn secret_refs(v: &Value, out: &mut BTreeSet<String>) {
+    match v {
+        Value::String(s) => {
+            let mut rest = s.as_str();
+            while let Some(i) = rest.find("${") {
+                let after = &rest[i + 2..];
+                let Some(j) = after.find('}') else { break };
+                if let Some(k) = after[..j].trim().strip_prefix("secrets.") {
+                    out.insert(k.to_string());
+                }
+                rest = &after[j + 1..];
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| secret_refs(x, out)),
+        Value::Object(m) => m.values().for_each(|x| secret_refs(x, out)),
+        _ => {}
+    }
+}
+
+/// What is wrong with the secrets of a resolved `[process]`: they go in `env` only (arguments
+/// show in ps), each as a whole value (`"${secrets.KEY}"`, so the node masks exactly it).
+fn process_secrets_problem(v: &Value) -> Option<String> {
+    let Value::Object(m) = v else {
+        return None;
+    };
+    let names = |x: &Value| {
+        let mut keys = BTreeSet::new();
+        secret_refs(x, &mut keys);
+        keys
+    };
+    if m.iter()
+        .any(|(k, x)| k.as_str() != "env" && !names(x).is_empty())
+    {
+        return Some(
+            "[process]: ${secrets.KEY} may be used in env only (arguments show in ps)".into(),
+        );
+    }
+    let env = m.get("env").and_then(|e| e.as_object())?;
+    for (name, x) in env {
+        let keys = names(x);
+        let whole = x
+            .as_str()
+            .map(|t| t.trim())
+            .and_then(|t| t.strip_prefix("${"))
+            .and_then(|t| t.strip_suffix('}'))
+            .is_some_and(|t| !t.contains("${") && t.trim().starts_with("secrets."));
+        if !keys.is_empty() && (keys.len() > 1 || !whole) {
+            return Some(format!(
+                "[process]: env {name}: a secret is a whole value, \"${{secrets.KEY}}\""
+            ));
+        }
+    }
+    None
+}
+
 /// Whether `path` (relative, `/`-separated) matches glob `pattern`: `*` and `?` within one
 /// name, `**` as a whole part any number of directories (none too).
 pub fn glob_match(pattern: &str, path: &str) -> bool {
@@ -1099,10 +1155,9 @@ pub fn resolve(cat: &Catalog, nodes: &[NodeInfo]) -> Result<Graph, Vec<Problem>>
             no_secrets: Some("published data (consumers and records would see it)"),
             ..scope
         };
-        let process_scope = Scope {
-            no_secrets: Some("[process] (not supported yet: read it in an action)"),
-            ..scope
-        };
+        // A [process] may name secrets in its env only (the node puts the values there at
+        // each start; arguments and files would show them to other users).
+        let process_scope = scope;
         let build_scope = Scope {
             no_secrets: Some("[build]"),
             ..scope
@@ -1145,6 +1200,15 @@ pub fn resolve(cat: &Catalog, nodes: &[NodeInfo]) -> Result<Graph, Vec<Problem>>
             .as_ref()
             .map(|t| process_scope.resolve(&to_json(&toml::Value::Table(t.clone()))))
         {
+            Some(Ok(v)) if process_secrets_problem(&v).is_some() => {
+                problems.push(problem(
+                    &file,
+                    line_with(&s.source, "[process]"),
+                    process_secrets_problem(&v).unwrap_or_default(),
+                ));
+                bad = true;
+                None
+            }
             Some(Ok(v)) => match process_spec(path, &v) {
                 Ok(_) => Some(v),
                 Err(e) => {

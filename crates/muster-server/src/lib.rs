@@ -239,6 +239,12 @@ impl App {
         });
         app.models.set_app(&app);
         app.services.set_app(&app);
+        let weak = Arc::downgrade(&app);
+        app.processes
+            .set_secret_source(Arc::new(move |path: &str, keys: &[String]| {
+                let app = weak.upgrade().ok_or("the server is stopping")?;
+                services::secrets::for_step(&app, path, keys).map_err(|e| e.to_string())
+            }));
         Ok((app, handle))
     }
 

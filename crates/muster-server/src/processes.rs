@@ -117,7 +117,13 @@ struct Inner {
     url: String,
     /// Connected agents that speak the process messages, by node name.
     agents: Mutex<HashMap<String, Agent>>,
+    /// Where the values of a process's `${secrets.KEY}` come from (the services' secrets).
+    secrets: std::sync::OnceLock<SecretSource>,
 }
+
+/// The values of `keys` of service `path` (`Err`: why they cannot be read now).
+pub type SecretSource =
+    Arc<dyn Fn(&str, &[String]) -> Result<BTreeMap<String, String>, String> + Send + Sync>;
 
 /// The handle (cheap to clone).
 #[derive(Clone)]
@@ -147,8 +153,14 @@ impl Processes {
                 links,
                 url,
                 agents: Mutex::new(HashMap::new()),
+                secrets: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Sets where processes' secrets come from (once, at start).
+    pub fn set_secret_source(&self, source: SecretSource) {
+        let _ = self.inner.secrets.set(source);
     }
 
     fn agents(&self) -> std::sync::MutexGuard<'_, HashMap<String, Agent>> {
@@ -505,7 +517,44 @@ impl Processes {
         Ok(written)
     }
 
-    fn assignment(&self, p: &Process) -> ProcessAssignment {
+    /// The env vars of `p` that name secrets, with the values put in (for the node only).
+    fn secret_env(&self, p: &Process) -> Result<Vec<(String, String)>, String> {
+        let Some(path) = &p.def.secrets_of else {
+            return Ok(Vec::new());
+        };
+        let mut keys = std::collections::BTreeSet::new();
+        for v in p.def.env.values() {
+            muster_core::service::secret_refs(&serde_json::Value::String(v.clone()), &mut keys);
+        }
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let source = self
+            .inner
+            .secrets
+            .get()
+            .ok_or("this server reads no secrets")?;
+        let keys: Vec<String> = keys.into_iter().collect();
+        let values = source(path, &keys)?;
+        let mut out = Vec::new();
+        for (name, v) in &p.def.env {
+            if !v.contains("${") {
+                continue;
+            }
+            let mut text = v.clone();
+            for (k, value) in &values {
+                for form in [format!("${{secrets.{k}}}"), format!("${{ secrets.{k} }}")] {
+                    text = text.replace(&form, value);
+                }
+            }
+            if text != *v {
+                out.push((name.clone(), text));
+            }
+        }
+        Ok(out)
+    }
+
+    fn assignment(&self, p: &Process, secret_env: Vec<(String, String)>) -> ProcessAssignment {
         let mut env = BTreeMap::new();
         env.insert("MUSTER_URL".to_string(), self.inner.url.clone());
         env.insert("MUSTER_PROCESS_NAME".to_string(), p.def.name.clone());
@@ -519,19 +568,37 @@ impl Processes {
             run_as: None,
             cgroup: None,
             ports: BTreeMap::new(),
+            secret_env,
         }
     }
 
     fn send_start(&self, p: &Process) {
-        if let Some(node) = &p.node {
-            self.inner.links.send(
-                node,
-                ToAgent::StartProcess {
-                    epoch: 0,
-                    process: Box::new(self.assignment(p)),
-                },
-            );
-        }
+        let Some(node) = &p.node else {
+            return;
+        };
+        let secret_env = match self.secret_env(p) {
+            Ok(s) => s,
+            Err(why) => {
+                // Not started without them: failed, with why (never the values).
+                let (gen, why) = (p.gen, format!("its secrets cannot be read: {why}"));
+                let _ = self.update(p.id, |q| {
+                    if q.gen != gen || q.state.is_final() {
+                        return false;
+                    }
+                    q.state = ProcState::Failed;
+                    q.reason = why.clone();
+                    true
+                });
+                return;
+            }
+        };
+        self.inner.links.send(
+            node,
+            ToAgent::StartProcess {
+                epoch: 0,
+                process: Box::new(self.assignment(p, secret_env)),
+            },
+        );
     }
 
     /// Every second on the leader: places the processes that wait for a node.

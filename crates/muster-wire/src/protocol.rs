@@ -170,6 +170,10 @@ pub struct ProcessAssignment {
     /// Set by the agent: the ports it picked from `agent.port_range`, by name.
     #[serde(default)]
     pub ports: BTreeMap<String, u16>,
+    /// Env vars whose values hold secrets (`def.env` names them as `${secrets.KEY}`): kept in
+    /// the agent's and the supervisor's memory only, never in the process's files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_env: Vec<(String, String)>,
 }
 
 /// What an agent says of one process: its generation and status.

@@ -429,16 +429,20 @@ fn secrets_must_be_set_stay_unresolved_and_their_version_is_an_input() {
 }
 
 #[test]
-fn secrets_cannot_be_published_or_put_in_a_process() {
+fn secrets_are_never_published_and_in_a_process_only_whole_env_values() {
     let base = "domain = \"demo\"\nname = \"db\"\ninstance = \"main\"\n[secrets]\npw = \"\"\n";
     for (extra, what) in [
         (
             "[provides.kv]\ninterface = \"kv\"\ndata = { host = \"${secrets.pw}\", port = 1 }\n",
-            "published data",
+            "a secret cannot be used in published data",
         ),
         (
-            "[process]\ncommand = [\"sleep\", \"9\"]\nenv = { PW = \"${secrets.pw}\" }\n",
-            "[process]",
+            "[process]\nexec = [\"sleep\", \"${secrets.pw}\"]\n",
+            "env only",
+        ),
+        (
+            "[process]\nexec = [\"sleep\", \"9\"]\nenv = { PW = \"pw=${secrets.pw}\" }\n",
+            "a secret is a whole value",
         ),
     ] {
         let files = [
@@ -452,11 +456,22 @@ fn secrets_cannot_be_published_or_put_in_a_process() {
         cat.secret_versions
             .insert("demo__db__main".into(), [("pw".into(), "v1".into())].into());
         let e = resolve(&cat, &nodes()).unwrap_err();
-        assert!(
-            e[0].message.contains("a secret cannot be used in") && e[0].message.contains(what),
-            "{e:?}"
-        );
+        assert!(e[0].message.contains(what), "{e:?}");
     }
+    // A whole env value is kept as the reference: the node puts the value in.
+    let text = format!(
+        "{base}[process]\nexec = [\"sleep\", \"9\"]\nenv = {{ PW = \"${{secrets.pw}}\" }}\n"
+    );
+    let mut cat = load(&hq(&[(
+        "services/demo__db__main/service.toml",
+        text.as_str(),
+    )]))
+    .unwrap();
+    cat.secret_versions
+        .insert("demo__db__main".into(), [("pw".into(), "v1".into())].into());
+    let g = resolve(&cat, &nodes()).unwrap();
+    let p = g.services["demo__db__main"].process.clone().unwrap();
+    assert_eq!(p["env"]["PW"], "${secrets.pw}");
 }
 
 #[test]

@@ -229,6 +229,23 @@ pub enum ServiceError {
     Internal(String),
 }
 
+impl std::fmt::Display for ServiceError {
+    /// The message (of an invalid HQ: its first three problems).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServiceError::Invalid(p) => {
+                let first: Vec<String> = p.iter().take(3).map(|p| p.to_string()).collect();
+                f.write_str(&first.join("; "))
+            }
+            ServiceError::NotFound(m)
+            | ServiceError::Conflict(m)
+            | ServiceError::Unavailable(m)
+            | ServiceError::Internal(m) => f.write_str(m),
+            ServiceError::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> ServiceError {
         ServiceError::Store(e)

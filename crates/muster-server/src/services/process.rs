@@ -77,8 +77,17 @@ pub async fn run(app: &Arc<App>, plan: &StoredPlan, key: &str, verb: &str) -> Re
                 kill_grace_ms: app.config.jobs.kill_grace.as_millis() as u64,
                 ..Defaults::default()
             };
-            let def = muster_core::process::validate(&spec, "hq", defaults)
+            let mut def = muster_core::process::validate(&spec, "hq", defaults)
                 .map_err(ServiceError::Internal)?;
+            // Its env's `${secrets.KEY}` stay as they are in the record: the values go to the
+            // node at each start (see `Processes::secret_env`).
+            let mut named = std::collections::BTreeSet::new();
+            for v in def.env.values() {
+                muster_core::service::secret_refs(&Value::String(v.clone()), &mut named);
+            }
+            if !named.is_empty() {
+                def.secrets_of = Some(path.clone());
+            }
             // A new spec each install or reconfigure: the old process goes, the new one starts.
             // The old run ends before the new one starts: never two copies of a service's
             // process (they would share its port, and a check could pass on the old one).

@@ -225,19 +225,7 @@ impl Verb for ApplyVerb {
             .and_then(|w| w.upgrade())
             .ok_or("the server is stopping")?;
         let by = app.services.first_admin(app)?;
-        let text = |e: ServiceError| match e {
-            ServiceError::Invalid(p) => p
-                .iter()
-                .take(3)
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join("; "),
-            ServiceError::NotFound(m)
-            | ServiceError::Conflict(m)
-            | ServiceError::Unavailable(m) => m,
-            ServiceError::Store(e) => e.to_string(),
-            ServiceError::Internal(m) => m,
-        };
+        let text = |e: ServiceError| e.to_string();
         let plan = app.services.plan(app, &by, only.as_deref()).map_err(text)?;
         let (plan, tree) = tokio::runtime::Handle::current()
             .block_on(app.services.apply(&arc, &plan.id, &by, true))

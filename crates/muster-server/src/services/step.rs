@@ -161,22 +161,4 @@ fn build_json(app: &App, s: &super::PlanStep) -> Result<Value, ServiceError> {
     }))
 }
 
-/// The keys of every `${secrets.KEY}` in the strings of `v`.
-pub fn secret_refs(v: &Value, out: &mut std::collections::BTreeSet<String>) {
-    match v {
-        Value::String(s) => {
-            let mut rest = s.as_str();
-            while let Some(i) = rest.find("${") {
-                let after = &rest[i + 2..];
-                let Some(j) = after.find('}') else { break };
-                if let Some(k) = after[..j].trim().strip_prefix("secrets.") {
-                    out.insert(k.to_string());
-                }
-                rest = &after[j + 1..];
-            }
-        }
-        Value::Array(a) => a.iter().for_each(|x| secret_refs(x, out)),
-        Value::Object(m) => m.values().for_each(|x| secret_refs(x, out)),
-        _ => {}
-    }
-}
+pub use muster_core::service::secret_refs;

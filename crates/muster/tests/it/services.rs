@@ -1522,3 +1522,77 @@ fn builds_run_once_per_input_and_install_fetches_the_artifacts() {
     let log = s.log(&job);
     assert!(log.contains("is a symbolic link"), "{log}");
 }
+
+/// `${secrets.KEY}` in a `[process]`'s env: the process has the value, its log masks it, and
+/// no API answer, record or file of muster holds it (the env keeps the reference). Elsewhere in
+/// `[process]`, or inside a longer string, it is refused at plan time.
+#[test]
+fn a_process_service_gets_its_secret_in_env_on_the_node_only() {
+    let s = Server::start_with(|c| {
+        c.store.url = format!("sqlite://{}", c.data_dir.join("muster.db").display());
+    });
+    let hq = s.dir.0.join("hq");
+    assert!(wait_until(WAIT, || hq.join(".git").is_dir()));
+    let out = crate::harness::TempDir::new("svc-proc-secret");
+    let seen = out.0.join("token");
+    let value = "tok-Vb81/\"z\"";
+    let toml = |env: &str, args: &str| {
+        format!(
+            "domain = \"demo\"\nname = \"web\"\ninstance = \"sec\"\n\n[secrets]\ntoken = \"an API token\"\n\n\
+             [process]\nexec = [\"python3\", \"-c\", \"import os, sys, time; open(sys.argv[1], 'w').write(os.environ['API_TOKEN']); print('token is', os.environ['API_TOKEN'], flush=True); time.sleep(3600)\", \"{}\"{args}]\n\
+             env = {{ API_TOKEN = \"{env}\" }}\n",
+            seen.display()
+        )
+    };
+    let (st, set) = s.call(
+        "PUT",
+        "/api/v1/services/demo__web__sec/secrets/token",
+        Some(json!({"value": value})),
+    );
+    assert_eq!(st, 200, "{set}");
+    let svc = "services/demo__web__sec/service.toml";
+    // Refused: in the arguments, or inside a longer value.
+    for (env, args, want) in [
+        ("${secrets.token}", ", \"${secrets.token}\"", "env only"),
+        ("Bearer ${secrets.token}", "", "whole value"),
+    ] {
+        write(&hq, svc, &toml(env, args), false);
+        commit(&hq, "a bad secret");
+        let (st, e) = s.call("POST", "/api/v1/services/plan", Some(json!({})));
+        assert_eq!(st, 422, "{e}");
+        let msg = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(want) && msg.contains(svc), "{msg}");
+    }
+    write(&hq, svc, &toml("${secrets.token}", ""), false);
+    commit(&hq, "a process with a secret in its env");
+    let p = plan(&s);
+    apply(&s, &p);
+    assert!(wait_until(WAIT, || std::fs::read_to_string(&seen)
+        .is_ok_and(|t| t == value)));
+    let (_, rec) = s.call("GET", "/api/v1/services/demo__web__sec", None);
+    let pid = rec["process"].as_str().expect("a process").to_string();
+    let (_, proc) = s.call("GET", &format!("/api/v1/processes/{pid}"), None);
+    assert_eq!(proc["env"]["API_TOKEN"], "${secrets.token}", "{proc:#}");
+    let log_path = format!("/api/v1/processes/{pid}/log");
+    let mut log = String::new();
+    assert!(wait_until(WAIT, || {
+        log = s.raw(Some(&s.token), "GET", &log_path, None, &[]).1;
+        log.contains("token is")
+    }));
+    assert!(log.contains("token is ***"), "{log}");
+    let mut bodies = vec![log, rec.to_string(), proc.to_string()];
+    for path in [
+        "/api/v1/services".to_string(),
+        "/api/v1/processes".to_string(),
+        format!("/api/v1/services/plans/{}", p["id"].as_str().unwrap()),
+    ] {
+        let (st, text) = s.raw(Some(&s.token), "GET", &path, None, &[]);
+        assert_eq!(st, 200, "{path}: {text}");
+        bodies.push(text);
+    }
+    for b in &bodies {
+        assert!(!b.contains("tok-Vb81"), "an answer holds the secret: {b}");
+    }
+    let found = files_with(&s.dir.0, b"tok-Vb81", &seen);
+    assert!(found.is_empty(), "the secret is in {found:?}");
+}
