@@ -1578,7 +1578,9 @@ fn the_readme_tour_works_as_written() {
     let pgid = child.id() as i32;
     let out = lines_of(child.stdout.take().unwrap());
     let err = lines_of(child.stderr.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // Nine steps, services on two nodes among them: a busy CI machine
+    // takes a minute or more.
+    let deadline = Instant::now() + Duration::from_secs(240);
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
             break Some(st);
@@ -1605,7 +1607,7 @@ fn the_readme_tour_works_as_written() {
         stdout.join("\n"),
         stderr.join("\n")
     );
-    let status = status.unwrap_or_else(|| panic!("the tour did not end within 120 s\n{shown}"));
+    let status = status.unwrap_or_else(|| panic!("the tour did not end within 240 s\n{shown}"));
     assert!(status.success(), "the tour failed ({status})\n{shown}");
     let stdout = stdout.join("\n");
     for want in [
