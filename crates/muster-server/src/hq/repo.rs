@@ -37,6 +37,8 @@ pub struct Entry {
     pub kind: String,
     pub oid: String,
     pub path: String,
+    /// A blob's size in bytes (`None` for a tree or a submodule).
+    pub size: Option<u64>,
 }
 
 impl Entry {
@@ -323,7 +325,7 @@ impl Repo {
     pub fn ls_tree(&self) -> Result<Vec<Entry>, String> {
         let out = self
             .git
-            .run(&["ls-tree", "-r", "-t", "-z", "HEAD"])
+            .run(&["ls-tree", "-r", "-t", "-l", "-z", "HEAD"])
             .map_err(|e| e.to_string())?;
         let mut v = Vec::new();
         for rec in out.stdout.split(|b| *b == 0) {
@@ -331,7 +333,8 @@ impl Repo {
             let Some((meta, path)) = rec.split_once('\t') else {
                 continue;
             };
-            let mut m = meta.split(' ');
+            // `<mode> <type> <oid> <size, padded; - for a tree>`.
+            let mut m = meta.split_whitespace();
             let (Some(mode), Some(kind), Some(oid)) = (m.next(), m.next(), m.next()) else {
                 continue;
             };
@@ -340,6 +343,7 @@ impl Repo {
                 kind: kind.into(),
                 oid: oid.into(),
                 path: path.into(),
+                size: m.next().and_then(|n| n.parse().ok()),
             });
         }
         Ok(v)
@@ -349,27 +353,46 @@ impl Repo {
     /// the sizes, then `cat-file --batch` for the contents), in the order of `oids`; a blob
     /// larger than `max` is refused (with its size) and none is read.
     pub fn blobs(&self, oids: &[&str], max: u64) -> Result<Vec<Result<Vec<u8>, String>>, String> {
+        let sized: Vec<(&str, Option<u64>)> = oids.iter().map(|o| (*o, None)).collect();
+        self.blobs_sized(&sized, max)
+    }
+
+    /// [`Repo::blobs`], with the sizes where known (from [`Repo::ls_tree`]): when all are, git's
+    /// `--batch-check` is skipped (one process in all).
+    pub fn blobs_sized(
+        &self,
+        oids: &[(&str, Option<u64>)],
+        max: u64,
+    ) -> Result<Vec<Result<Vec<u8>, String>>, String> {
         if oids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut input = Vec::new();
-        for o in oids {
-            input.extend_from_slice(o.as_bytes());
-            input.push(b'\n');
-        }
-        let check = self
-            .git
-            .run_input(&["cat-file", "--batch-check"], input)
-            .map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&check.stdout);
+        let sizes: Vec<u64> = match oids.iter().map(|(_, s)| *s).collect::<Option<Vec<u64>>>() {
+            Some(known) => known,
+            None => {
+                let mut input = Vec::new();
+                for (o, _) in oids {
+                    input.extend_from_slice(o.as_bytes());
+                    input.push(b'\n');
+                }
+                let check = self
+                    .git
+                    .run_input(&["cat-file", "--batch-check"], input)
+                    .map_err(|e| e.to_string())?;
+                let text = String::from_utf8_lossy(&check.stdout);
+                text.lines()
+                    .map(|line| {
+                        line.split(' ')
+                            .nth(2)
+                            .and_then(|s| s.parse::<u64>().ok())
+                            .ok_or_else(|| format!("git cat-file --batch-check: {line}"))
+                    })
+                    .collect::<Result<Vec<u64>, String>>()?
+            }
+        };
         let mut out: Vec<Result<Vec<u8>, String>> = Vec::with_capacity(oids.len());
         let mut wanted = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let size = line
-                .split(' ')
-                .nth(2)
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| format!("git cat-file --batch-check: {line}"))?;
+        for (i, size) in sizes.into_iter().enumerate() {
             if size > max {
                 out.push(Err(format!(
                     "it is {} MB, more than the {} MB an HQ file may have",
@@ -386,7 +409,7 @@ impl Repo {
         }
         let mut input = Vec::new();
         for i in &wanted {
-            input.extend_from_slice(oids[*i].as_bytes());
+            input.extend_from_slice(oids[*i].0.as_bytes());
             input.push(b'\n');
         }
         let all = self
@@ -568,6 +591,15 @@ mod tests {
             }
         }
         assert!(repo.blobs(&[], 10).unwrap().is_empty());
+        // With the sizes ls-tree gave (one git process): the same answers.
+        for e in &entries {
+            let want = files.iter().find(|(p, _)| *p == e.path).unwrap().1.len();
+            assert_eq!(e.size, Some(want as u64), "{}", e.path);
+        }
+        let sized: Vec<(&str, Option<u64>)> =
+            entries.iter().map(|e| (e.oid.as_str(), e.size)).collect();
+        let again = repo.blobs_sized(&sized, 4096).unwrap();
+        assert_eq!(format!("{again:?}"), format!("{got:?}"));
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -366,8 +366,11 @@ impl Services {
                 oids.insert(e.path, e.oid);
             }
             // Every other file in one batch: two git processes, whatever their number.
-            let ids: Vec<&str> = read.iter().map(|e| e.oid.as_str()).collect();
-            let datas = repo.blobs(&ids, max).map_err(ServiceError::Internal)?;
+            let ids: Vec<(&str, Option<u64>)> =
+                read.iter().map(|e| (e.oid.as_str(), e.size)).collect();
+            let datas = repo
+                .blobs_sized(&ids, max)
+                .map_err(ServiceError::Internal)?;
             for (e, data) in read.into_iter().zip(datas) {
                 let data = data.map_err(|why| {
                     ServiceError::Invalid(vec![Problem {
