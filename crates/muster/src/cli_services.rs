@@ -357,11 +357,15 @@ fn print_plan(p: &Value) {
         "REASON".into(),
     ]];
     for s in steps {
+        let mut reason = text(&s["reason"]);
+        if let Some(b) = s["build"].as_str() {
+            reason.push_str(&format!(" (build: {b})"));
+        }
         rows.push(vec![
             text(&s["action"]),
             text(&s["path"]),
             text(&s["node"]),
-            text(&s["reason"]),
+            reason,
         ]);
     }
     print_table(&rows);
