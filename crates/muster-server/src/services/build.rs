@@ -68,6 +68,8 @@ pub fn sources(
 ) -> Result<BTreeMap<String, Source>, ServiceError> {
     let mut out = BTreeMap::new();
     let mut problems = Vec::new();
+    // One `git ls-remote` per repository and rev in a plan, however many services build it.
+    let mut revs: BTreeMap<(String, String), Result<String, String>> = BTreeMap::new();
     for (path, svc) in &cat.services {
         let Some(b) = &svc.meta.build else {
             continue;
@@ -125,7 +127,11 @@ pub fn sources(
                 },
             );
         } else if let (Some(url), Some(rev)) = (&b.git, &b.rev) {
-            match resolve_rev(url, rev) {
+            let resolved = revs
+                .entry((url.clone(), rev.clone()))
+                .or_insert_with(|| resolve_rev(url, rev))
+                .clone();
+            match resolved {
                 Ok(commit) => {
                     cat.build_sources.insert(path.clone(), commit.clone());
                     out.insert(
