@@ -92,9 +92,11 @@ pub async fn run(app: &Arc<App>, plan: &StoredPlan, key: &str, verb: &str) -> Re
             // The old run ends before the new one starts: never two copies of a service's
             // process (they would share its port, and a check could pass on the old one).
             if let Some(id) = old {
-                let p = procs.clone();
+                let (p, links) = (procs.clone(), app.links.clone());
+                // A node that is away stops it when it is back (the record is gone by then):
+                // nothing to wait for.
                 let stopping = blocking(move || match p.stop(id) {
-                    Ok(_) => Ok(true),
+                    Ok(q) => Ok(q.node.is_some_and(|n| links.is_connected(&n))),
                     Err(crate::processes::ProcError::NotFound) => Ok(false),
                     Err(e) => Err(proc_err(e)),
                 })
