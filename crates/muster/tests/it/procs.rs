@@ -470,7 +470,31 @@ fn wait_up(
         last = call_up(up, token, "GET", &format!("/api/v1/processes/{id}"), None).1;
         cond(&last)
     });
-    assert!(ok, "process {id} never got there: {last:#}");
+    if !ok {
+        // What the node saw, for the one who reads this: the supervisor's log and files.
+        let log = ureq::get(format!("{}/api/v1/processes/{id}/log", up.url))
+            .header("authorization", &format!("Bearer {token}"))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .unwrap_or_default();
+        let server = up.stderr.lock().map(|s| s.clone()).unwrap_or_default();
+        let tail = |t: &str| {
+            t.lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        panic!(
+            "process {id} never got there: {last:#}\n--- its log ---\n{}\n--- muster up ---\n{}",
+            tail(&log),
+            tail(&server)
+        );
+    }
     last
 }
 
