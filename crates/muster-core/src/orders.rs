@@ -127,8 +127,16 @@ pub fn parse_line(text: &str) -> Result<Option<OrderLine>, String> {
 }
 
 /// Lower-case hex.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Lower-case hex (by table: a plan hashes thousands of parts, and a `format!` per byte was a
+/// fifth of its time).
+pub fn hex(bytes: &[u8]) -> String {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for x in bytes {
+        s.push(D[(x >> 4) as usize] as char);
+        s.push(D[(x & 15) as usize] as char);
+    }
+    s
 }
 
 /// SHA-256 of `data`, as hex.
@@ -245,6 +253,15 @@ pub fn check_progress(lines: &[Numbered<'_>], processed: usize, through_hash: &s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashes_are_lower_case_hex() {
+        assert_eq!(
+            sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+    }
 
     #[test]
     fn lines_parse_into_verb_words_params_and_args() {

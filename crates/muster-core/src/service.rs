@@ -885,8 +885,9 @@ fn first_ref(err: &str) -> Option<String> {
 /// resolved, every published key checked against its interface; then each service's input hash.
 pub fn resolve(cat: &Catalog, nodes: &[NodeInfo]) -> Result<Graph, Vec<Problem>> {
     let mut problems = Vec::new();
-    // Who provides what.
-    let mut providers: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    // Who provides what (the services themselves: a consumer looks at each candidate's
+    // instance and params without a lookup by path).
+    let mut providers: BTreeMap<&str, Vec<&Service>> = BTreeMap::new();
     for s in cat.services.values() {
         for (role, p) in &s.meta.provides {
             if !cat.interfaces.contains_key(p.interface.as_str()) {
@@ -901,10 +902,7 @@ pub fn resolve(cat: &Catalog, nodes: &[NodeInfo]) -> Result<Graph, Vec<Problem>>
                 ));
                 continue;
             }
-            providers
-                .entry(p.interface.as_str())
-                .or_default()
-                .push(&s.path);
+            providers.entry(p.interface.as_str()).or_default().push(s);
         }
     }
     // Bindings.
@@ -938,15 +936,13 @@ pub fn resolve(cat: &Catalog, nodes: &[NodeInfo]) -> Result<Graph, Vec<Problem>>
                     .map(|v| v.as_slice())
                     .unwrap_or(&[])
                     .iter()
-                    .filter(|p| **p != s.path)
-                    .filter(|p| {
-                        let other = &cat.services[**p];
+                    .filter(|other| other.path != s.path)
+                    .filter(|other| {
                         c.instance
                             .as_ref()
                             .is_none_or(|i| *i == other.meta.instance || *i == other.path)
                     })
-                    .filter(|p| {
-                        let other = &cat.services[**p];
+                    .filter(|other| {
                         c.select
                             .iter()
                             .all(|(k, v)| match other.meta.params.get(k) {
@@ -955,7 +951,7 @@ pub fn resolve(cat: &Catalog, nodes: &[NodeInfo]) -> Result<Graph, Vec<Problem>>
                                 None => false,
                             })
                     })
-                    .map(|p| p.to_string())
+                    .map(|other| other.path.clone())
                     .collect()
             };
             cands.sort();

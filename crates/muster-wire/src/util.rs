@@ -12,15 +12,7 @@ pub fn now() -> Ts {
 }
 
 /// Lower-case hex.
-pub fn hex(b: &[u8]) -> String {
-    const D: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(D[(x >> 4) as usize] as char);
-        s.push(D[(x & 15) as usize] as char);
-    }
-    s
-}
+pub use muster_core::orders::hex;
 
 /// Hex (either case) as bytes; `None` if it is not.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
